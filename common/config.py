@@ -1,0 +1,197 @@
+"""Typed settings for the front and the workers, read from the environment (honcho reads `.env`).
+
+Every setting has a clean `COHORT_*` name; the names users of the system this replaces already have
+(`VLLM_MAX_BATCH_SIZE`, `MOCK_VLLM_MODEL`, ...) keep working beside them. Where both are set, the
+`COHORT_*` name wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+class SettingError(ValueError):
+    """A setting has a value we cannot use; the message names the setting."""
+
+
+def _lookup(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str] | None:
+    for name in names:
+        if name in env:
+            return name, env[name]
+    return None
+
+
+def _parse(kind: type, name: str, raw: str) -> object:
+    raw = raw.strip()
+    try:
+        if kind is bool:
+            if raw.lower() in TRUE_WORDS:
+                return True
+            if raw.lower() in FALSE_WORDS:
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return raw
+    except ValueError:
+        raise SettingError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def env_field(default: object, *names: str, doc: str = "") -> object:
+    """A dataclass field read from the first of `names` found in the environment."""
+    return field(default=default, metadata={"env": names, "doc": doc})
+
+
+def load(cls: type, env: Mapping[str, str] | None = None, **overrides: object):
+    """Build settings `cls` from `env` (default: os.environ), then apply explicit overrides."""
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    for item in dataclasses.fields(cls):
+        names = item.metadata.get("env", ())
+        found = _lookup(env, names)
+        if found is not None:
+            kind = type(item.default) if item.default is not None else str
+            values[item.name] = _parse(kind, *found)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = cls(**values)
+    settings.check()
+    return settings
+
+
+def describe(settings: object) -> dict[str, object]:
+    """The settings as a plain dict for `/health`, with secrets masked."""
+    shown: dict[str, object] = {}
+    for item in dataclasses.fields(settings):
+        value = getattr(settings, item.name)
+        if "token" in item.name or "password" in item.name or item.name == "database_url":
+            value = "***" if value else ""
+        shown[item.name] = list(value) if isinstance(value, tuple) else value
+    return shown
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the front needs: HTTP, ZeroMQ, batching, limits, store and auth."""
+
+    host: str = env_field("127.0.0.1", "COHORT_HOST", doc="HTTP bind address")
+    port: int = env_field(8001, "COHORT_PORT", "PORT", doc="HTTP port")
+    zmq_bind: str = env_field(
+        "tcp://127.0.0.1:5555", "COHORT_ZMQ_BIND", doc="ROUTER endpoint the workers connect to"
+    )
+    zmq_port_span: int = env_field(
+        1, "COHORT_ZMQ_PORT_SPAN",
+        doc="with several fronts (hypercorn -w N): each binds the first free port of this many",
+    )
+    max_batch_size: int = env_field(32, "COHORT_MAX_BATCH_SIZE", "VLLM_MAX_BATCH_SIZE")
+    max_wait_s: float = env_field(0.1, "COHORT_BATCH_WAIT_S", "VLLM_BATCH_WAIT_TIMEOUT")
+    max_batches_per_worker: int = env_field(
+        4, "COHORT_MAX_CONCURRENT_BATCHES", "VLLM_MAX_CONCURRENT_BATCHES"
+    )
+    max_queue: int = env_field(1024, "COHORT_MAX_QUEUE", doc="queued requests per model before 429")
+    request_timeout_s: float = env_field(600.0, "COHORT_REQUEST_TIMEOUT_S")
+    worker_timeout_s: float = env_field(
+        3.0, "COHORT_WORKER_TIMEOUT_S", doc="a worker silent this long is dead"
+    )
+    max_retries: int = env_field(2, "COHORT_MAX_RETRIES", doc="re-runs of a job whose worker died")
+    max_body_bytes: int = env_field(1 << 20, "COHORT_MAX_BODY_BYTES")
+    max_prompt_chars: int = env_field(200_000, "COHORT_MAX_PROMPT_CHARS")
+    max_tokens_limit: int = env_field(8192, "COHORT_MAX_TOKENS_LIMIT")
+    max_n: int = env_field(16, "COHORT_MAX_N", doc="largest `n` (choices per request)")
+    database_url: str = env_field(
+        "", "DATABASE_URL", doc="peewee db URL; empty: SQLite file under data_dir"
+    )
+    data_dir: str = env_field("data", "COHORT_DATA_DIR")
+    auth_disabled: bool = env_field(
+        False, "COHORT_AUTH_DISABLED", doc="local development only: every route open"
+    )
+    token_ttl_s: int = env_field(3600, "COHORT_TOKEN_TTL_S")
+    auth_cache_s: float = env_field(
+        5.0, "COHORT_AUTH_CACHE_S", doc="how long a verified key is trusted without the store"
+    )
+    task_retention_s: int = env_field(7 * 86400, "COHORT_TASK_RETENTION_S")
+    log_level: str = env_field("INFO", "COHORT_LOG_LEVEL")
+
+    def check(self) -> None:
+        positive = ("max_batch_size", "max_batches_per_worker", "max_queue", "max_body_bytes",
+                    "max_tokens_limit", "max_n", "zmq_port_span")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SettingError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.max_wait_s < 0:
+            raise SettingError("VLLM_BATCH_WAIT_TIMEOUT / COHORT_BATCH_WAIT_S must be >= 0")
+        if self.worker_timeout_s <= 0:
+            raise SettingError("COHORT_WORKER_TIMEOUT_S must be > 0")
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{os.path.join(self.data_dir, 'cohort.db')}"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs: where the front is, which engine and model, and the mock's cost model."""
+
+    connect: tuple = env_field(
+        ("tcp://127.0.0.1:5555",), "COHORT_CONNECT",
+        doc="front endpoints, comma-separated; one link per front",
+    )
+    worker_id: str = env_field("", "COHORT_WORKER_ID", doc="default: host-pid")
+    engine: str = env_field("", "COHORT_ENGINE", doc="mock | vllm | http (default: from the flags below)")
+    use_real_vllm: bool = env_field(False, "USE_REAL_VLLM", "MOCK_USE_REAL_VLLM")
+    upstream_url: str = env_field("", "REAL_VLLM_URL", doc="engine http: an OpenAI-compatible server")
+    upstream_fallback_to_mock: bool = env_field(False, "COHORT_UPSTREAM_FALLBACK_TO_MOCK")
+    upstream_timeout_s: float = env_field(600.0, "COHORT_UPSTREAM_TIMEOUT_S")
+    upstream_api_key: str = env_field("", "COHORT_UPSTREAM_API_KEY")
+    model: str = env_field("", "COHORT_MODEL", "REAL_VLLM_MODEL", "MOCK_VLLM_MODEL")
+    served_model_name: str = env_field("", "COHORT_SERVED_MODEL_NAME")
+    quantization: str = env_field("", "MOCK_VLLM_QUANTIZATION", doc="awq | gptq | auto | empty")
+    max_model_len: int = env_field(2048, "COHORT_MAX_MODEL_LEN", "MOCK_VLLM_MAX_LEN")
+    trust_remote_code: bool = env_field(False, "MOCK_VLLM_TRUST_REMOTE_CODE")
+    hf_token: str = env_field("", "WORKER_HF_TOKEN")
+    gpu_memory_utilization: float = env_field(0.9, "COHORT_GPU_MEMORY_UTILIZATION")
+    enforce_eager: bool = env_field(True, "COHORT_ENFORCE_EAGER")
+    device: str = env_field("auto", "COHORT_DEVICE", doc="auto | cuda | cpu")
+    cpu_kv_cache_gb: int = env_field(1, "COHORT_CPU_KV_CACHE_GB")
+    capacity: int = env_field(256, "COHORT_WORKER_CAPACITY", doc="sequences one worker runs at once")
+    heartbeat_interval_s: float = env_field(0.5, "COHORT_HEARTBEAT_INTERVAL_S")
+    mock_ttft_s: float = env_field(0.05, "MOCK_TTFT_S", doc="mock: prefill time of a step that admits requests")
+    mock_token_s: float = env_field(0.01, "MOCK_TOKEN_S", doc="mock: decode step time at batch size 1")
+    mock_batch_growth: float = env_field(
+        0.02, "MOCK_BATCH_GROWTH", doc="mock: extra step time per extra sequence, as a share"
+    )
+    mock_batch_cost_s: float = env_field(
+        0.0, "MOCK_BATCH_COST_S", doc="mock: fixed cost of each batch received (scaling tests)"
+    )
+    mock_max_tokens: int = env_field(64, "MOCK_MAX_TOKENS", doc="mock: reply length cap")
+    mock_error_rate: float = env_field(0.0, "MOCK_ERROR_RATE", doc="mock: share of requests that fail")
+    mock_crash_after: int = env_field(0, "MOCK_CRASH_AFTER", doc="mock: exit after N requests (0: never)")
+    mock_load_s: float = env_field(0.0, "MOCK_LOAD_S", doc="mock: simulated model load time")
+    log_level: str = env_field("INFO", "COHORT_LOG_LEVEL")
+
+    def check(self) -> None:
+        if self.engine_name not in {"mock", "vllm", "http"}:
+            raise SettingError(f"COHORT_ENGINE={self.engine!r}: use mock, vllm or http")
+        if self.engine_name == "http" and not self.upstream_url:
+            raise SettingError("engine http needs REAL_VLLM_URL")
+        if not 0 <= self.mock_error_rate <= 1:
+            raise SettingError("MOCK_ERROR_RATE must be between 0 and 1")
+        if self.capacity < 1 or self.heartbeat_interval_s <= 0:
+            raise SettingError("COHORT_WORKER_CAPACITY and COHORT_HEARTBEAT_INTERVAL_S must be positive")
+
+    @property
+    def engine_name(self) -> str:
+        if self.engine:
+            return self.engine
+        if self.upstream_url:
+            return "http"
+        return "vllm" if self.use_real_vllm else "mock"

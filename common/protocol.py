@@ -1,0 +1,241 @@
+"""The wire between the front and its workers: typed msgpack messages, versioned, validated.
+
+Every message is one msgpack map with `v` (the protocol version) and `type`. New fields go last with
+a default, so an older peer still decodes a newer message. Nothing here unpickles or evals: a
+malformed or foreign message becomes a `ProtocolError`, which both sides log and drop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+import msgpack
+
+VERSION = 1
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+class ProtocolError(ValueError):
+    """A message we cannot accept: bad msgpack, wrong version, unknown type or wrong fields."""
+
+
+@dataclass
+class Message:
+    """Base of every wire message; `type` is the tag the receiver routes on."""
+
+    type: ClassVar[str] = ""
+
+    def encode(self) -> bytes:
+        body = {"v": VERSION, "type": self.type}
+        body.update(dataclasses.asdict(self))
+        return msgpack.packb(body, use_bin_type=True)
+
+
+# --- worker -> front ---------------------------------------------------------------------------
+
+
+@dataclass
+class Hello(Message):
+    """A worker introduces itself: who it is, what it serves, how much it takes at once."""
+
+    type: ClassVar[str] = "hello"
+    worker_id: str
+    engine: str
+    model: str
+    capacity: int
+    device: str
+    state: str = "loading"
+    pid: int = 0
+    load_time_s: float = 0.0
+
+
+@dataclass
+class Ready(Message):
+    """The worker's model is loaded; it takes batches from now on."""
+
+    type: ClassVar[str] = "ready"
+    load_time_s: float
+
+
+@dataclass
+class Heartbeat(Message):
+    """The worker is alive; its load figures help the front pick the least busy worker."""
+
+    type: ClassVar[str] = "heartbeat"
+    active: int = 0
+    state: str = "ready"
+
+
+@dataclass
+class Out(Message):
+    """Deltas for many requests, coalesced: one message per engine step, not per token."""
+
+    type: ClassVar[str] = "out"
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Error(Message):
+    """Requests that failed (`ids`), or the whole worker when `ids` is empty."""
+
+    type: ClassVar[str] = "error"
+    message: str
+    ids: list[str] = field(default_factory=list)
+    kind: str = "engine"
+
+
+@dataclass
+class Bye(Message):
+    """The worker is leaving on purpose; its unfinished requests should go elsewhere."""
+
+    type: ClassVar[str] = "bye"
+    reason: str = ""
+
+
+# --- front -> worker ---------------------------------------------------------------------------
+
+
+@dataclass
+class Welcome(Message):
+    """The front registered the worker's hello."""
+
+    type: ClassVar[str] = "welcome"
+    front_id: str
+
+
+@dataclass
+class HelloAgain(Message):
+    """The front does not know this worker (it restarted, or declared it dead): say hello again."""
+
+    type: ClassVar[str] = "hello_again"
+
+
+@dataclass
+class Batch(Message):
+    """Requests to run; see `request_item` for the shape of each."""
+
+    type: ClassVar[str] = "batch"
+    batch_id: str
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Abort(Message):
+    """Stop these requests: their clients are gone or past their deadline."""
+
+    type: ClassVar[str] = "abort"
+    ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Shutdown(Message):
+    """Finish, say bye and exit."""
+
+    type: ClassVar[str] = "shutdown"
+
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.type: cls
+    for cls in (Hello, Ready, Heartbeat, Out, Error, Bye, Welcome, HelloAgain, Batch, Abort, Shutdown)
+}
+
+# --- the items inside messages -------------------------------------------------------------------
+
+REQUEST_FIELDS: dict[str, Any] = {
+    "id": str, "kind": str, "prompt": str, "messages": list, "params": dict, "trace_id": str,
+}
+OUT_FIELDS: dict[str, Any] = {
+    "id": str, "index": int, "text": str, "tokens": int, "finish": (str, type(None)),
+    "prompt_tokens": int,
+}
+
+
+def request_item(
+    request_id: str, kind: str, params: dict[str, Any], *, prompt: str = "",
+    messages: list[dict[str, Any]] | None = None, trace_id: str = "",
+) -> dict[str, Any]:
+    """One request in a Batch: `kind` is "chat" (with `messages`) or "completion" (with `prompt`)."""
+    return {"id": request_id, "kind": kind, "prompt": prompt, "messages": messages or [],
+            "params": params, "trace_id": trace_id}
+
+
+def out_item(
+    request_id: str, index: int, text: str, tokens: int, finish: str | None = None,
+    prompt_tokens: int = 0,
+) -> dict[str, Any]:
+    """One delta in an Out message: new `text` of choice `index`, `tokens` new tokens in it."""
+    return {"id": request_id, "index": index, "text": text, "tokens": tokens, "finish": finish,
+            "prompt_tokens": prompt_tokens}
+
+
+def check_items(items: Any, shape: dict[str, Any], what: str) -> None:
+    """Raise ProtocolError unless `items` is a list of maps with the field types of `shape`."""
+    if not isinstance(items, list):
+        raise ProtocolError(f"{what}: expected a list")
+    for item in items:
+        if not isinstance(item, dict):
+            raise ProtocolError(f"{what}: expected maps")
+        for name, kind in shape.items():
+            if name in item and not isinstance(item[name], kind):
+                raise ProtocolError(f"{what}: field {name!r} has the wrong type")
+        if not isinstance(item.get("id"), str):
+            raise ProtocolError(f"{what}: every item needs a string id")
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+_HINTS = {name: typing.get_type_hints(cls) for name, cls in MESSAGES.items()}
+
+
+def decode(data: bytes) -> Message:
+    """Parse and validate one message; anything unexpected raises ProtocolError."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes is over the limit")
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as error:  # msgpack raises several unrelated types
+        raise ProtocolError(f"not msgpack: {error}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("a message must be a map")
+    if body.get("v") != VERSION:
+        raise ProtocolError(f"protocol version {body.get('v')!r}, expected {VERSION}")
+    cls = MESSAGES.get(body.get("type"))  # type: ignore[arg-type]
+    if cls is None:
+        raise ProtocolError(f"unknown message type {body.get('type')!r}")
+    hints = _HINTS[cls.type]
+    values = {}
+    for item in dataclasses.fields(cls):
+        if item.name not in body:
+            has_default = (item.default is not dataclasses.MISSING
+                           or item.default_factory is not dataclasses.MISSING)
+            if not has_default:
+                raise ProtocolError(f"{cls.type}: missing field {item.name!r}")
+            continue
+        value = body[item.name]
+        if not _accepts(hints[item.name], value):
+            raise ProtocolError(f"{cls.type}: field {item.name!r} has the wrong type")
+        values[item.name] = value
+    message = cls(**values)
+    if isinstance(message, Batch):
+        check_items(message.requests, REQUEST_FIELDS, "batch")
+    elif isinstance(message, Out):
+        check_items(message.items, OUT_FIELDS, "out")
+    return message
