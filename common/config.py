@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
+SECRET_SETTINGS = {"hf_token", "upstream_api_key", "database_url"}
 
 
 class SettingError(ValueError):
@@ -73,8 +74,8 @@ def describe(settings: object) -> dict[str, object]:
     shown: dict[str, object] = {}
     for item in dataclasses.fields(settings):
         value = getattr(settings, item.name)
-        if "token" in item.name or "password" in item.name or item.name == "database_url":
-            value = "***" if value else ""
+        if item.name in SECRET_SETTINGS and value:
+            value = "***"
         shown[item.name] = list(value) if isinstance(value, tuple) else value
     return shown
 
@@ -84,7 +85,8 @@ class ServerSettings:
     """What the front needs: HTTP, ZeroMQ, batching, limits, store and auth."""
 
     host: str = env_field("127.0.0.1", "COHORT_HOST", doc="HTTP bind address")
-    port: int = env_field(8001, "COHORT_PORT", "PORT", doc="HTTP port")
+    # not PORT: honcho sets PORT for every process it starts
+    port: int = env_field(8001, "COHORT_PORT", doc="HTTP port")
     zmq_bind: str = env_field(
         "tcp://127.0.0.1:5555", "COHORT_ZMQ_BIND", doc="ROUTER endpoint the workers connect to"
     )

@@ -51,6 +51,7 @@ class Hello(Message):
     state: str = "loading"
     pid: int = 0
     load_time_s: float = 0.0
+    error: str = ""
 
 
 @dataclass

@@ -1,0 +1,106 @@
+"""Build the Quart-trio app: routes, one place that maps errors, and the services' nursery.
+
+hypercorn runs it with `hypercorn --worker-class trio "server.app:create_app()"`; tests build as
+many apps as they like with other settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import trio
+from quart import g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from common.config import ServerSettings, load
+from common.logs import setup_logging
+from server.auth import Auth
+from server.errors import BadRequest, BodyTooLarge, CohortError, NotFound
+from server.gateway import Gateway
+from server.routes import ops, openai, tasks, tokens
+from server.store import Store
+from server.task_runner import TaskRunner
+
+log = logging.getLogger("cohort.app")
+
+
+def _error_response(error: CohortError):
+    return error.body(), error.status, error.headers
+
+
+def create_app(settings: ServerSettings | None = None) -> QuartTrio:
+    """A new app with its own gateway; nothing starts until hypercorn serves it."""
+    settings = settings or load(ServerSettings)
+    setup_logging(settings.log_level)
+    app = QuartTrio("cohort")
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, RESPONSE_TIMEOUT=None,
+                      BODY_TIMEOUT=60, JSON_SORT_KEYS=False)
+    cohort = Gateway(settings)
+    cohort.store = Store(settings.db_url)
+    cohort.auth = Auth(settings, cohort.store)
+    cohort.tasks = TaskRunner(cohort)
+    app.gateway = cohort  # type: ignore[attr-defined]
+    for module in (openai, ops, tasks, tokens):
+        app.register_blueprint(module.blueprint)
+
+    services = trio.CancelScope()
+
+    @app.before_serving
+    async def start_services() -> None:
+        await cohort.store.run(cohort.store.create_schema)
+
+        async def run_services(task_status=trio.TASK_STATUS_IGNORED):
+            with services:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(cohort.run)
+                    await nursery.start(cohort.tasks.run)
+                    task_status.started()
+
+        await app.nursery.start(run_services)
+        log.info("serving on http://%s:%s", settings.host, settings.port)
+
+    @app.after_serving
+    async def stop_services() -> None:
+        services.cancel()
+
+    @app.before_request
+    async def tag_request() -> None:
+        g.request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
+
+    @app.after_request
+    async def count_request(response):
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        rule = request.url_rule.rule if request.url_rule else "unmatched"
+        cohort.metrics.requests.labels(rule, str(response.status_code)).inc()
+        return response
+
+    @app.errorhandler(CohortError)
+    async def cohort_error(error: CohortError):
+        if error.status >= 500:
+            log.warning("request %s failed: %s", g.get("request_id", "-"), error.message)
+        return _error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException):
+        if error.code == 413:
+            mapped: CohortError = BodyTooLarge(
+                f"the body is over {settings.max_body_bytes} bytes (COHORT_MAX_BODY_BYTES)")
+        elif error.code == 404:
+            mapped = NotFound(f"no route {request.method} {request.path}")
+        elif error.code == 405:
+            mapped = BadRequest(f"{request.method} is not allowed on {request.path}")
+            mapped.status = 405
+        else:
+            mapped = BadRequest(error.description or "bad request")
+            mapped.status = error.code or 400
+        return _error_response(mapped)
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception):
+        log.exception("request %s: unexpected error", g.get("request_id", "-"))
+        return _error_response(CohortError(f"internal error ({type(error).__name__}); "
+                                           f"request id {g.get('request_id', '-')}"))
+
+    return app

@@ -1,0 +1,101 @@
+"""Who is calling: `/token` logins, bearer tokens and API keys, bcrypt password hashing in threads.
+
+Tokens are random and long, so a SHA-256 digest is a safe thing to store and fast to look up;
+passwords are not, so they get bcrypt. A verified digest is trusted for `auth_cache_s` seconds
+without asking the store (so disabling a user takes effect within that time).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import secrets
+from dataclasses import dataclass
+
+import bcrypt
+import trio
+
+from common.config import ServerSettings
+from server.errors import Unauthorized
+from server.store import Store, utcnow
+
+log = logging.getLogger("cohort.auth")
+
+API_KEY_PREFIX = "ck-"
+# A hash of nothing anyone knows: unknown users cost one bcrypt check too, so timing tells nothing.
+_DUMMY_HASH = bcrypt.hashpw(b"no such user", bcrypt.gensalt(rounds=12)).decode()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    user_id: int
+    username: str
+
+
+DEV_PRINCIPAL = Principal(0, "dev (COHORT_AUTH_DISABLED)")
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def hash_password(password: str) -> str:
+    """bcrypt (slow on purpose: call it in a thread from trio)."""
+    return bcrypt.hashpw(password.encode()[:72], bcrypt.gensalt(rounds=12)).decode()
+
+
+def new_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class Auth:
+    """Logs users in and checks bearer credentials against the store."""
+
+    def __init__(self, settings: ServerSettings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self._cache: dict[str, tuple[float, Principal]] = {}
+        if settings.auth_disabled:
+            log.warning("AUTHENTICATION IS DISABLED (COHORT_AUTH_DISABLED): every route is open "
+                        "to anyone who can reach this port. Never do this outside development.")
+
+    async def login(self, username: str, password: str) -> dict[str, object]:
+        """Check a password (same bcrypt work whether or not the user exists) and mint a token."""
+        user = await self.store.run(self.store.user_named, username)
+        stored = user.password_hash if user is not None else _DUMMY_HASH
+        ok = await trio.to_thread.run_sync(
+            bcrypt.checkpw, password.encode()[:72], stored.encode())
+        if not ok or user is None or user.disabled:
+            raise Unauthorized("wrong username or password", code="invalid_credentials")
+        token = secrets.token_urlsafe(32)
+        expires = utcnow() + datetime.timedelta(seconds=self.settings.token_ttl_s)
+        await self.store.run(self.store.add_token, user.id, digest(token), "access", expires)
+        return {"access_token": token, "token_type": "bearer",
+                "expires_in": self.settings.token_ttl_s}
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The caller behind an `Authorization: Bearer ...` header, or Unauthorized."""
+        if self.settings.auth_disabled:
+            return DEV_PRINCIPAL
+        if not authorization:
+            raise Unauthorized("missing Authorization header: send `Authorization: Bearer <token "
+                               "or API key>` (get a token from POST /token)")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("the Authorization header must be `Bearer <token or API key>`")
+        key = digest(token.strip())
+        now = trio.current_time()
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        found = await self.store.run(self.store.user_for_token, key)
+        if found is None:
+            raise Unauthorized("invalid, expired or revoked token")
+        principal = Principal(*found)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[key] = (now + self.settings.auth_cache_s, principal)
+        return principal

@@ -1,0 +1,98 @@
+"""One tree of errors, each mapped in one place to an HTTP status and an OpenAI-style error body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CohortError(Exception):
+    """Base of every error a client may see; subclasses set status, type and code."""
+
+    status = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error shape: {"error": {"message", "type", "param", "code"}}."""
+        return {"error": {"message": self.message, "type": self.error_type,
+                          "param": self.param, "code": self.code}}
+
+
+class BadRequest(CohortError):
+    """The request is malformed or a parameter is out of range."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class Unauthorized(CohortError):
+    """No credentials, or credentials we do not accept."""
+
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(CohortError):
+    """An unknown model, task or route."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class BodyTooLarge(CohortError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class QueueFull(CohortError):
+    """The model's queue is at its bound: the client should retry later."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class NoWorkers(CohortError):
+    """No ready worker serves the model (none registered, all loading, or all dead)."""
+
+    status = 503
+    error_type = "service_unavailable"
+    code = "no_ready_worker"
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class EngineFailed(CohortError):
+    """The worker or its engine failed this request; the message says how."""
+
+    status = 502
+    error_type = "engine_error"
+    code = "engine_error"
+
+
+class WorkerDied(EngineFailed):
+    """The worker holding the request died after streaming part of it, or retries ran out."""
+
+    code = "worker_died"
+
+
+class DeadlineExceeded(CohortError):
+    status = 504
+    error_type = "timeout_error"
+    code = "deadline_exceeded"

@@ -1,0 +1,93 @@
+"""A Job is one accepted request on its way through queue, batch and worker back to its handler."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from server.errors import CohortError
+
+
+@dataclass
+class JobSpec:
+    """What a route parsed from the client: the model, the input and the sampling parameters."""
+
+    model: str
+    kind: str  # "chat" or "completion"
+    params: dict[str, Any]
+    prompt: str = ""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    stream: bool = False
+    trace_id: str = ""
+
+    @property
+    def n(self) -> int:
+        return int(self.params.get("n", 1))
+
+
+@dataclass
+class Restart:
+    """Told to the handler when its job is re-run elsewhere: forget what arrived so far."""
+
+    attempt: int
+
+
+@dataclass
+class Job:
+    """A request in flight; its outputs (out items, Restart, or a CohortError) arrive on `outputs`."""
+
+    spec: JobSpec
+    enqueued_at: float
+    deadline: float
+    id: str = field(default_factory=lambda: "job-" + secrets.token_hex(8))
+    state: str = "queued"  # queued | running | done | cancelled
+    attempts: int = 0
+    got_output: bool = False
+    worker_id: str = ""
+    batch_id: str = ""
+    started_at: float = 0.0
+    finished_choices: int = 0
+    _send: trio.MemorySendChannel = field(init=False, repr=False)
+    outputs: trio.MemoryReceiveChannel = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Unbounded on purpose: the dispatcher's one receive loop must never wait on a slow client,
+        # and a job's output is bounded by its own max_tokens * n.
+        self._send, self.outputs = trio.open_memory_channel(math.inf)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "cancelled")
+
+    @property
+    def retryable(self) -> bool:
+        """A job may be re-run unless part of it already went to a streaming client."""
+        return not (self.spec.stream and self.got_output)
+
+    def deliver(self, item: dict[str, Any]) -> bool:
+        """Pass one out item to the handler; True once every choice has finished."""
+        self.got_output = True
+        self._send.send_nowait(item)
+        if item.get("finish") is not None:
+            self.finished_choices += 1
+        if self.finished_choices >= self.spec.n:
+            self.state = "done"
+            return True
+        return False
+
+    def restart(self) -> None:
+        """Put the job back to queued after its worker died, telling the handler to start over."""
+        self.attempts += 1
+        self.state = "queued"
+        self.finished_choices = 0
+        self.got_output = False
+        self._send.send_nowait(Restart(self.attempts))
+
+    def fail(self, error: CohortError) -> None:
+        if not self.finished:
+            self.state = "done"
+            self._send.send_nowait(error)

@@ -1,0 +1,87 @@
+"""The front's numbers, kept once: Prometheus metrics for `/metrics`, read back for `/stats`."""
+
+from __future__ import annotations
+
+import collections
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+                   120, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """Every counter the front keeps, in a registry of its own (tests build many apps)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("cohort_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=r)
+        self.queue_length = Gauge("cohort_queue_length", "Requests waiting for a batch",
+                                  ["model"], registry=r)
+        self.queue_wait = Histogram("cohort_queue_wait_seconds", "Time from accept to batch sent",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("cohort_batch_size", "Requests per batch sent to a worker",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.ttft = Histogram("cohort_time_to_first_token_seconds",
+                              "Time from accept to the first output", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.latency = Histogram("cohort_request_duration_seconds",
+                                 "Time from accept to the last output", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("cohort_prompt_tokens", "Input tokens", registry=r)
+        self.completion_tokens = Counter("cohort_completion_tokens", "Output tokens", registry=r)
+        self.workers = Gauge("cohort_workers", "Workers by state", ["state"], registry=r)
+        self.load_time = Gauge("cohort_model_load_seconds", "Model load time per worker",
+                               ["worker", "model"], registry=r)
+        self.retries = Counter("cohort_retries", "Jobs re-run after their worker died", registry=r)
+        self.aborts = Counter("cohort_aborts", "Jobs aborted (client gone or deadline)", registry=r)
+        self.worker_deaths = Counter("cohort_worker_deaths", "Workers declared dead", registry=r)
+        # Exact batch sizes for /stats: the histogram's buckets would blur them.
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+
+    def batch_sent(self, size: int) -> None:
+        self.batch_size.observe(size)
+        self.batch_sizes[size] += 1
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def summary(self) -> dict[str, object]:
+        """The figures `/stats` shows, computed from the same metrics `/metrics` exports."""
+        by_route: dict[str, int] = collections.Counter()
+        by_status: dict[str, int] = collections.Counter()
+        for sample in self._samples(self.requests, "_total"):
+            by_route[sample.labels["route"]] += int(sample.value)
+            by_status[sample.labels["status"]] += int(sample.value)
+        batches = self._value(self.batch_size, "_count")
+        waits = self._value(self.queue_wait, "_count")
+        return {
+            "requests": {"total": sum(by_route.values()), "by_route": dict(by_route),
+                         "by_status": dict(by_status)},
+            "batches": {
+                "formed": int(batches),
+                "mean_size": round(self._value(self.batch_size, "_sum") / batches, 3)
+                if batches else 0.0,
+                "size_distribution": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            },
+            "queue": {"mean_wait_s": round(self._value(self.queue_wait, "_sum") / waits, 6)
+                      if waits else 0.0},
+            "tokens": {"prompt": int(self._value(self.prompt_tokens, "_total")),
+                       "completion": int(self._value(self.completion_tokens, "_total"))},
+            "retries": int(self._value(self.retries, "_total")),
+            "aborts": int(self._value(self.aborts, "_total")),
+            "worker_deaths": int(self._value(self.worker_deaths, "_total")),
+        }
+
+    @staticmethod
+    def _samples(metric, suffix: str):
+        for family in metric.collect():
+            for sample in family.samples:
+                if sample.name.endswith(suffix):
+                    yield sample
+
+    def _value(self, metric, suffix: str) -> float:
+        return sum(sample.value for sample in self._samples(metric, suffix))

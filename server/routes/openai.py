@@ -1,0 +1,67 @@
+"""The OpenAI routes: `/v1/chat/completions`, `/v1/completions` (plain and SSE), `/v1/models`."""
+
+from __future__ import annotations
+
+import time
+
+from quart import Blueprint, Response, g
+
+from server.errors import CohortError
+from server.openai_format import ChunkWriter, Collector, completion_body
+from server.openai_schema import parse_chat, parse_completion
+from server.routes.context import caller, gateway, json_body
+
+blueprint = Blueprint("openai", __name__)
+
+
+async def _serve(spec, route: str):
+    cohort = gateway()
+    job = cohort.submit(spec)
+    if not spec.stream:
+        collected = await cohort.complete(job, route)
+        return completion_body(spec, job.id, collected)
+    return _sse(job, route)
+
+
+def _sse(job, route: str) -> Response:
+    cohort = gateway()
+    writer = ChunkWriter(job.spec, job.id)
+    collected = Collector(job.spec.n)
+
+    async def events():
+        try:
+            async for ready in cohort.stream(job, collected, route):
+                yield writer.deltas(ready)
+            if writer.include_usage:
+                yield writer.usage(collected)
+        except CohortError as error:  # headers are gone: the error travels as an event
+            yield writer.error(error.body())
+        yield writer.DONE
+
+    response = Response(events(), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.timeout = None  # the job's own deadline bounds it
+    return response
+
+
+@blueprint.post("/v1/chat/completions")
+async def chat_completions():
+    await caller()
+    spec = parse_chat(await json_body(), gateway().settings, g.request_id)
+    return await _serve(spec, "chat")
+
+
+@blueprint.post("/v1/completions")
+async def completions():
+    await caller()
+    spec = parse_completion(await json_body(), gateway().settings, g.request_id)
+    return await _serve(spec, "completions")
+
+
+@blueprint.get("/v1/models")
+async def models():
+    await caller()
+    now = int(time.time())
+    data = [{"id": name, "object": "model", "created": now, "owned_by": "cohort"}
+            for name in gateway().dispatcher.models()]
+    return {"object": "list", "data": data}

@@ -1,0 +1,47 @@
+"""Operations: `/health` (open), `/ready` (a probe for orchestrators), `/stats`, `/metrics`."""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response
+
+from common.config import describe
+from server.routes.context import caller, gateway
+
+blueprint = Blueprint("ops", __name__)
+
+
+@blueprint.get("/health")
+async def health():
+    cohort = gateway()
+    workers = cohort.dispatcher.describe_workers()
+    engines = sorted({w["engine"] for w in workers if w["state"] not in ("dead", "failed")})
+    return {"status": "ok", "front_id": cohort.dispatcher.front_id,
+            "zmq_endpoint": cohort.dispatcher.endpoint,
+            "mode": "+".join(engines) or "no workers",
+            "auth": "disabled" if cohort.settings.auth_disabled else "required",
+            "config": describe(cohort.settings), "workers": workers}
+
+
+@blueprint.get("/ready")
+async def ready():
+    models = gateway().dispatcher.models()
+    return {"ready": bool(models), "models": models}, 200 if models else 503
+
+
+@blueprint.get("/stats")
+async def stats():
+    await caller()
+    cohort = gateway()
+    summary = cohort.metrics.summary()
+    summary["queue"]["length"] = cohort.scheduler.queued()
+    summary["workers"] = cohort.dispatcher.describe_workers()
+    return summary
+
+
+@blueprint.get("/metrics")
+async def metrics():
+    await caller()
+    cohort = gateway()
+    for model, length in cohort.scheduler.queued().items():
+        cohort.metrics.queue_length.labels(model).set(length)
+    return Response(cohort.metrics.render(), content_type="text/plain; version=0.0.4")

@@ -1,0 +1,106 @@
+"""Async and batch inference: `/inference/async`, `/inference/batch`, `/tasks`, `/tasks/{id}`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from quart import Blueprint, request
+
+from server.errors import BadRequest, CohortError, NotFound
+from server.openai_format import completion_body
+from server.routes.context import caller, gateway, json_body
+from server.store import FINAL
+from server.task_runner import parse_task_body
+
+blueprint = Blueprint("tasks", __name__)
+MAX_BATCH_ITEMS = 1024
+STATUSES = ("queued", "running") + FINAL
+
+
+@blueprint.post("/inference/async")
+async def inference_async():
+    principal = await caller()
+    [task_id] = await gateway().tasks.submit(principal.user_id, [await json_body()])
+    return {"object": "task", "id": task_id, "status": "queued"}, 202
+
+
+def _batch_items(body: Any) -> list[dict]:
+    """Either `requests` (full bodies) or `prompts` with shared fields (model, max_tokens, ...)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    if "requests" in body:
+        items = body["requests"]
+    elif "prompts" in body:
+        shared = {k: v for k, v in body.items() if k not in ("prompts", "wait")}
+        prompts = body["prompts"]
+        items = [dict(shared, prompt=p) for p in prompts] if isinstance(prompts, list) else None
+    else:
+        raise BadRequest("send `prompts` (a list) or `requests` (a list of request bodies)")
+    if not isinstance(items, list) or not items or len(items) > MAX_BATCH_ITEMS:
+        raise BadRequest(f"a batch holds 1 to {MAX_BATCH_ITEMS} items", param="requests")
+    return items
+
+
+@blueprint.post("/inference/batch")
+async def inference_batch():
+    principal = await caller()
+    body = await json_body()
+    items = _batch_items(body)
+    cohort = gateway()
+    if body.get("wait", True) is False:
+        ids = await cohort.tasks.submit(principal.user_id, items)
+        return {"object": "batch", "tasks": [{"index": i, "id": task_id}
+                                             for i, task_id in enumerate(ids)]}, 202
+    results: list[dict[str, Any]] = [{}] * len(items)
+
+    async def run(index: int, item: Any) -> None:
+        try:
+            _, spec = parse_task_body(item, cohort.settings)
+            job = cohort.submit(spec)
+            collected = await cohort.complete(job, "batch")
+            results[index] = {"index": index, "status": "completed",
+                              "result": completion_body(spec, job.id, collected)}
+        except CohortError as error:  # one item's failure is that item's answer only
+            results[index] = {"index": index, "status": "failed", "error": error.body()["error"]}
+
+    async with trio.open_nursery() as nursery:  # every item submitted at once: they batch
+        for index, item in enumerate(items):
+            nursery.start_soon(run, index, item)
+    return {"object": "batch", "data": results}
+
+
+@blueprint.get("/tasks")
+async def list_tasks():
+    principal = await caller()
+    status = request.args.get("status") or None
+    if status is not None and status not in STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(STATUSES)}", param="status")
+    try:
+        limit = int(request.args.get("limit", 20))
+        offset = int(request.args.get("offset", 0))
+    except ValueError:
+        raise BadRequest("limit and offset must be integers") from None
+    if not 1 <= limit <= 100 or offset < 0:
+        raise BadRequest("limit must be 1 to 100 and offset at least 0", param="limit")
+    store = gateway().store
+    return await store.run(store.tasks_of, principal.user_id, status, limit, offset)
+
+
+@blueprint.get("/tasks/<task_id>")
+async def show_task(task_id: str):
+    principal = await caller()
+    store = gateway().store
+    task = await store.run(store.task_of, principal.user_id, task_id)
+    if task is None:
+        raise NotFound(f"no task {task_id!r}")
+    return task
+
+
+@blueprint.delete("/tasks/<task_id>")
+async def cancel_task(task_id: str):
+    principal = await caller()
+    task = await gateway().tasks.cancel(principal.user_id, task_id)
+    if task is None:
+        raise NotFound(f"no task {task_id!r}")
+    return task

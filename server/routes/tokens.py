@@ -1,0 +1,24 @@
+"""`POST /token`: an OAuth2 password login (form or JSON) that returns a bearer token."""
+
+from __future__ import annotations
+
+from quart import Blueprint, request
+
+from server.errors import BadRequest
+from server.routes.context import gateway
+
+blueprint = Blueprint("tokens", __name__)
+
+
+@blueprint.post("/token")
+async def token():
+    if request.mimetype == "application/json":
+        body = await request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise BadRequest("the request body is not a JSON object")
+    else:
+        body = await request.form
+    username, password = body.get("username"), body.get("password")
+    if not isinstance(username, str) or not isinstance(password, str) or not username:
+        raise BadRequest("send username and password (form fields or JSON)", param="username")
+    return await gateway().auth.login(username, password)

@@ -1,0 +1,143 @@
+"""`python -m worker`: connect to the front(s), register, load the engine, serve batches, heartbeat.
+
+The worker registers as `loading` at once and says `ready` with its load time when the model is up;
+a load failure is reported with its cause and the worker stays up (state `failed`) so `/health`
+shows why. SIGINT/SIGTERM (honcho stopping) say bye and free the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import time
+
+import trio
+
+from common import protocol
+from common.config import WorkerSettings, load
+from common.logs import setup_logging
+from worker.engines import Engine, EngineError, make_engine
+from worker.link import FrontLink
+
+log = logging.getLogger("cohort.worker")
+
+
+class Worker:
+    """One engine shared by the links to every front."""
+
+    def __init__(self, settings: WorkerSettings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.state = "loading"
+        self.error = ""
+        self.load_time_s = 0.0
+        self.links: list[FrontLink] = []
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._stop = trio.CancelScope()
+
+    def hello(self) -> protocol.Hello:
+        return protocol.Hello(self.worker_id, self.engine.name, self.engine.model,
+                              self.engine.capacity, self.engine.device, self.state, os.getpid(),
+                              self.load_time_s, self.error)
+
+    async def serve(self) -> None:
+        with self._stop:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals)
+                for endpoint in self.settings.connect:
+                    link = FrontLink(endpoint, self)
+                    await nursery.start(link.run)
+                    self.links.append(link)
+                await self._load()
+                if hasattr(self.engine, "run"):
+                    nursery.start_soon(self.engine.run)
+        # stopped: tell every front first, so it re-runs our jobs at once rather than after a timeout
+        for link in self.links:
+            await link.say_bye("worker stopping")
+        with trio.CancelScope(shield=True):
+            await self.engine.close()
+
+    async def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            await self.engine.load()
+        except Exception as error:  # any load failure: report its cause, stay up to show it
+            self.state, self.error = "failed", f"model load failed: {type(error).__name__}: {error}"
+            log.exception("model load failed")
+            for link in self.links:
+                await link.send(protocol.Error(self.error, [], "load"))
+            return
+        self.load_time_s = time.monotonic() - started
+        self.state = "ready"
+        log.info("%s engine ready with %s in %.1f s", self.engine.name, self.engine.model,
+                 self.load_time_s)
+        for link in self.links:
+            await link.send(protocol.Ready(self.load_time_s))
+
+    async def run_batch(self, link: FrontLink, batch: protocol.Batch) -> None:
+        if self.state != "ready":
+            await link.send(protocol.Error(f"worker is {self.state}", [r["id"] for r in batch.requests]))
+            return
+        await self.engine.admit(len(batch.requests))
+        async with trio.open_nursery() as nursery:
+            for request in batch.requests:
+                request["batch_id"] = batch.batch_id
+                scope = trio.CancelScope()
+                self._scopes[request["id"]] = scope
+                nursery.start_soon(self._run_request, link, request, scope)
+
+    async def _run_request(self, link: FrontLink, request: dict, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                await self.engine.generate(request, link.emit)
+        except EngineError as error:
+            await link.send(protocol.Error(str(error), [request["id"]]))
+        except Exception as error:  # a bug or engine crash on one request must not kill the worker
+            log.exception("request %s (trace %s) failed", request["id"], request.get("trace_id"))
+            await link.send(protocol.Error(f"{type(error).__name__}: {error}", [request["id"]]))
+        finally:
+            self._scopes.pop(request["id"], None)
+
+    def abort(self, ids: list[str]) -> None:
+        for request_id in ids:
+            scope = self._scopes.get(request_id)
+            if scope is not None:
+                scope.cancel()
+
+    def stop(self, reason: str) -> None:
+        log.info("stopping: %s", reason)
+        self._stop.cancel()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                self.stop(f"signal {signal.Signals(signum).name}")
+                return
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--connect", help="front endpoint(s), comma-separated (COHORT_CONNECT)")
+    parser.add_argument("--engine", choices=["mock", "vllm", "http"], help="(COHORT_ENGINE)")
+    parser.add_argument("--model", help="model folder or name (COHORT_MODEL)")
+    parser.add_argument("--worker-id", help="(COHORT_WORKER_ID)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = load(WorkerSettings, engine=args.engine, model=args.model, worker_id=args.worker_id,
+                    connect=tuple(args.connect.split(",")) if args.connect else None)
+    setup_logging(settings.log_level)
+    worker = Worker(settings, make_engine(settings))
+    log.info("worker %s: engine %s, model %s, fronts %s", worker.worker_id, worker.engine.name,
+             worker.engine.model, ", ".join(settings.connect))
+    trio.run(worker.serve)
+
+
+if __name__ == "__main__":  # vLLM spawns processes that re-import this module
+    main()

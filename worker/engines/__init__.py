@@ -1,0 +1,52 @@
+"""The engine interface every worker engine implements: load once, then run requests concurrently."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from common.config import WorkerSettings
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+class EngineError(Exception):
+    """One request failed in the engine; the worker reports it to the front as a per-request error."""
+
+
+class Engine:
+    """Base of the engines: `generate` runs one request, calling `emit` with protocol out items."""
+
+    name = "base"
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.model = settings.served_model_name or settings.model
+        self.device = "cpu"
+        self.capacity = settings.capacity
+        self.active = 0
+
+    async def load(self) -> None:
+        """Load the model; raise with a clear cause if that cannot be done."""
+
+    async def admit(self, batch_size: int) -> None:
+        """Called once per batch before its requests start (the mock's per-batch cost)."""
+
+    async def generate(self, request: dict[str, Any], emit: Emit) -> None:
+        """Run one request to its end; cancellation (an abort) must stop it in the engine."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Free the engine (no stray processes once the worker exits)."""
+
+
+def make_engine(settings: WorkerSettings) -> Engine:
+    """The engine the settings ask for; heavy imports happen only for the one chosen."""
+    if settings.engine_name == "vllm":
+        from worker.engines.vllm import VllmEngine
+        return VllmEngine(settings)
+    if settings.engine_name == "http":
+        from worker.engines.http import HttpEngine
+        return HttpEngine(settings)
+    from worker.engines.mock import MockEngine
+    return MockEngine(settings)

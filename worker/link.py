@@ -1,0 +1,102 @@
+"""One worker's connection to one front: hello until welcomed, heartbeats, outputs coalesced per step.
+
+A worker connects one DEALER per front (several fronts: `--connect` takes a list) and answers each
+on its own link. Outputs emitted together (one engine step) leave as one `out` message.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import trio
+import zmq
+
+from common import protocol
+from common.zmqtrio import TrioSocket
+
+if TYPE_CHECKING:
+    from worker.__main__ import Worker
+
+log = logging.getLogger("cohort.worker.link")
+
+
+class FrontLink:
+    """The DEALER side of one front: registration, heartbeats, batches in, outputs out."""
+
+    def __init__(self, endpoint: str, worker: "Worker") -> None:
+        self.endpoint = endpoint
+        self.worker = worker
+        self.welcomed = False
+        self._sock: TrioSocket | None = None
+        # Unbounded: emit() is called from the engine's step and must never wait; the flush task
+        # drains it as fast as the socket takes messages.
+        self._out_send, self._out_receive = trio.open_memory_channel[dict[str, Any]](math.inf)
+
+    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        raw = zmq.Context.instance().socket(zmq.DEALER)
+        raw.setsockopt(zmq.IDENTITY, self.worker.worker_id.encode())
+        raw.setsockopt(zmq.LINGER, 500)  # long enough for a last bye, no longer
+        raw.setsockopt(zmq.SNDHWM, 100_000)
+        raw.setsockopt(zmq.RCVHWM, 100_000)
+        raw.connect(self.endpoint)
+        with TrioSocket(raw) as sock:
+            self._sock = sock
+            await self.send(self.worker.hello())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeat_loop)
+                nursery.start_soon(self._flush_loop)
+                task_status.started()
+                await self._receive_loop(nursery)
+
+    async def send(self, message: protocol.Message) -> None:
+        assert self._sock is not None
+        await self._sock.send_multipart([message.encode()])
+
+    def emit(self, item: dict[str, Any]) -> None:
+        self._out_send.send_nowait(item)
+
+    async def say_bye(self, reason: str) -> None:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            await self.send(protocol.Bye(reason))
+
+    async def _flush_loop(self) -> None:
+        async for item in self._out_receive:
+            items = [item]
+            while True:
+                try:
+                    items.append(self._out_receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await self.send(protocol.Out(items))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await trio.sleep(self.worker.settings.heartbeat_interval_s)
+            if not self.welcomed:  # the front is not up yet, or lost our hello: say it again
+                await self.send(self.worker.hello())
+            await self.send(protocol.Heartbeat(self.worker.engine.active, self.worker.state))
+
+    async def _receive_loop(self, nursery: trio.Nursery) -> None:
+        assert self._sock is not None
+        while True:
+            [data] = (await self._sock.recv_multipart())[-1:]
+            try:
+                message = protocol.decode(bytes(data))
+            except protocol.ProtocolError as error:
+                log.warning("refused a message from %s: %s", self.endpoint, error)
+                continue
+            if isinstance(message, protocol.Welcome):
+                self.welcomed = True
+                log.info("registered with front %s at %s", message.front_id, self.endpoint)
+            elif isinstance(message, protocol.HelloAgain):
+                self.welcomed = False
+                await self.send(self.worker.hello())
+            elif isinstance(message, protocol.Batch):
+                nursery.start_soon(self.worker.run_batch, self, message)
+            elif isinstance(message, protocol.Abort):
+                self.worker.abort(message.ids)
+            elif isinstance(message, protocol.Shutdown):
+                self.worker.stop("the front asked for shutdown")
