@@ -160,7 +160,10 @@ class WorkerSettings:
     max_model_len: int = env_field(2048, "COHORT_MAX_MODEL_LEN", "MOCK_VLLM_MAX_LEN")
     trust_remote_code: bool = env_field(False, "MOCK_VLLM_TRUST_REMOTE_CODE")
     hf_token: str = env_field("", "WORKER_HF_TOKEN")
-    gpu_memory_utilization: float = env_field(0.9, "COHORT_GPU_MEMORY_UTILIZATION")
+    gpu_memory_utilization: float = env_field(
+        0.0, "COHORT_GPU_MEMORY_UTILIZATION",
+        doc="share of GPU memory (on CPU: of the NUMA node's memory) for vLLM; 0: 0.9 on GPU, 0.3 on CPU",
+    )
     enforce_eager: bool = env_field(True, "COHORT_ENFORCE_EAGER")
     device: str = env_field("auto", "COHORT_DEVICE", doc="auto | cuda | cpu")
     cpu_kv_cache_gb: int = env_field(1, "COHORT_CPU_KV_CACHE_GB")

@@ -19,7 +19,7 @@ import zmq
 from common import protocol
 from common.config import ServerSettings
 from common.zmqtrio import TrioSocket
-from server.errors import EngineFailed, NoWorkers, NotFound, WorkerDied
+from server.errors import BadRequest, EngineFailed, NoWorkers, NotFound, WorkerDied
 from server.jobs import Job
 from server.metrics import Metrics
 
@@ -203,7 +203,8 @@ class Dispatcher:
         for job_id in message.ids:
             job = worker.jobs.get(job_id)
             if job is not None:
-                job.fail(EngineFailed(f"the engine failed this request: {message.message}"))
+                job.fail(BadRequest(message.message) if message.kind == "invalid"
+                         else EngineFailed(f"the engine failed this request: {message.message}"))
                 self._release(job)
 
     # --- liveness --------------------------------------------------------------------------

@@ -95,7 +95,7 @@ class Worker:
             with scope:
                 await self.engine.generate(request, link.emit)
         except EngineError as error:
-            await link.send(protocol.Error(str(error), [request["id"]]))
+            await link.send(protocol.Error(str(error), [request["id"]], error.kind))
         except Exception as error:  # a bug or engine crash on one request must not kill the worker
             log.exception("request %s (trace %s) failed", request["id"], request.get("trace_id"))
             await link.send(protocol.Error(f"{type(error).__name__}: {error}", [request["id"]]))

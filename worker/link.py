@@ -77,7 +77,7 @@ class FrontLink:
             await trio.sleep(self.worker.settings.heartbeat_interval_s)
             if not self.welcomed:  # the front is not up yet, or lost our hello: say it again
                 await self.send(self.worker.hello())
-            await self.send(protocol.Heartbeat(self.worker.engine.active, self.worker.state))
+            await self.send(protocol.Heartbeat(self.worker.engine.unfinished(), self.worker.state))
 
     async def _receive_loop(self, nursery: trio.Nursery) -> None:
         assert self._sock is not None

@@ -13,6 +13,14 @@ Emit = Callable[[dict[str, Any]], None]
 class EngineError(Exception):
     """One request failed in the engine; the worker reports it to the front as a per-request error."""
 
+    kind = "engine"
+
+
+class InvalidRequest(EngineError):
+    """The engine cannot take this request as given (too long a prompt): the client's fault, a 400."""
+
+    kind = "invalid"
+
 
 class Engine:
     """Base of the engines: `generate` runs one request, calling `emit` with protocol out items."""
@@ -35,6 +43,10 @@ class Engine:
     async def generate(self, request: dict[str, Any], emit: Emit) -> None:
         """Run one request to its end; cancellation (an abort) must stop it in the engine."""
         raise NotImplementedError
+
+    def unfinished(self) -> int:
+        """How many requests the engine is running (heartbeats report it)."""
+        return self.active
 
     async def close(self) -> None:
         """Free the engine (no stray processes once the worker exits)."""
