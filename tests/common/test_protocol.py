@@ -1,0 +1,61 @@
+"""The wire: round trips, and every way a message can be wrong is a ProtocolError, not a crash."""
+
+import msgpack
+import pytest
+
+from common import protocol
+
+
+@pytest.mark.parametrize("message", [
+    protocol.Hello("w1", "mock", "m", 8, "cpu", "ready", 42, 1.5, ""),
+    protocol.Ready(3.25),
+    protocol.Heartbeat(active=3, state="ready"),
+    protocol.Out([protocol.out_item("j1", 0, "hi", 1, None, 5)]),
+    protocol.Error("boom", ["j1"], "invalid"),
+    protocol.Bye("stopping"),
+    protocol.Welcome("front-1"),
+    protocol.HelloAgain(),
+    protocol.Batch("b1", [protocol.request_item("j1", "chat", {"n": 1},
+                                                messages=[{"role": "user", "content": "x"}])]),
+    protocol.Abort(["j1", "j2"]),
+    protocol.Shutdown(),
+])
+def test_round_trip(message):
+    assert protocol.decode(message.encode()) == message
+
+
+def test_missing_optional_fields_take_defaults_so_older_peers_still_talk():
+    data = msgpack.packb({"v": protocol.VERSION, "type": "hello", "worker_id": "w", "engine": "e",
+                          "model": "m", "capacity": 1, "device": "cpu"})
+    hello = protocol.decode(data)
+    assert hello.state == "loading" and hello.error == ""
+
+
+def test_unknown_extra_fields_are_ignored():
+    data = msgpack.packb({"v": protocol.VERSION, "type": "ready", "load_time_s": 1, "new": 1})
+    assert protocol.decode(data) == protocol.Ready(1)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"\xc1", "not msgpack"),
+    (msgpack.packb([1, 2]), "must be a map"),
+    (msgpack.packb({"v": 99, "type": "ready", "load_time_s": 1}), "version"),
+    (msgpack.packb({"v": protocol.VERSION, "type": "launch"}), "unknown message type"),
+    (msgpack.packb({"v": protocol.VERSION, "type": "ready"}), "missing field"),
+    (msgpack.packb({"v": protocol.VERSION, "type": "ready", "load_time_s": "x"}), "wrong type"),
+    (msgpack.packb({"v": protocol.VERSION, "type": "abort", "ids": "j1"}), "wrong type"),
+    (msgpack.packb({"v": protocol.VERSION, "type": "out", "items": [{"id": 1}]}), "'id'"),
+    (msgpack.packb({"v": protocol.VERSION, "type": "out",
+                    "items": [{"id": "j", "index": "0"}]}), "wrong type"),
+    (msgpack.packb({"v": protocol.VERSION, "type": "batch", "batch_id": "b",
+                    "requests": ["x"]}), "expected maps"),
+])
+def test_malformed_messages_are_refused_with_a_reason(data, reason):
+    with pytest.raises(protocol.ProtocolError, match=reason):
+        protocol.decode(data)
+
+
+def test_booleans_are_not_numbers():
+    data = msgpack.packb({"v": protocol.VERSION, "type": "ready", "load_time_s": True})
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode(data)

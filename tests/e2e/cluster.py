@@ -1,0 +1,131 @@
+"""Front and workers as real processes, started from the Procfile's own lines as honcho starts them
+(`sh -c LINE` with the environment), on free loopback ports, with a real SQLite file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def procfile() -> dict[str, str]:
+    lines = {}
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, command = line.partition(":")
+            lines[name.strip()] = command.strip()
+    return lines
+
+
+class Cluster:
+    """A front and its workers; every process is in its own group so a kill takes all of it."""
+
+    def __init__(self, tmp: Path, **env: str) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.zmq_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONPATH": str(ROOT),
+            "COHORT_PORT": str(self.port),
+            "COHORT_ZMQ_BIND": f"tcp://127.0.0.1:{self.zmq_port}",
+            "COHORT_CONNECT": f"tcp://127.0.0.1:{self.zmq_port}",
+            "COHORT_DATA_DIR": str(tmp / "data"),
+            "COHORT_WORKER_TIMEOUT_S": "2",
+            "COHORT_HEARTBEAT_INTERVAL_S": "0.25",
+            "MOCK_TTFT_S": "0", "MOCK_TOKEN_S": "0", "MOCK_BATCH_GROWTH": "0",
+            **env,
+        }
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.api_key = ""
+
+    def _spawn(self, name: str, command: str, **env: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "ab")
+        proc = subprocess.Popen(["sh", "-c", command], cwd=ROOT, env={**self.env, **env},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_front(self, **env: str) -> None:
+        self._spawn("front", procfile()["front"], **env)
+
+    def start_worker(self, name: str, **env: str) -> None:
+        command = procfile()["worker1"].replace("worker1", name)
+        self._spawn(name, command, **env)
+
+    def signal(self, name: str, signum: int = signal.SIGKILL) -> None:
+        os.killpg(self.procs[name].pid, signum)
+
+    def wait_exit(self, name: str, timeout_s: float = 30) -> int:
+        return self.procs[name].wait(timeout_s)
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def users(self, *args: str, stdin: str = "") -> str:
+        done = subprocess.run([sys.executable, "-m", "server.users", *args], cwd=ROOT, env=self.env,
+                              input=stdin, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def add_user(self, username: str, password: str = "correct-horse") -> str:
+        """Add a user and return a fresh API key of theirs."""
+        self.users("add", username, "--password-stdin", stdin=password + "\n")
+        return self.users("key", username)
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.api_key}"}
+
+    async def health(self) -> dict | None:
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                return (await client.get(self.url + "/health")).json()
+        except (httpx.TransportError, ValueError):
+            return None
+
+    async def wait_for(self, predicate, what: str, timeout_s: float = 60) -> dict:
+        """Wait until /health satisfies `predicate` (it is the readiness signal orchestrators use)."""
+        with trio.move_on_after(timeout_s):
+            while True:
+                health = await self.health()
+                if health is not None and predicate(health):
+                    return health
+                for name, proc in self.procs.items():
+                    if name == "front" and proc.poll() is not None:
+                        raise AssertionError(f"the front exited:\n{self.log('front')[-3000:]}")
+                await trio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; front log:\n{self.log('front')[-3000:]}")
+
+    async def wait_ready(self, workers: int, timeout_s: float = 60) -> dict:
+        return await self.wait_for(
+            lambda h: sum(w["state"] in ("ready", "busy") for w in h["workers"]) >= workers,
+            f"{workers} ready worker(s)", timeout_s)
+
+    def stop(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

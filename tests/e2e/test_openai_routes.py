@@ -1,0 +1,155 @@
+"""The OpenAI routes through real processes, driven by the official `openai` client and by raw HTTP."""
+
+import json
+
+import httpx
+import openai
+import pytest
+import trio
+
+MODEL = "cohort-mock"
+
+
+def client(cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.url + "/v1", api_key=cluster.api_key, max_retries=0)
+
+
+def test_openai_chat_plain(shared):
+    reply = client(shared).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello there"}])
+    text = reply.choices[0].message.content
+    assert text.startswith("[Batched mock response ") and text.endswith("Mock response to: hello there")
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == len(text.split())
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_openai_chat_streamed_with_usage(shared):
+    stream = client(shared).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "stream me"}], stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.endswith("Mock response to: stream me")
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(text.split())
+
+
+def test_openai_completions_max_tokens_stop_n(shared):
+    api = client(shared)
+    cut = api.completions.create(model=MODEL, prompt="one two three", max_tokens=3)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
+    stopped = api.completions.create(model=MODEL, prompt="alpha beta", stop=["Mock"])
+    assert stopped.choices[0].text.rstrip().endswith("]") and stopped.choices[0].finish_reason == "stop"
+    several = api.completions.create(model=MODEL, prompt="x", n=3, seed=7, temperature=0.5, top_p=0.9)
+    assert sorted(c.index for c in several.choices) == [0, 1, 2]
+    streamed = list(api.completions.create(model=MODEL, prompt="streamed", stream=True, n=2))
+    joined = {0: "", 1: ""}
+    for chunk in streamed:  # ready tokens of several choices share one chunk
+        for choice in chunk.choices:
+            joined[choice.index] += choice.text
+    assert all(text.endswith("Mock response to: streamed") for text in joined.values())
+
+
+def test_models_lists_what_ready_workers_serve(shared):
+    assert [m.id for m in client(shared).models.list()] == [MODEL]
+
+
+def test_health_is_open_and_shows_every_worker(shared):
+    health = httpx.get(shared.url + "/health").json()
+    assert health["mode"] == "mock" and health["auth"] == "required"
+    assert sorted(w["id"] for w in health["workers"]) == ["worker1", "worker2"]
+    assert {w["state"] for w in health["workers"]} <= {"ready", "busy"}
+    assert httpx.get(shared.url + "/ready").status_code == 200
+
+
+BAD_BODIES = [
+    (b"{not json", 400, None),
+    (b'["a list"]', 400, None),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 400, "model"),
+    (json.dumps({"model": MODEL, "messages": "hi"}).encode(), 400, "messages"),
+    (json.dumps({"model": MODEL, "messages": []}).encode(), 400, "messages"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400,
+     "messages"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                 "temperature": 5}).encode(), 400, "temperature"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                 "max_tokens": "many"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                 "n": 0}).encode(), 400, "n"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                 "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "stop"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                 "stream": "yes"}).encode(), 400, "stream"),
+    (json.dumps({"model": "no-such-model",
+                 "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model"),
+    (b'{"model": "' + b"x" * (2 << 20) + b'"}', 413, None),
+]
+
+
+@pytest.mark.parametrize("body, status, param", BAD_BODIES)
+def test_bad_input_gets_a_4xx_in_openai_shape_and_the_server_keeps_serving(shared, body, status, param):
+    answer = httpx.post(shared.url + "/v1/chat/completions", content=body, headers=shared.headers())
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["message"] and error["type"] and error["param"] == param
+    still = client(shared).completions.create(model=MODEL, prompt="still there?")
+    assert still.choices[0].text.endswith("still there?")
+
+
+def test_the_openai_client_raises_its_own_errors_for_4xx(shared):
+    with pytest.raises(openai.NotFoundError):
+        client(shared).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=shared.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_unknown_route_and_method(shared):
+    assert httpx.get(shared.url + "/v2/nothing").json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(shared.url + "/v1/chat/completions").status_code == 405
+
+
+async def test_200_concurrent_requests_form_batches_larger_than_one(shared):
+    async with httpx.AsyncClient(timeout=60, headers=shared.headers(),
+                                 limits=httpx.Limits(max_connections=200)) as http:
+        before = (await http.get(shared.url + "/stats")).json()["batches"]
+        texts = []
+
+        async def one(i: int):
+            answer = await http.post(shared.url + "/v1/completions",
+                                     json={"model": MODEL, "prompt": f"request {i}"})
+            assert answer.status_code == 200, answer.text
+            texts.append(answer.json()["choices"][0]["text"])
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                for i in range(200):
+                    nursery.start_soon(one, i)
+        after = (await http.get(shared.url + "/stats")).json()
+    assert len(texts) == 200 and len({t.rsplit(":", 1)[1] for t in texts}) == 200
+    formed = after["batches"]["formed"] - before["formed"]
+    assert 0 < formed < 200  # 200 requests, fewer batches: some batch held more than one
+    assert after["batches"]["mean_size"] > 1
+    sizes = {int(k) for k in after["batches"]["size_distribution"]}
+    assert max(sizes) > 1
+    assert all(w["state"] in ("ready", "busy") for w in after["workers"])
+
+
+def test_stats_needs_a_token_and_agrees_with_metrics(shared):
+    assert httpx.get(shared.url + "/stats").status_code == 401
+    client(shared).completions.create(model=MODEL, prompt="count me")
+    stats = httpx.get(shared.url + "/stats", headers=shared.headers()).json()
+    metrics = httpx.get(shared.url + "/metrics", headers=shared.headers()).text
+    samples = {line.split(" ")[0]: float(line.split(" ")[1])
+               for line in metrics.splitlines() if line and not line.startswith("#")}
+    assert samples["cohort_batch_size_count"] == stats["batches"]["formed"]
+    assert samples["cohort_completion_tokens_total"] == stats["tokens"]["completion"]
+    assert 'cohort_workers{state="ready"}' in samples
+
+
+def test_request_id_is_honoured_and_returned(shared):
+    answer = httpx.post(shared.url + "/v1/completions", headers={**shared.headers(),
+                        "X-Request-Id": "trace-123"}, json={"model": MODEL, "prompt": "x"})
+    assert answer.headers["X-Request-Id"] == "trace-123"
+    assert httpx.get(shared.url + "/health").headers["X-Request-Id"]
