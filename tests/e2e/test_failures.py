@@ -1,0 +1,159 @@
+"""Workers that die, vanish or never come; clients that leave; queues that fill. Nothing hangs."""
+
+import signal
+
+import httpx
+import pytest
+import trio
+
+MODEL = "cohort-mock"
+SLOW = {"MOCK_TOKEN_S": "0.02", "MOCK_TTFT_S": "0.02"}  # replies take ~0.3 s: kills land mid-load
+
+
+async def post_all(cluster, count: int, stream: bool = False, **body):
+    """Send `count` concurrent completions; return (status, text or error) for each."""
+    results = []
+    async with httpx.AsyncClient(timeout=60, headers=cluster.headers(),
+                                 limits=httpx.Limits(max_connections=count)) as http:
+        async def one(i: int):
+            payload = {"model": MODEL, "prompt": f"request {i}", "stream": stream, **body}
+            answer = await http.post(cluster.url + "/v1/completions", json=payload)
+            results.append((answer.status_code, answer.text))
+
+        with trio.fail_after(90):  # a hung request fails the test here
+            async with trio.open_nursery() as nursery:
+                for i in range(count):
+                    nursery.start_soon(one, i)
+    return results
+
+
+async def start(cluster, workers=("worker1", "worker2"), **worker_env):
+    cluster.start_front()
+    for name in workers:
+        cluster.start_worker(name, **worker_env)
+    cluster.api_key = cluster.add_user("ops")
+    await cluster.wait_ready(len(workers))
+
+
+async def test_sigkill_of_a_worker_mid_load_loses_no_request(make_cluster):
+    cluster = make_cluster(**SLOW)
+    await start(cluster)
+    results = []
+
+    async def load():
+        results.extend(await post_all(cluster, 120))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(load)
+        await cluster.wait_for(lambda h: any(w["id"] == "worker1" and w["jobs_in_flight"] > 0
+                                             for w in h["workers"]), "worker1 busy")
+        cluster.signal("worker1", signal.SIGKILL)
+    assert len(results) == 120
+    assert all(status == 200 for status, _ in results), [r for r in results if r[0] != 200][:3]
+    health = await cluster.wait_for(
+        lambda h: any(w["id"] == "worker1" and w["state"] == "dead" for w in h["workers"]),
+        "worker1 marked dead", timeout_s=10)
+    stats = httpx.get(cluster.url + "/stats", headers=cluster.headers()).json()
+    assert stats["retries"] > 0 and stats["worker_deaths"] >= 1
+    assert any(w["id"] == "worker2" and w["state"] == "ready" for w in health["workers"])
+
+
+async def test_streams_cut_by_a_dying_worker_end_with_a_clear_error(make_cluster):
+    cluster = make_cluster(MOCK_TOKEN_S="0.05")
+    await start(cluster, workers=("worker1",))
+    results = []
+
+    async def load():
+        results.extend(await post_all(cluster, 10, stream=True, max_tokens=40))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(load)
+        await cluster.wait_for(lambda h: h["workers"][0]["jobs_in_flight"] >= 10, "all streaming")
+        await trio.sleep(0.3)  # let tokens flow to the clients: these jobs can no longer be retried
+        cluster.signal("worker1", signal.SIGKILL)
+    assert len(results) == 10
+    for status, text in results:
+        assert status == 200 and text.rstrip().endswith("data: [DONE]")
+        assert '"code": "worker_died"' in text  # the error travels as an SSE event
+
+
+async def test_a_crashing_worker_is_retried_elsewhere(make_cluster):
+    cluster = make_cluster()
+    cluster.start_front()
+    cluster.start_worker("worker1", MOCK_CRASH_AFTER="5")
+    cluster.start_worker("worker2")
+    cluster.api_key = cluster.add_user("ops")
+    await cluster.wait_ready(2)
+    results = await post_all(cluster, 40)
+    assert [status for status, _ in results] == [200] * 40
+    assert cluster.wait_exit("worker1") == 3  # it really died (os._exit(3), fault injection)
+
+
+async def test_injected_engine_errors_fail_only_their_requests(make_cluster):
+    cluster = make_cluster()
+    await start(cluster, workers=("worker1",), MOCK_ERROR_RATE="0.5")
+    results = await post_all(cluster, 40)
+    codes = [status for status, _ in results]
+    assert codes.count(502) > 0 and codes.count(200) > 0 and set(codes) == {200, 502}
+    failed = next(text for status, text in results if status == 502)
+    assert "injected failure" in failed and '"type": "engine_error"' in failed.replace('":"', '": "')
+
+
+async def test_no_ready_worker_is_a_fast_503_and_a_late_worker_joins(make_cluster):
+    cluster = make_cluster()
+    cluster.start_front()
+    cluster.api_key = cluster.add_user("ops")
+    await cluster.wait_for(lambda h: h["status"] == "ok", "front up")
+    answer = httpx.post(cluster.url + "/v1/completions", headers=cluster.headers(),
+                        json={"model": MODEL, "prompt": "anyone?"})
+    assert answer.status_code == 503 and "no worker" in answer.json()["error"]["message"]
+    assert answer.headers["Retry-After"]
+    assert httpx.get(cluster.url + "/ready").status_code == 503
+    cluster.start_worker("late", MOCK_LOAD_S="0.5")
+    health = await cluster.wait_for(lambda h: h["workers"], "the late worker registers")
+    assert health["workers"][0]["state"] in ("loading", "ready")
+    await cluster.wait_ready(1)
+    answer = httpx.post(cluster.url + "/v1/completions", headers=cluster.headers(),
+                        json={"model": MODEL, "prompt": "now?"})
+    assert answer.status_code == 200
+
+
+async def test_workers_reconnect_to_a_restarted_front(make_cluster):
+    cluster = make_cluster()
+    await start(cluster, workers=("worker1",))
+    cluster.signal("front", signal.SIGKILL)
+    cluster.wait_exit("front")
+    cluster.start_front()
+    await cluster.wait_ready(1)  # the worker said hello again, unasked
+    answer = httpx.post(cluster.url + "/v1/completions", headers=cluster.headers(),
+                        json={"model": MODEL, "prompt": "again"})
+    assert answer.status_code == 200
+
+
+async def test_a_client_that_leaves_aborts_its_job_on_the_worker(make_cluster):
+    cluster = make_cluster(MOCK_TOKEN_S="0.05")
+    await start(cluster, workers=("worker1",))
+    async with httpx.AsyncClient(timeout=30, headers=cluster.headers()) as http:
+        with trio.move_on_after(1):  # leave after a second of a ~25 s reply
+            async with http.stream("POST", cluster.url + "/v1/completions", json={
+                    "model": MODEL, "prompt": "word " * 500, "max_tokens": 1000,
+                    "stream": True}) as r:
+                async for _ in r.aiter_bytes():
+                    pass
+    health = await cluster.wait_for(
+        lambda h: h["workers"][0]["engine_active"] == 0 and h["workers"][0]["jobs_in_flight"] == 0,
+        "the worker stops spending on it", timeout_s=10)
+    assert health["workers"][0]["state"] == "ready"
+    stats = httpx.get(cluster.url + "/stats", headers=cluster.headers()).json()
+    assert stats["aborts"] == 1
+
+
+async def test_a_full_queue_answers_429_with_retry_after(make_cluster):
+    cluster = make_cluster(COHORT_MAX_QUEUE="5", COHORT_MAX_CONCURRENT_BATCHES="1",
+                           COHORT_MAX_BATCH_SIZE="1", MOCK_TOKEN_S="0.05")
+    await start(cluster, workers=("worker1",))
+    results = await post_all(cluster, 30, max_tokens=5)
+    codes = [status for status, _ in results]
+    assert 429 in codes and 200 in codes and set(codes) == {200, 429}
+    refused = next(text for status, text in results if status == 429)
+    assert "COHORT_MAX_QUEUE" in refused
