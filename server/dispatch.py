@@ -19,11 +19,15 @@ import zmq
 from common import protocol
 from common.config import ServerSettings
 from common.zmqtrio import TrioSocket
-from server.errors import BadRequest, EngineFailed, NoWorkers, NotFound, WorkerDied
+from server.errors import (BadRequest, EngineFailed, NoWorkers, NotFound, UpstreamUnavailable,
+                           WorkerDied)
 from server.jobs import Job
 from server.metrics import Metrics
 
 log = logging.getLogger("cohort.dispatch")
+
+# A worker's per-request error kinds, as the client sees them (anything else: EngineFailed, 502).
+FAILURES = {"invalid": BadRequest, "unavailable": UpstreamUnavailable}
 
 
 @dataclass
@@ -203,8 +207,9 @@ class Dispatcher:
         for job_id in message.ids:
             job = worker.jobs.get(job_id)
             if job is not None:
-                job.fail(BadRequest(message.message) if message.kind == "invalid"
-                         else EngineFailed(f"the engine failed this request: {message.message}"))
+                job.fail(FAILURES.get(message.kind, EngineFailed)(
+                    message.message if message.kind in FAILURES
+                    else f"the engine failed this request: {message.message}"))
                 self._release(job)
 
     # --- liveness --------------------------------------------------------------------------

@@ -86,6 +86,14 @@ class EngineFailed(CohortError):
     code = "engine_error"
 
 
+class UpstreamUnavailable(CohortError):
+    """The http engine's upstream server cannot be reached."""
+
+    status = 503
+    error_type = "service_unavailable"
+    code = "upstream_unavailable"
+
+
 class WorkerDied(EngineFailed):
     """The worker holding the request died after streaming part of it, or retries ran out."""
 

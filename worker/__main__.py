@@ -55,9 +55,7 @@ class Worker:
                 await self._load()
                 if hasattr(self.engine, "run"):
                     nursery.start_soon(self.engine.run)
-        # stopped: tell every front first, so it re-runs our jobs at once rather than after a timeout
-        for link in self.links:
-            await link.say_bye("worker stopping")
+        # the links said bye on their way out; now free the engine (and its processes)
         with trio.CancelScope(shield=True):
             await self.engine.close()
 

@@ -44,11 +44,14 @@ class FrontLink:
         with TrioSocket(raw) as sock:
             self._sock = sock
             await self.send(self.worker.hello())
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._heartbeat_loop)
-                nursery.start_soon(self._flush_loop)
-                task_status.started()
-                await self._receive_loop(nursery)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeat_loop)
+                    nursery.start_soon(self._flush_loop)
+                    task_status.started()
+                    await self._receive_loop(nursery)
+            finally:  # leaving (stopped, or failed): tell the front while the socket is open
+                await self._say_bye("worker stopping")
 
     async def send(self, message: protocol.Message) -> None:
         assert self._sock is not None
@@ -57,10 +60,14 @@ class FrontLink:
     def emit(self, item: dict[str, Any]) -> None:
         self._out_send.send_nowait(item)
 
-    async def say_bye(self, reason: str) -> None:
+    async def _say_bye(self, reason: str) -> None:
+        """Best effort, bounded: the front re-runs our jobs at once instead of after a timeout."""
         with trio.move_on_after(1) as scope:
             scope.shield = True
-            await self.send(protocol.Bye(reason))
+            try:
+                await self.send(protocol.Bye(reason))
+            except (trio.ClosedResourceError, zmq.ZMQError):
+                pass
 
     async def _flush_loop(self) -> None:
         async for item in self._out_receive:

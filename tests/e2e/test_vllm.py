@@ -1,0 +1,164 @@
+"""The real engine: front + two vLLM workers on SmolLM2 (CPU here), and the http engine in front of
+`vllm serve`. Marked `vllm`: skipped with install steps where vLLM is absent, required in CI."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import trio
+
+from tests.e2e.cluster import Cluster, ROOT, free_port
+from worker.models import default_model_path
+
+pytestmark = pytest.mark.vllm
+MODEL_PATH = os.environ.get("COHORT_MODEL") or default_model_path()
+MODEL = os.path.basename(MODEL_PATH.rstrip("/"))
+LOAD_TIMEOUT_S = 600
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("vllm"), COHORT_ENGINE="vllm",
+                      COHORT_MODEL=MODEL_PATH, COHORT_WORKER_TIMEOUT_S="10")
+    cluster.start_front()
+    cluster.start_worker("worker1", VLLM_CPU_OMP_THREADS_BIND="0")
+    cluster.start_worker("worker2", VLLM_CPU_OMP_THREADS_BIND="1")
+    try:
+        cluster.api_key = cluster.add_user("alice")
+        health = trio.run(cluster.wait_ready, 2, LOAD_TIMEOUT_S)
+        cluster.load_times = [w["load_time_s"] for w in health["workers"]]
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def client(cluster):
+    return openai.OpenAI(base_url=cluster.url + "/v1", api_key=cluster.api_key, max_retries=0,
+                         timeout=120)
+
+
+def prompt_tokens(messages) -> int:
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_PATH)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_two_real_workers_register_with_their_load_time(real):
+    health = httpx.get(real.url + "/health").json()
+    assert health["mode"] == "vllm"
+    assert sorted(w["id"] for w in health["workers"]) == ["worker1", "worker2"]
+    assert all(w["load_time_s"] > 0 and w["model"] == MODEL for w in health["workers"])
+    assert [m.id for m in client(real).models.list()] == [MODEL]
+
+
+def test_chat_is_coherent_with_exact_usage(real):
+    reply = client(real).chat.completions.create(model=MODEL, messages=QUESTION, temperature=0,
+                                                 max_tokens=40)
+    text = reply.choices[0].message.content
+    assert "Paris" in text
+    assert reply.usage.prompt_tokens == prompt_tokens(QUESTION)
+    assert 0 < reply.usage.completion_tokens <= 40
+    cut = client(real).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+        max_tokens=8, temperature=0)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 8
+
+
+def test_streamed_chat_and_completion_are_coherent(real):
+    chunks = list(client(real).chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=40, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text and len(chunks) > 3  # it really streamed
+    assert chunks[-1].usage.prompt_tokens == prompt_tokens(QUESTION)
+    completion = client(real).completions.create(model=MODEL, prompt="The capital of France is",
+                                                 max_tokens=5, temperature=0)
+    assert completion.choices[0].text.strip() and completion.usage.completion_tokens <= 5
+
+
+async def test_concurrent_requests_batch_on_both_workers(real):
+    async with httpx.AsyncClient(timeout=300, headers=real.headers()) as http:
+        answers = []
+
+        async def one(i):
+            r = await http.post(real.url + "/v1/completions", json={
+                "model": MODEL, "prompt": f"{i} plus {i} equals", "max_tokens": 6, "temperature": 0})
+            answers.append(r)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(16):
+                nursery.start_soon(one, i)
+        stats = (await http.get(real.url + "/stats")).json()
+    assert all(a.status_code == 200 and a.json()["choices"][0]["text"] for a in answers)
+    assert stats["batches"]["mean_size"] > 1
+    assert all(w["jobs_done"] > 0 for w in stats["workers"])
+
+
+async def test_an_abort_reaches_vllm(real):
+    async with httpx.AsyncClient(timeout=120, headers=real.headers()) as http:
+        with trio.move_on_after(60):
+            async with http.stream("POST", real.url + "/v1/chat/completions", json={
+                    "model": MODEL, "stream": True, "max_tokens": 1500, "temperature": 1.0,
+                    "messages": [{"role": "user", "content": "Tell a very long story."}]}) as r:
+                seen = 0
+                async for _ in r.aiter_lines():
+                    seen += 1
+                    if seen > 5:
+                        break
+        # vLLM's own count of unfinished requests (sent in heartbeats) drops back to zero long
+        # before 1500 tokens could have been generated on this CPU
+        with trio.fail_after(20):
+            while True:
+                health = (await http.get(real.url + "/health")).json()
+                if all(w["engine_active"] == 0 and w["jobs_in_flight"] == 0 for w in health["workers"]):
+                    break
+                await trio.sleep(0.1)
+        stats = (await http.get(real.url + "/stats")).json()
+    assert stats["aborts"] >= 1
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_stopping_a_worker_leaves_no_engine_process(real):
+    """honcho stops a line with SIGTERM to its process group; vLLM's processes must go with it."""
+    proc = real.procs["worker2"]
+    engine_processes = descendants(proc.pid)
+    assert len(engine_processes) >= 2  # python -m worker, vLLM's EngineCore and its workers
+    real.signal("worker2", signal.SIGTERM)
+    proc.wait(60)
+    deadline = time.monotonic() + 30  # grandchildren cannot be waited on: bounded polling
+    while any(alive(pid) for pid in engine_processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in engine_processes if alive(pid)]
+    assert "said bye" in real.log("front")
