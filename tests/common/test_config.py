@@ -1,0 +1,62 @@
+"""Settings: compatibility names, precedence, errors that name the setting, and documentation."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from common.config import ServerSettings, SettingError, WorkerSettings, describe, load
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_old_names_work_and_cohort_names_win():
+    old = load(ServerSettings, {"VLLM_MAX_BATCH_SIZE": "8", "VLLM_BATCH_WAIT_TIMEOUT": "0.25",
+                                "VLLM_MAX_CONCURRENT_BATCHES": "2"})
+    assert (old.max_batch_size, old.max_wait_s, old.max_batches_per_worker) == (8, 0.25, 2)
+    both = load(ServerSettings, {"VLLM_MAX_BATCH_SIZE": "8", "COHORT_MAX_BATCH_SIZE": "16"})
+    assert both.max_batch_size == 16
+
+
+@pytest.mark.parametrize("env, engine", [
+    ({}, "mock"), ({"USE_REAL_VLLM": "true"}, "vllm"), ({"MOCK_USE_REAL_VLLM": "1"}, "vllm"),
+    ({"REAL_VLLM_URL": "http://x:8000"}, "http"), ({"COHORT_ENGINE": "mock", "USE_REAL_VLLM": "1"}, "mock"),
+])
+def test_engine_choice_from_the_old_flags(env, engine):
+    assert load(WorkerSettings, env).engine_name == engine
+
+
+def test_model_names_old_and_new():
+    assert load(WorkerSettings, {"MOCK_VLLM_MODEL": "a"}).model == "a"
+    assert load(WorkerSettings, {"REAL_VLLM_MODEL": "b", "MOCK_VLLM_MODEL": "a"}).model == "b"
+    assert load(WorkerSettings, {"MOCK_VLLM_MAX_LEN": "512"}).max_model_len == 512
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"VLLM_MAX_BATCH_SIZE": "lots"}, "VLLM_MAX_BATCH_SIZE"),
+    ({"COHORT_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
+    ({"COHORT_AUTH_DISABLED": "maybe"}, "COHORT_AUTH_DISABLED"),
+])
+def test_bad_values_name_the_setting(env, named):
+    with pytest.raises(SettingError, match=named):
+        load(ServerSettings, env)
+
+
+def test_http_engine_without_url_is_refused():
+    with pytest.raises(SettingError, match="REAL_VLLM_URL"):
+        load(WorkerSettings, {"COHORT_ENGINE": "http"})
+
+
+def test_secrets_are_masked_in_health():
+    shown = describe(load(WorkerSettings, {"WORKER_HF_TOKEN": "hf_secret"}))
+    assert shown["hf_token"] == "***" and shown["max_model_len"] == 2048
+
+
+def test_every_setting_is_documented_in_env_example_and_readme():
+    example = (ROOT / ".env.example").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for cls in (ServerSettings, WorkerSettings):
+        for item in dataclasses.fields(cls):
+            for name in item.metadata["env"]:
+                assert name in example, f"{name} missing from .env.example"
+                assert name in readme, f"{name} missing from README.md"
