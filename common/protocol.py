@@ -60,6 +60,7 @@ class Ready(Message):
 
     type: ClassVar[str] = "ready"
     load_time_s: float
+    model: str = ""  # the served name, when loading is what settled it (the http engine)
 
 
 @dataclass

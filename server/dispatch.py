@@ -158,6 +158,7 @@ class Dispatcher:
             worker.active = message.active
         elif isinstance(message, protocol.Ready):
             worker.state, worker.load_time_s = "ready", message.load_time_s
+            worker.model = message.model or worker.model
             self.metrics.load_time.labels(worker.worker_id, worker.model).set(message.load_time_s)
             log.info("worker %s ready with %s after %.1f s", worker.worker_id, worker.model,
                      message.load_time_s)

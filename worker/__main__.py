@@ -74,7 +74,7 @@ class Worker:
         log.info("%s engine ready with %s in %.1f s", self.engine.name, self.engine.model,
                  self.load_time_s)
         for link in self.links:
-            await link.send(protocol.Ready(self.load_time_s))
+            await link.send(protocol.Ready(self.load_time_s, self.engine.model))
 
     async def run_batch(self, link: FrontLink, batch: protocol.Batch) -> None:
         if self.state != "ready":

@@ -1,0 +1,342 @@
+"""`python bench/compare.py`: Cohort against its baselines, each measured in the same run.
+
+Scenarios: 1 sequential vs batched (mock, GPU-like costs), 2 gateway overhead (zero-cost mock
+through the whole path vs a bare Quart-trio route), 3 streaming, 4 scaling over workers,
+5 real engine (Cohort + vLLM worker vs vLLM's own server; when vLLM is installed),
+6 front scale-out (1 vs 2 front processes). Every load is bounded in count and time, on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import trio  # noqa: E402
+
+from bench.load import Result, run_load  # noqa: E402
+from tests.e2e.cluster import Cluster, free_port, procfile  # noqa: E402
+
+ZERO_COST = {"MOCK_TTFT_S": "0", "MOCK_TOKEN_S": "0", "MOCK_BATCH_GROWTH": "0"}
+GPU_LIKE = {"MOCK_TTFT_S": "0.05", "MOCK_TOKEN_S": "0.01", "MOCK_BATCH_GROWTH": "0.02"}
+OPEN = {"COHORT_AUTH_DISABLED": "1", "COHORT_LOG_LEVEL": "WARNING"}
+
+
+def progress(total: int, label: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=label, leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
+
+
+class Bench:
+    """Runs the scenarios and keeps their figures."""
+
+    def __init__(self, args) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="cohort-bench-"))
+        self.results: dict[str, dict] = {}
+        self.raw: dict[str, Result] = {}
+        self._count = 0
+
+    def cluster(self, **env) -> Cluster:
+        self._count += 1
+        folder = self.tmp / f"run{self._count}"
+        folder.mkdir()
+        return Cluster(folder, **{**OPEN, "COHORT_MAX_BATCH_SIZE": str(self.args.batch_size),
+                                  "COHORT_BATCH_WAIT_S": str(self.args.batch_wait), **env})
+
+    async def mock_cluster(self, workers: int = 1, front_workers: int = 1, **env) -> Cluster:
+        cluster = self.cluster(**env)
+        if front_workers > 1:
+            ports = [free_port() for _ in range(front_workers)]
+            cluster.env["COHORT_ZMQ_PORT_SPAN"] = str(front_workers)
+            cluster.env["COHORT_ZMQ_BIND"] = f"tcp://127.0.0.1:{ports[0]}"
+            cluster.env["COHORT_CONNECT"] = ",".join(
+                f"tcp://127.0.0.1:{ports[0] + i}" for i in range(front_workers))
+            cluster._spawn("front", procfile()["front"] + f" --workers {front_workers}")
+        else:
+            cluster.start_front()
+        for i in range(workers):
+            cluster.start_worker(f"worker{i + 1}")
+        await cluster.wait_ready(workers)
+        return cluster
+
+    async def load(self, name: str, url: str, *, total: int, concurrency: int, stream=False,
+                   headers=None, body=None) -> Result:
+        body = body or {"model": "cohort-mock", "max_tokens": self.args.output_tokens}
+        prompt = "word " * self.args.prompt_words
+
+        def body_for(i: int) -> dict:
+            return dict(body, prompt=f"{i} {prompt}")
+
+        bar = progress(total, name)
+        result = await run_load(url, body_for, total=total, concurrency=concurrency,
+                                stream=stream, headers=headers, progress=bar)
+        if bar is not None:
+            bar.close()
+        self.raw[name] = result
+        return result
+
+    # --- scenarios ---------------------------------------------------------------------------
+
+    async def sequential_vs_batched(self) -> None:
+        cluster = await self.mock_cluster(**GPU_LIKE)
+        try:
+            url = cluster.url + "/v1/completions"
+            rows = []
+            for n in self.args.n:
+                one = await self.load(f"sequential n={n}", url, total=n, concurrency=1)
+                many = await self.load(f"batched n={n}", url, total=n, concurrency=n)
+                rows.append({"n": n, "sequential_s": round(one.elapsed_s, 3),
+                             "batched_s": round(many.elapsed_s, 3),
+                             "ratio": round(one.elapsed_s / many.elapsed_s, 2),
+                             "errors": one.errors + many.errors})
+            stats = httpx.get(cluster.url + "/stats").json()
+        finally:
+            cluster.stop()
+        self.results["1 sequential vs batched"] = {"rows": rows, "old system at n=8": "4.0 s vs 1.8 s (2.2x)",
+                                                   "batch_sizes": stats.get("batches", {})}
+
+    async def gateway_overhead(self) -> None:
+        rows = []
+        base = self.cluster()
+        port = free_port()
+        base._spawn("baseline", f"hypercorn --worker-class trio --bind 127.0.0.1:{port} "
+                                '"bench.baseline_app:create_app()"')
+        await wait_http(f"http://127.0.0.1:{port}/ready")
+        full = await self.mock_cluster(**ZERO_COST)
+        try:
+            for concurrency, total in ((1, self.args.requests // 4), (64, self.args.requests)):
+                bare = await self.load(f"bare c={concurrency}", f"http://127.0.0.1:{port}/v1/completions",
+                                       total=total, concurrency=concurrency)
+                ours = await self.load(f"cohort c={concurrency}", full.url + "/v1/completions",
+                                       total=total, concurrency=concurrency)
+                rows.append({"concurrency": concurrency, "bare_rps": round(bare.rps, 1),
+                             "cohort_rps": round(ours.rps, 1), "ratio": round(ours.rps / bare.rps, 3),
+                             "bare_p50_ms": bare.summary()["p50_ms"], "bare_p99_ms": bare.summary()["p99_ms"],
+                             "cohort_p50_ms": ours.summary()["p50_ms"],
+                             "cohort_p99_ms": ours.summary()["p99_ms"], "errors": ours.errors})
+        finally:
+            full.stop()
+            base.stop()
+        # the same full path with authentication on (an API key checked on every request)
+        secured = await self.mock_cluster(**ZERO_COST, COHORT_AUTH_DISABLED="0")
+        try:
+            key = secured.add_user("bench")
+            auth = await self.load("cohort+auth c=64", secured.url + "/v1/completions",
+                                   total=self.args.requests, concurrency=64,
+                                   headers={"Authorization": f"Bearer {key}"})
+        finally:
+            secured.stop()
+        rows.append({"concurrency": 64, "cohort_with_auth_rps": round(auth.rps, 1),
+                     "auth_vs_open": round(auth.rps / self.raw["cohort c=64"].rps, 3)})
+        self.results["2 gateway overhead"] = {"rows": rows}
+
+    async def streaming(self) -> None:
+        cluster = await self.mock_cluster(MOCK_TTFT_S="0.01", MOCK_TOKEN_S="0.005",
+                                          MOCK_BATCH_GROWTH="0", MOCK_MAX_TOKENS="200")
+        try:
+            body = {"model": "cohort-mock", "max_tokens": 200}
+            prompt_words = self.args.prompt_words
+            self.args.prompt_words = 250  # the mock's reply echoes the prompt: 200+ tokens to stream
+            result = await self.load("streaming c=32", cluster.url + "/v1/completions",
+                                     total=64, concurrency=32, stream=True, body=body)
+            self.args.prompt_words = prompt_words
+        finally:
+            cluster.stop()
+        summary = result.summary()
+        self.results["3 streaming"] = {
+            "rows": [{"streams": 64, "concurrency": 32, "tokens_per_s": summary["tokens_per_s"],
+                      "ideal_tokens_per_s": round(32 / 0.005, 1),
+                      "ttft_p50_ms": summary["ttft_p50_ms"], "itl_mean_ms": summary["itl_mean_ms"],
+                      "engine_step_ms": 5.0, "errors": result.errors}]}
+
+    async def scaling(self) -> None:
+        rows, base = [], None
+        for workers in (1, 2, 4):
+            cluster = await self.mock_cluster(workers=workers, MOCK_BATCH_COST_S="0.05", **ZERO_COST,
+                                              COHORT_MAX_CONCURRENT_BATCHES="1")
+            try:
+                result = await self.load(f"{workers} worker(s)", cluster.url + "/v1/completions",
+                                         total=512, concurrency=128)
+            finally:
+                cluster.stop()
+            base = base or result.rps
+            rows.append({"workers": workers, "rps": round(result.rps, 1),
+                         "speedup": round(result.rps / base, 2), "ideal": workers,
+                         "errors": result.errors})
+        self.results["4 scaling"] = {"rows": rows, "per_batch_cost_s": 0.05}
+
+    async def front_scale_out(self) -> None:
+        rows, base = [], None
+        for fronts in (1, 2):
+            cluster = await self.mock_cluster(workers=2, front_workers=fronts, **ZERO_COST)
+            try:
+                result = await self.load(f"{fronts} front(s)", cluster.url + "/v1/completions",
+                                         total=self.args.requests, concurrency=64)
+            finally:
+                cluster.stop()
+            base = base or result.rps
+            rows.append({"fronts": fronts, "rps": round(result.rps, 1),
+                         "speedup": round(result.rps / base, 2), "errors": result.errors})
+        self.results["6 front scale-out"] = {"rows": rows}
+
+    async def real_engine(self) -> None:
+        from worker.models import default_model_path, is_prepared
+        path = os.environ.get("COHORT_MODEL") or default_model_path()
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            self.results["5 real engine"] = {"skipped": "vLLM is not installed"}
+            return
+        if not is_prepared(path):
+            self.results["5 real engine"] = {"skipped": f"{path} not prepared"}
+            return
+        body = {"max_tokens": self.args.real_tokens, "temperature": 0}
+        rows = {}
+        for target in ("vllm", "cohort"):
+            cluster = self.cluster(COHORT_ENGINE="vllm", COHORT_MODEL=path,
+                                   COHORT_SERVED_MODEL_NAME="smol", COHORT_WORKER_TIMEOUT_S="30")
+            try:
+                if target == "vllm":
+                    port = free_port()
+                    cluster._spawn("serve", f"{sys.executable} -m vllm.entrypoints.openai.api_server "
+                                   f"--model {path} --served-model-name smol --host 127.0.0.1 "
+                                   f"--port {port} --max-model-len 2048 --enforce-eager "
+                                   "--dtype float32 --gpu-memory-utilization 0.3")
+                    url = f"http://127.0.0.1:{port}"
+                    await wait_http(url + "/v1/models", timeout_s=900)
+                else:
+                    cluster.start_front()
+                    cluster.start_worker("worker1")
+                    await cluster.wait_ready(1, timeout_s=900)
+                    url = cluster.url
+                for concurrency, total in ((1, 8), (32, 64)):
+                    result = await self.load(f"{target} c={concurrency}", url + "/v1/completions",
+                                             total=total, concurrency=concurrency, stream=True,
+                                             body=dict(body, model="smol"))
+                    rows[(target, concurrency)] = result.summary()
+            finally:
+                cluster.stop()
+        table = []
+        for concurrency in (1, 32):
+            ours, theirs = rows[("cohort", concurrency)], rows[("vllm", concurrency)]
+            table.append({"concurrency": concurrency, "vllm_tokens_per_s": theirs["tokens_per_s"],
+                          "cohort_tokens_per_s": ours["tokens_per_s"],
+                          "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
+                          if theirs["tokens_per_s"] else 0.0,
+                          "vllm_ttft_p50_ms": theirs["ttft_p50_ms"],
+                          "cohort_ttft_p50_ms": ours["ttft_p50_ms"],
+                          "errors": ours["errors"] + theirs["errors"]})
+        self.results["5 real engine"] = {"rows": table, "model": os.path.basename(path)}
+
+
+async def wait_http(url: str, timeout_s: float = 60) -> None:
+    with trio.fail_after(timeout_s):
+        while True:
+            try:
+                async with httpx.AsyncClient() as http:
+                    if (await http.get(url)).status_code == 200:
+                        return
+            except httpx.TransportError:
+                pass
+            await trio.sleep(0.1)
+
+
+def print_table(results: dict[str, dict]) -> None:
+    for name, section in results.items():
+        print(f"\n## {name}")
+        if "skipped" in section:
+            print(f"skipped: {section['skipped']}")
+            continue
+        rows = section.get("rows", [])
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        print(" | ".join(columns))
+        print(" | ".join("---" for _ in columns))
+        for row in rows:
+            print(" | ".join(str(row.get(column, "")) for column in columns))
+        for key, value in section.items():
+            if key != "rows":
+                print(f"{key}: {value}")
+
+
+def plot(bench: Bench, folder: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots()
+    for name in ("bare c=64", "cohort c=64"):
+        if name in bench.raw:
+            ax.hist([1000 * x for x in bench.raw[name].latencies_s], bins=50, alpha=0.6, label=name)
+    ax.set(xlabel="latency (ms)", ylabel="requests", title="Latency distribution, concurrency 64")
+    ax.legend()
+    fig.savefig(folder / "latency.png")
+    fig, ax = plt.subplots()
+    for prefix in ("bare", "cohort"):
+        points = [(c, bench.raw[f"{prefix} c={c}"].rps) for c in (1, 64) if f"{prefix} c={c}" in bench.raw]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=prefix)
+    ax.set(xlabel="concurrency", ylabel="requests/s", title="Throughput vs concurrency")
+    ax.legend()
+    fig.savefig(folder / "throughput.png")
+    sizes = bench.results.get("1 sequential vs batched", {}).get("batch_sizes", {})
+    distribution = sizes.get("size_distribution", {})
+    if distribution:
+        fig, ax = plt.subplots()
+        ax.bar([int(k) for k in distribution], list(distribution.values()))
+        ax.set(xlabel="batch size", ylabel="batches", title="Batch sizes (scenario 1)")
+        fig.savefig(folder / "batch_sizes.png")
+    print(f"\ncharts written to {folder}")
+
+
+SCENARIOS = {1: "sequential_vs_batched", 2: "gateway_overhead", 3: "streaming", 4: "scaling",
+             5: "real_engine", 6: "front_scale_out"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", type=int, nargs="*", choices=sorted(SCENARIOS),
+                        help="run only these scenarios (default: all)")
+    parser.add_argument("--n", type=int, nargs="*", default=[8, 64, 256],
+                        help="request counts for scenario 1")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per load (2, 6)")
+    parser.add_argument("--prompt-words", type=int, default=8)
+    parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument("--real-tokens", type=int, default=64, help="max_tokens in scenario 5")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-wait", type=float, default=0.1)
+    parser.add_argument("--json", type=Path, help="write the raw results here")
+    parser.add_argument("--plot", type=Path, nargs="?", const=Path("bench/results"),
+                        help="write PNG charts into this folder (default bench/results)")
+    args = parser.parse_args()
+    bench = Bench(args)
+    print(f"# Cohort benchmarks on {platform.node()}: {os.cpu_count()} cores, "
+          f"{platform.processor() or platform.machine()}, Python {platform.python_version()}")
+
+    async def run_all():
+        for number in args.only or sorted(SCENARIOS):
+            await getattr(bench, SCENARIOS[number])()
+
+    trio.run(run_all)
+    print_table(bench.results)
+    if args.json:
+        args.json.write_text(json.dumps({"results": bench.results,
+                                         "raw": {k: v.summary() for k, v in bench.raw.items()}}, indent=2))
+    if args.plot:
+        plot(bench, args.plot)
+
+
+if __name__ == "__main__":
+    main()
