@@ -68,7 +68,7 @@ class TrioSocket:
                 if self._closed:
                     raise trio.ClosedResourceError("socket closed")
                 try:
-                    self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    self.sock.send_multipart(frames, zmq.NOBLOCK, )
                 except zmq.Again:
                     await self._wait(zmq.POLLOUT)
                     continue
