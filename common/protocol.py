@@ -149,6 +149,7 @@ MESSAGES: dict[str, type[Message]] = {
 
 REQUEST_FIELDS: dict[str, Any] = {
     "id": str, "kind": str, "prompt": str, "messages": list, "params": dict, "trace_id": str,
+    "stream": bool,
 }
 OUT_FIELDS: dict[str, Any] = {
     "id": str, "index": int, "text": str, "tokens": int, "finish": (str, type(None)),
@@ -158,11 +159,12 @@ OUT_FIELDS: dict[str, Any] = {
 
 def request_item(
     request_id: str, kind: str, params: dict[str, Any], *, prompt: str = "",
-    messages: list[dict[str, Any]] | None = None, trace_id: str = "",
+    messages: list[dict[str, Any]] | None = None, trace_id: str = "", stream: bool = True,
 ) -> dict[str, Any]:
-    """One request in a Batch: `kind` is "chat" (with `messages`) or "completion" (with `prompt`)."""
+    """One request in a Batch: `kind` is "chat" (with `messages`) or "completion" (with `prompt`).
+    With `stream` false the worker sends each choice once, whole, when it ends."""
     return {"id": request_id, "kind": kind, "prompt": prompt, "messages": messages or [],
-            "params": params, "trace_id": trace_id}
+            "params": params, "trace_id": trace_id, "stream": stream}
 
 
 def out_item(

@@ -277,7 +277,8 @@ class Dispatcher:
                 self.metrics.queue_wait.observe(now - job.enqueued_at)
             spec = job.spec
             requests.append(protocol.request_item(job.id, spec.kind, spec.params, prompt=spec.prompt,
-                                                  messages=spec.messages, trace_id=spec.trace_id))
+                                                  messages=spec.messages, trace_id=spec.trace_id,
+                                                  stream=spec.stream))
         worker.batches[batch_id] = {job.id for job in jobs}
         worker.batches_sent += 1
         self.metrics.batch_sent(len(jobs))

@@ -53,7 +53,10 @@ class Gateway:
         return job
 
     def _observe_end(self, job: Job, collected: Collector, route: str) -> None:
-        self.metrics.latency.labels(route).observe(trio.current_time() - job.enqueued_at)
+        took = trio.current_time() - job.enqueued_at
+        self.metrics.latency.labels(route).observe(took)
+        log.debug("request_id=%s job=%s worker=%s batch=%s attempts=%d took=%.4fs", job.spec.trace_id,
+                  job.id, job.worker_id, job.batch_id, job.attempts + 1, took)
         usage = collected.usage()
         self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
         self.metrics.completion_tokens.inc(usage["completion_tokens"])

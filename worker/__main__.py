@@ -25,6 +25,27 @@ from worker.link import FrontLink
 log = logging.getLogger("cohort.worker")
 
 
+class WholeChoices:
+    """An emit for a request that does not stream: each choice leaves once, whole, at its end
+    (one message instead of one per token; the client sees nothing before the end anyway)."""
+
+    def __init__(self, emit) -> None:
+        self.emit = emit
+        self.pending: dict[int, dict] = {}
+
+    def __call__(self, item: dict) -> None:
+        held = self.pending.get(item["index"])
+        if held is None:
+            held = self.pending[item["index"]] = dict(item)
+        else:
+            held["text"] += item["text"]
+            held["tokens"] += item["tokens"]
+            held["finish"] = item["finish"]
+            held["prompt_tokens"] = max(held["prompt_tokens"], item["prompt_tokens"])
+        if held["finish"] is not None:
+            self.emit(self.pending.pop(item["index"]))
+
+
 class Worker:
     """One engine shared by the links to every front."""
 
@@ -89,13 +110,18 @@ class Worker:
                 nursery.start_soon(self._run_request, link, request, scope)
 
     async def _run_request(self, link: FrontLink, request: dict, scope: trio.CancelScope) -> None:
+        emit = link.emit if request.get("stream", True) else WholeChoices(link.emit)
+        log.debug("request_id=%s job=%s batch=%s starts", request.get("trace_id"), request["id"],
+                  request.get("batch_id"))
         try:
             with scope:
-                await self.engine.generate(request, link.emit)
+                await self.engine.generate(request, emit)
+            if scope.cancelled_caught:
+                log.debug("request_id=%s job=%s aborted", request.get("trace_id"), request["id"])
         except EngineError as error:
             await link.send(protocol.Error(str(error), [request["id"]], error.kind))
         except Exception as error:  # a bug or engine crash on one request must not kill the worker
-            log.exception("request %s (trace %s) failed", request["id"], request.get("trace_id"))
+            log.exception("request_id=%s job=%s failed", request.get("trace_id"), request["id"])
             await link.send(protocol.Error(f"{type(error).__name__}: {error}", [request["id"]]))
         finally:
             self._scopes.pop(request["id"], None)

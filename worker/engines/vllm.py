@@ -96,7 +96,7 @@ class VllmEngine(Engine):
             return self._tokenizer.encode(text, add_special_tokens=False)
         return self._tokenizer.encode(request["prompt"])
 
-    def _sampling(self, params: dict[str, Any], prompt_len: int):
+    def _sampling(self, params: dict[str, Any], prompt_len: int, stream: bool):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -110,12 +110,13 @@ class VllmEngine(Engine):
             top_p=params.get("top_p", 1.0), max_tokens=max_tokens, stop=params.get("stop") or None,
             seed=params.get("seed"), presence_penalty=params.get("presence_penalty", 0.0),
             frequency_penalty=params.get("frequency_penalty", 0.0),
-            output_kind=RequestOutputKind.DELTA)
+            # not streaming: vLLM sends only the final output, sparing its per-step work too
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
 
     async def _produce(self, request: dict[str, Any], emit_many) -> None:
         """The asyncio side of one request: feed vLLM's deltas to trio as they come."""
         ids = self._prompt_ids(request)
-        sampling = self._sampling(request["params"], len(ids))
+        sampling = self._sampling(request["params"], len(ids), request.get("stream", True))
         async for output in self._engine.generate({"prompt_token_ids": ids}, sampling,
                                                   request_id=request["id"]):
             items = []
