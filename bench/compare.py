@@ -3,7 +3,7 @@
 Scenarios: 1 sequential vs batched (mock, GPU-like costs), 2 gateway overhead (zero-cost mock
 through the whole path vs a bare Quart-trio route), 3 streaming, 4 scaling over workers,
 5 real engine (Cohort + vLLM worker vs vLLM's own server; when vLLM is installed),
-6 front scale-out (1 vs 2 front processes). Every load is bounded in count and time, on loopback.
+6 front scale-out (1 vs 2 front processes), 7 store task writes. Every load is bounded in count and time, on loopback.
 """
 
 from __future__ import annotations
@@ -191,6 +191,36 @@ class Bench:
                          "speedup": round(result.rps / base, 2), "errors": result.errors})
         self.results["6 front scale-out"] = {"rows": rows}
 
+    async def store_writes(self) -> None:
+        """Task writes per second on SQLite: each task's life is three writes (queued, running,
+        finished), each run in a worker thread as the front runs them."""
+        from server.store import Store
+        store = Store(f"sqlite:///{self.tmp / 'store.db'}")
+        store.create_schema()
+        user = await store.run(store.add_user, "bench", "x")
+        count = self.args.tasks
+
+        async def life(i: int) -> None:
+            await store.run(store.add_task, f"t{i}", user.id, "completion", {"prompt": "x"})
+            await store.run(store.task_started, f"t{i}")
+            await store.run(store.task_finished, f"t{i}", "completed", {"text": "y"}, None)
+
+        began = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            limit = trio.Semaphore(64)
+
+            async def bounded(i: int) -> None:
+                async with limit:
+                    await life(i)
+
+            for i in range(count):
+                nursery.start_soon(bounded, i)
+        took = trio.current_time() - began
+        self.results["7 store"] = {"rows": [{"tasks": count, "writes": 3 * count,
+                                             "writes_per_s": round(3 * count / took, 1),
+                                             "task_lives_per_s": round(count / took, 1)}],
+                                   "database": "SQLite, WAL, synchronous=NORMAL"}
+
     async def real_engine(self) -> None:
         from worker.models import default_model_path, is_prepared
         path = os.environ.get("COHORT_MODEL") or default_model_path()
@@ -302,7 +332,7 @@ def plot(bench: Bench, folder: Path) -> None:
 
 
 SCENARIOS = {1: "sequential_vs_batched", 2: "gateway_overhead", 3: "streaming", 4: "scaling",
-             5: "real_engine", 6: "front_scale_out"}
+             5: "real_engine", 6: "front_scale_out", 7: "store_writes"}
 
 
 def main() -> None:
@@ -315,6 +345,7 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, default=8)
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--real-tokens", type=int, default=64, help="max_tokens in scenario 5")
+    parser.add_argument("--tasks", type=int, default=2000, help="task lives in scenario 7")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batch-wait", type=float, default=0.1)
     parser.add_argument("--json", type=Path, help="write the raw results here")
