@@ -258,6 +258,10 @@ class Dispatcher:
         while self.pick_worker(model) is None:
             await self._slots_changed.wait()
 
+    async def wait_for_change(self) -> None:
+        """Return at the next change of worker state or batch slots (a join, a death, a batch done)."""
+        await self._slots_changed.wait()
+
     def _slots_freed(self) -> None:
         self._slots_changed.set()
         self._slots_changed = trio.Event()

@@ -68,6 +68,10 @@ class TaskRunner:
         rows, specs = [], []
         for body in bodies:
             kind, spec = parse_task_body(body, self.settings)
+            try:  # a model nobody serves is refused now; one that is loading is waited for
+                self.gateway.dispatcher.check_model(spec.model)
+            except NoWorkers:
+                pass
             task_id = "task-" + secrets.token_hex(10)
             rows.append((task_id, user_id, kind, {k: v for k, v in body.items() if k != "kind"}))
             specs.append((task_id, spec))
@@ -95,7 +99,7 @@ class TaskRunner:
                 try:
                     return self.gateway.submit(spec)
                 except (NoWorkers, NotFound, QueueFull):
-                    await trio.sleep(0.25)
+                    await self.gateway.dispatcher.wait_for_change()
 
     async def _run_task(self, task_id: str, spec: JobSpec) -> None:
         with trio.CancelScope() as scope:

@@ -116,6 +116,8 @@ async def test_task_listing_pages_and_filters(make_cluster):
         assert (await http.get(cluster.url + "/tasks", params={"limit": "x"})).status_code == 400
         bad = await http.post(cluster.url + "/inference/async", json={"model": MODEL, "prompt": 3})
         assert bad.status_code == 400
+        unknown = await http.post(cluster.url + "/inference/async", json={"model": "nope", "prompt": "x"})
+        assert unknown.status_code == 404
 
 
 async def test_batch_answers_in_order_and_per_item_errors_stay_per_item(make_cluster):
