@@ -66,7 +66,6 @@ class Dispatcher:
         self.front_id = f"{socket.gethostname()}-{os.getpid()}"
         self.endpoint = ""
         self.workers: dict[bytes, WorkerHandle] = {}
-        self.jobs: dict[str, Job] = {}
         self.scheduler = None  # set by the app: where retried jobs go back to
         self._sock: TrioSocket | None = None
         self._slots_changed = trio.Event()
@@ -139,7 +138,6 @@ class Dispatcher:
             for worker in list(self.workers.values()):
                 if worker.state != "dead" and now - worker.last_seen > self.settings.worker_timeout_s:
                     self._mark_dead(worker, f"silent for over {self.settings.worker_timeout_s:g} s")
-            self._update_gauges()
 
     # --- messages from workers -------------------------------------------------------------
 
@@ -167,7 +165,6 @@ class Dispatcher:
             self._handle_error(worker, message)
         elif isinstance(message, protocol.Bye):
             self._mark_dead(worker, f"said bye: {message.reason or 'no reason given'}")
-        self._update_gauges()
 
     async def _register(self, identity: bytes, hello: protocol.Hello) -> None:
         old = self.workers.get(identity)
@@ -187,7 +184,6 @@ class Dispatcher:
         await self._send(identity, protocol.Welcome(self.front_id))
         if worker.state == "ready":
             self._slots_freed()
-        self._update_gauges()
 
     def _route_outputs(self, worker: WorkerHandle, items: list[dict]) -> None:
         for item in items:
@@ -223,7 +219,6 @@ class Dispatcher:
         self.metrics.worker_deaths.inc()
         retry: list[Job] = []
         for job in list(worker.jobs.values()):
-            self.jobs.pop(job.id, None)
             if job.finished:
                 continue
             if job.retryable and job.attempts < self.settings.max_retries:
@@ -241,7 +236,6 @@ class Dispatcher:
         if self.scheduler is not None and not self._ready_workers(worker.model):
             self.scheduler.fail_queued(worker.model, NoWorkers(self._why_unavailable(worker.model)))
         self._slots_freed()
-        self._update_gauges()
 
     # --- choosing and sending --------------------------------------------------------------
 
@@ -276,7 +270,6 @@ class Dispatcher:
         for job in jobs:
             job.state, job.worker_id, job.batch_id, job.started_at = "running", worker.worker_id, batch_id, now
             worker.jobs[job.id] = job
-            self.jobs[job.id] = job
             if job.attempts == 0:
                 self.metrics.queue_wait.observe(now - job.enqueued_at)
             spec = job.spec
@@ -309,7 +302,6 @@ class Dispatcher:
 
     def _release(self, job: Job) -> None:
         """Forget a finished job; a batch whose jobs all finished frees its worker's slot."""
-        self.jobs.pop(job.id, None)
         worker = self._worker_by_id(job.worker_id)
         if worker is None or worker.jobs.pop(job.id, None) is None:
             return
@@ -370,7 +362,8 @@ class Dispatcher:
             "last_seen_s_ago": round(now - w.last_seen, 3), "error": w.error,
         } for w in self.workers.values()]
 
-    def _update_gauges(self) -> None:
+    def refresh_gauges(self) -> None:
+        """Set the workers-by-state gauges; called when they are scraped, not on every message."""
         limit = self.settings.max_batches_per_worker
         counts = {state: 0 for state in ("loading", "ready", "busy", "failed", "dead")}
         for worker in self.workers.values():

@@ -42,6 +42,7 @@ async def stats():
 async def metrics():
     await caller()
     cohort = gateway()
+    cohort.dispatcher.refresh_gauges()
     for model, length in cohort.scheduler.queued().items():
         cohort.metrics.queue_length.labels(model).set(length)
     return Response(cohort.metrics.render(), content_type="text/plain; version=0.0.4")
