@@ -11,6 +11,7 @@ class CohortError(Exception):
     status = 500
     error_type = "server_error"
     code: str | None = None
+    retry_after_s: int | None = None  # set: the client may retry, and the answer says when
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
@@ -20,6 +21,8 @@ class CohortError(Exception):
         if code is not None:
             self.code = code
         self.headers = headers or {}
+        if self.retry_after_s is not None:
+            self.headers.setdefault("Retry-After", str(self.retry_after_s))
 
     def body(self) -> dict[str, Any]:
         """The OpenAI error shape: {"error": {"message", "type", "param", "code"}}."""
@@ -62,9 +65,7 @@ class QueueFull(CohortError):
     status = 429
     error_type = "rate_limit_error"
     code = "queue_full"
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+    retry_after_s = 1
 
 
 class NoWorkers(CohortError):
@@ -73,9 +74,7 @@ class NoWorkers(CohortError):
     status = 503
     error_type = "service_unavailable"
     code = "no_ready_worker"
-
-    def __init__(self, message: str, retry_after_s: int = 5) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+    retry_after_s = 5
 
 
 class EngineFailed(CohortError):
