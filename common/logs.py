@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 FORMAT = "%(asctime)s level=%(levelname)s proc=%(process)d logger=%(name)s %(message)s"
 
@@ -16,4 +15,4 @@ def setup_logging(level: str = "INFO") -> None:
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)
         root._cohort = True  # type: ignore[attr-defined]
-    root.setLevel(os.environ.get("COHORT_LOG_LEVEL", level).upper())
+    root.setLevel(level.upper())
