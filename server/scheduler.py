@@ -142,7 +142,8 @@ class Scheduler:
                 continue
             # The window is counted from the oldest job's arrival, not from when a slot freed up.
             with trio.move_on_at(oldest + self.max_wait_s):
-                while queue.live_count() < self.max_batch_size:
+                # len() bounds the live count from above: the O(n) count runs only near full
+                while len(queue) < self.max_batch_size or queue.live_count() < self.max_batch_size:
                     await queue.wait_changed()
             batch = queue.take(self.max_batch_size)
             if batch and not await self.sink.send_batch(model, batch):
