@@ -30,8 +30,10 @@ class Message:
     type: ClassVar[str] = ""
 
     def encode(self) -> bytes:
+        # Shallow on purpose: `dataclasses.asdict` deep-copies every request's params and messages,
+        # which msgpack would only read once anyway.
         body = {"v": VERSION, "type": self.type}
-        body.update(dataclasses.asdict(self))
+        body.update((item.name, getattr(self, item.name)) for item in dataclasses.fields(self))
         return msgpack.packb(body, use_bin_type=True)
 
 
