@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -87,6 +88,18 @@ class Bench:
         self.raw[name] = result
         return result
 
+    def pool(self, name: str, results: list[Result]) -> Result:
+        """Several loads as one: their requests, time and latencies summed."""
+        pooled = Result()
+        for result in results:
+            pooled.requests += result.requests
+            pooled.errors += result.errors
+            pooled.elapsed_s += result.elapsed_s
+            pooled.latencies_s += result.latencies_s
+            pooled.tokens += result.tokens
+        self.raw[name] = pooled
+        return pooled
+
     # --- scenarios ---------------------------------------------------------------------------
 
     async def sequential_vs_batched(self) -> None:
@@ -113,43 +126,49 @@ class Bench:
         port = free_port()
         base._spawn("baseline", f"hypercorn --worker-class trio --bind 127.0.0.1:{port} "
                                 '"bench.baseline_app:create_app()"')
+        bare_url = f"http://127.0.0.1:{port}/v1/completions"
         await wait_http(f"http://127.0.0.1:{port}/ready")
         # The batch window is latency the operator chooses, not overhead: measure the path with the
-        # configured window and with none, each against the bare route of the same run.
-        fulls = {wait: await self.mock_cluster(**ZERO_COST, COHORT_BATCH_WAIT_S=str(wait))
-                 for wait in dict.fromkeys((self.args.batch_wait, 0.0))}
+        # configured window and with none, and with an API key checked on every request.
+        window = self.args.batch_wait
+        targets = {f"window {wait:g}": await self.mock_cluster(**ZERO_COST, COHORT_BATCH_WAIT_S=str(wait))
+                   for wait in dict.fromkeys((window, 0.0))}
+        secured = targets["auth"] = await self.mock_cluster(**ZERO_COST, COHORT_AUTH_DISABLED="0")
+        key_header = {"Authorization": f"Bearer {secured.add_user('bench')}"}
         try:
             for concurrency, total in ((1, self.args.requests // 4), (64, self.args.requests)):
-                bare = await self.load(f"bare c={concurrency}", f"http://127.0.0.1:{port}/v1/completions",
-                                       total=total, concurrency=concurrency)
-                for wait, full in fulls.items():
-                    suffix = "" if wait == self.args.batch_wait else " window 0"
-                    ours = await self.load(f"cohort c={concurrency}{suffix}", full.url + "/v1/completions",
-                                           total=total, concurrency=concurrency)
-                    rows.append({"concurrency": concurrency, "batch_wait_s": wait,
-                                 "bare_rps": round(bare.rps, 1), "cohort_rps": round(ours.rps, 1),
-                                 "ratio": round(ours.rps / bare.rps, 3),
+                # Rounds alternate bare and Cohort so a slow moment of the machine hits both; a
+                # ratio is the median of its rounds' ratios, the latencies are pooled.
+                names = ["bare", *(t for t in targets if t != "auth" or concurrency == 64)]
+                runs: dict[str, list[Result]] = {name: [] for name in names}
+                for round_ in range(self.args.rounds):
+                    for name in names:
+                        url = bare_url if name == "bare" else targets[name].url + "/v1/completions"
+                        # one by one, every request waits out the window: a few show it
+                        count = 50 if concurrency == 1 and name == f"window {window:g}" and window else total
+                        runs[name].append(await self.load(
+                            f"{name} c={concurrency} #{round_}", url, total=count,
+                            concurrency=concurrency, headers=key_header if name == "auth" else None))
+                bare = self.pool(f"bare c={concurrency}", runs["bare"])
+                for name in names[1:]:
+                    ours = self.pool(f"cohort c={concurrency} {name}", runs[name])
+                    ratios = sorted(o.steady_rps / b.steady_rps
+                                    for o, b in zip(runs[name], runs["bare"]))
+                    rows.append({"concurrency": concurrency,
+                                 "path": f"window {window:g} + auth" if name == "auth" else name,
+                                 "bare_rps": round(statistics.median(r.steady_rps for r in runs["bare"]), 1),
+                                 "cohort_rps": round(statistics.median(r.steady_rps for r in runs[name]), 1),
+                                 "ratio": round(statistics.median(ratios), 3),
+                                 "ratio_range": f"{ratios[0]:.3f}-{ratios[-1]:.3f}",
                                  "bare_p50_ms": bare.summary()["p50_ms"],
                                  "bare_p99_ms": bare.summary()["p99_ms"],
                                  "cohort_p50_ms": ours.summary()["p50_ms"],
                                  "cohort_p99_ms": ours.summary()["p99_ms"], "errors": ours.errors})
         finally:
-            for full in fulls.values():
-                full.stop()
+            for target in targets.values():
+                target.stop()
             base.stop()
-        # the same full path with authentication on (an API key checked on every request)
-        secured = await self.mock_cluster(**ZERO_COST, COHORT_AUTH_DISABLED="0")
-        try:
-            key = secured.add_user("bench")
-            auth = await self.load("cohort+auth c=64", secured.url + "/v1/completions",
-                                   total=self.args.requests, concurrency=64,
-                                   headers={"Authorization": f"Bearer {key}"})
-        finally:
-            secured.stop()
-        rows.append({"concurrency": 64, "batch_wait_s": self.args.batch_wait,
-                     "cohort_with_auth_rps": round(auth.rps, 1),
-                     "auth_vs_open": round(auth.rps / self.raw["cohort c=64"].rps, 3)})
-        self.results["2 gateway overhead"] = {"rows": rows}
+        self.results["2 gateway overhead"] = {"rows": rows, "rounds": self.args.rounds}
 
     async def streaming(self) -> None:
         cluster = await self.mock_cluster(MOCK_TTFT_S="0.01", MOCK_TOKEN_S="0.005",
@@ -319,17 +338,19 @@ def plot(bench: Bench, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots()
-    for name in ("bare c=64", "cohort c=64"):
+    for name in ("bare c=64", f"cohort c=64 window {bench.args.batch_wait:g}"):
         if name in bench.raw:
             ax.hist([1000 * x for x in bench.raw[name].latencies_s], bins=50, alpha=0.6, label=name)
     ax.set(xlabel="latency (ms)", ylabel="requests", title="Latency distribution, concurrency 64")
     ax.legend()
     fig.savefig(folder / "latency.png")
     fig, ax = plt.subplots()
-    for prefix in ("bare", "cohort"):
-        points = [(c, bench.raw[f"{prefix} c={c}"].rps) for c in (1, 64) if f"{prefix} c={c}" in bench.raw]
+    for label, suffix in (("bare", ""), ("cohort", f" window {bench.args.batch_wait:g}"),
+                          ("cohort window 0", " window 0")):
+        names = [(c, f"{label.split()[0]} c={c}{suffix}") for c in (1, 64)]
+        points = [(c, bench.raw[name].rps) for c, name in names if name in bench.raw]
         if points:
-            ax.plot(*zip(*points), marker="o", label=prefix)
+            ax.plot(*zip(*points), marker="o", label=label)
     ax.set(xlabel="concurrency", ylabel="requests/s", title="Throughput vs concurrency")
     ax.legend()
     fig.savefig(folder / "throughput.png")
@@ -354,6 +375,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="*", default=[8, 64, 256],
                         help="request counts for scenario 1")
     parser.add_argument("--requests", type=int, default=2000, help="requests per load (2, 6)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating bare/Cohort rounds in scenario 2 (the median ratio counts)")
     parser.add_argument("--prompt-words", type=int, default=8)
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--real-tokens", type=int, default=64, help="max_tokens in scenario 5")

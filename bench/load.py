@@ -28,10 +28,21 @@ class Result:
     ttfts_s: list[float] = field(default_factory=list)
     itls_s: list[float] = field(default_factory=list)
     tokens: int = 0
+    finished_at_s: list[float] = field(default_factory=list)  # since the load began
 
     @property
     def rps(self) -> float:
         return self.requests / self.elapsed_s if self.elapsed_s else 0.0
+
+    @property
+    def steady_rps(self) -> float:
+        """Requests/s over the middle 80% of completions: no ramp-up, and no drain at the end,
+        where a bounded load's last partial batch waits out the window with nothing behind it."""
+        done = sorted(self.finished_at_s)
+        low, high = len(done) // 10, len(done) * 9 // 10
+        if high - low < 10 or done[high - 1] <= done[low]:
+            return self.rps
+        return (high - 1 - low) / (done[high - 1] - done[low])
 
     @property
     def tokens_per_s(self) -> float:
@@ -46,6 +57,7 @@ class Result:
     def summary(self) -> dict[str, float]:
         return {"requests": self.requests, "errors": self.errors,
                 "elapsed_s": round(self.elapsed_s, 3), "rps": round(self.rps, 1),
+                "steady_rps": round(self.steady_rps, 1),
                 "p50_ms": round(1000 * self.pct(self.latencies_s, 0.5), 2),
                 "p99_ms": round(1000 * self.pct(self.latencies_s, 0.99), 2),
                 "ttft_p50_ms": round(1000 * self.pct(self.ttfts_s, 0.5), 2),
@@ -139,10 +151,13 @@ async def run_load(url: str, body_for, *, total: int, concurrency: int, headers:
             usage = json.loads(b"".join(pieces)).get("usage") or {}
             result.tokens += usage.get("completion_tokens", 0)
         result.latencies_s.append(trio.current_time() - started)
+        result.finished_at_s.append(trio.current_time() - began)
         result.requests += 1
         result.errors += 0 if ok else 1
         if progress is not None:
             progress.update(1)
+
+    began = trio.current_time()
 
     async def runner() -> None:
         conn = Connection(url, headers or {})
@@ -152,7 +167,6 @@ async def run_load(url: str, body_for, *, total: int, concurrency: int, headers:
         finally:
             await conn.aclose()
 
-    began = trio.current_time()
     with trio.fail_after(timeout_s):
         async with trio.open_nursery() as nursery:
             for _ in range(concurrency):
