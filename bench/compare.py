@@ -217,9 +217,9 @@ class Bench:
                                          total=self.args.requests, concurrency=64)
             finally:
                 cluster.stop()
-            base = base or result.rps
-            rows.append({"fronts": fronts, "rps": round(result.rps, 1),
-                         "speedup": round(result.rps / base, 2), "errors": result.errors})
+            base = base or result.steady_rps
+            rows.append({"fronts": fronts, "rps": round(result.steady_rps, 1),
+                         "speedup": round(result.steady_rps / base, 2), "errors": result.errors})
         self.results["6 front scale-out"] = {"rows": rows}
 
     async def store_writes(self) -> None:
