@@ -375,7 +375,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="*", default=[8, 64, 256],
                         help="request counts for scenario 1")
     parser.add_argument("--requests", type=int, default=2000, help="requests per load (2, 6)")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="alternating bare/Cohort rounds in scenario 2 (the median ratio counts)")
     parser.add_argument("--prompt-words", type=int, default=8)
     parser.add_argument("--output-tokens", type=int, default=16)
