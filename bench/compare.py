@@ -345,8 +345,8 @@ def plot(bench: Bench, folder: Path) -> None:
     ax.legend()
     fig.savefig(folder / "latency.png")
     fig, ax = plt.subplots()
-    for label, suffix in (("bare", ""), ("cohort", f" window {bench.args.batch_wait:g}"),
-                          ("cohort window 0", " window 0")):
+    window = f" window {bench.args.batch_wait:g}"
+    for label, suffix in (("bare", ""), ("cohort" + window, window), ("cohort window 0", " window 0")):
         names = [(c, f"{label.split()[0]} c={c}{suffix}") for c in (1, 64)]
         points = [(c, bench.raw[name].rps) for c, name in names if name in bench.raw]
         if points:
