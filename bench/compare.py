@@ -89,9 +89,10 @@ class Bench:
         return result
 
     def pool(self, name: str, results: list[Result]) -> Result:
-        """Several loads as one: their requests, time and latencies summed."""
+        """Several loads as one, run back to back: their requests, time and latencies summed."""
         pooled = Result()
-        for result in results:
+        for result in results:  # end to end on one timeline, so steady_rps still means something
+            pooled.finished_at_s += [pooled.elapsed_s + t for t in result.finished_at_s]
             pooled.requests += result.requests
             pooled.errors += result.errors
             pooled.elapsed_s += result.elapsed_s
@@ -345,12 +346,13 @@ def plot(bench: Bench, folder: Path) -> None:
     ax.legend()
     fig.savefig(folder / "latency.png")
     fig, ax = plt.subplots()
-    window = f" window {bench.args.batch_wait:g}"
-    for label, suffix in (("bare", ""), ("cohort" + window, window), ("cohort window 0", " window 0")):
-        names = [(c, f"{label.split()[0]} c={c}{suffix}") for c in (1, 64)]
-        points = [(c, bench.raw[name].rps) for c, name in names if name in bench.raw]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=label)
+    # the figures scenario 2 printed (medians over its rounds), one line per path
+    lines: dict[str, dict[int, float]] = {}
+    for row in bench.results.get("2 gateway overhead", {}).get("rows", []):
+        lines.setdefault("bare", {})[row["concurrency"]] = row["bare_rps"]
+        lines.setdefault(f"cohort {row['path']}", {})[row["concurrency"]] = row["cohort_rps"]
+    for label, points in lines.items():
+        ax.plot(*zip(*sorted(points.items())), marker="o", label=label)
     ax.set(xlabel="concurrency", ylabel="requests/s", title="Throughput vs concurrency")
     ax.legend()
     fig.savefig(folder / "throughput.png")

@@ -74,7 +74,7 @@ class Connection:
         self.headers = [("Host", parts.netloc), ("Content-Type", "application/json"),
                         *headers.items()]
         self._stream: trio.SocketStream | None = None
-        self._h11 = h11.Connection(h11.CLIENT)
+        self._h11: h11.Connection | None = None  # a new one with every new socket
 
     async def post(self, body: bytes, on_data: Callable[[bytes], None]) -> int:
         """POST `body`; hand each piece of the answer to `on_data` as it arrives; the status."""
@@ -82,6 +82,7 @@ class Connection:
             self._stream = await trio.open_tcp_stream(self.host, self.port)
             self._h11 = h11.Connection(h11.CLIENT)
         conn = self._h11
+        assert conn is not None
         request = h11.Request(method="POST", target=self.path,
                               headers=[*self.headers, ("Content-Length", str(len(body)))])
         await self._stream.send_all(conn.send(request) + conn.send(h11.Data(data=body))
@@ -150,8 +151,9 @@ async def run_load(url: str, body_for, *, total: int, concurrency: int, headers:
         if ok and not stream:
             usage = json.loads(b"".join(pieces)).get("usage") or {}
             result.tokens += usage.get("completion_tokens", 0)
-        result.latencies_s.append(trio.current_time() - started)
-        result.finished_at_s.append(trio.current_time() - began)
+        finished = trio.current_time()
+        result.latencies_s.append(finished - started)
+        result.finished_at_s.append(finished - began)
         result.requests += 1
         result.errors += 0 if ok else 1
         if progress is not None:
