@@ -67,11 +67,12 @@ class Ready(Message):
 
 @dataclass
 class Heartbeat(Message):
-    """The worker is alive; its load figures help the front pick the least busy worker."""
+    """The worker is alive; `load` (see `EngineLoad`) is what its engine is doing now."""
 
     type: ClassVar[str] = "heartbeat"
     active: int = 0
     state: str = "ready"
+    load: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Out(Message):
 
     type: ClassVar[str] = "out"
     items: list[dict[str, Any]] = field(default_factory=list)
+    load: dict[str, Any] = field(default_factory=dict)  # piggy-backed: fresh between heartbeats
 
 
 @dataclass
@@ -149,9 +151,39 @@ MESSAGES: dict[str, type[Message]] = {
 
 # --- the items inside messages -------------------------------------------------------------------
 
+
+@dataclass
+class EngineLoad:
+    """What a worker's engine is doing, as its own scheduler counts it (vLLM: its SchedulerStats).
+
+    `received` is how many requests this link has taken from its front so far: the front counts
+    what it sent beyond that as unacknowledged work, so its picture is fresh between reports.
+    """
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0  # share of the KV cache in use, 0..1
+    prefix_hit_rate: float = 0.0  # share of prompt tokens served from the prefix cache
+    max_num_seqs: int = 0  # the engine's limits (0: unknown)
+    max_num_batched_tokens: int = 0
+    received: int = 0
+
+    def as_item(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any]) -> "EngineLoad":
+        """Read a load map that `decode` has already checked (unknown keys from newer peers ignored)."""
+        return cls(**{name: item[name] for name in LOAD_FIELDS if name in item})
+
+
 REQUEST_FIELDS: dict[str, Any] = {
     "id": str, "kind": str, "prompt": str, "messages": list, "params": dict, "trace_id": str,
     "stream": bool,
+}
+LOAD_FIELDS: dict[str, Any] = {
+    "running": int, "waiting": int, "kv_usage": (int, float), "prefix_hit_rate": (int, float),
+    "max_num_seqs": int, "max_num_batched_tokens": int, "received": int,
 }
 OUT_FIELDS: dict[str, Any] = {
     "id": str, "index": int, "text": str, "tokens": int, "finish": (str, type(None)),
@@ -176,6 +208,17 @@ def out_item(
     """One delta in an Out message: new `text` of choice `index`, `tokens` new tokens in it."""
     return {"id": request_id, "index": index, "text": text, "tokens": tokens, "finish": finish,
             "prompt_tokens": prompt_tokens}
+
+
+def check_load(load: dict[str, Any], what: str) -> None:
+    """Raise ProtocolError unless every known field of a load map has its type (bools are not
+    numbers) and no count is negative."""
+    for name, kind in LOAD_FIELDS.items():
+        if name not in load:
+            continue
+        value = load[name]
+        if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+            raise ProtocolError(f"{what}: load field {name!r} has the wrong type or sign")
 
 
 def check_items(items: Any, shape: dict[str, Any], what: str) -> None:
@@ -244,4 +287,6 @@ def decode(data: bytes) -> Message:
         check_items(message.requests, REQUEST_FIELDS, "batch")
     elif isinstance(message, Out):
         check_items(message.items, OUT_FIELDS, "out")
+    if isinstance(message, (Out, Heartbeat)):
+        check_load(message.load, message.type)
     return message
