@@ -7,11 +7,12 @@ from common.config import WorkerSettings, load
 from worker.__main__ import WholeChoices
 from worker.engines.mock import MockEngine, tokenize
 
-TTFT, TOKEN, GROWTH = 0.05, 0.01, 0.5
+PREFILL, TOKEN, GROWTH = 0.001, 0.01, 0.5
 
 
 def engine(**env) -> MockEngine:
-    return MockEngine(load(WorkerSettings, {"MOCK_TTFT_S": str(TTFT), "MOCK_TOKEN_S": str(TOKEN),
+    return MockEngine(load(WorkerSettings, {"MOCK_TTFT_S": "0", "MOCK_PREFILL_TOKEN_S": str(PREFILL),
+                                            "MOCK_TOKEN_S": str(TOKEN),
                                             "MOCK_BATCH_GROWTH": str(GROWTH), **env}))
 
 
@@ -20,7 +21,9 @@ def request(i: int, prompt: str = "hi", **params) -> dict:
             "params": {"n": 1, **params}}
 
 
-async def run(mock: MockEngine, requests: list[dict]) -> dict[str, list[tuple[float, dict]]]:
+async def run(mock: MockEngine, requests: list[dict], *, gap_s: float = 0.0
+              ) -> dict[str, list[tuple[float, dict]]]:
+    """Run requests (each `gap_s` after the last) and record when each delta came out."""
     seen: dict[str, list[tuple[float, dict]]] = {r["id"]: [] for r in requests}
     start = trio.current_time()
 
@@ -28,28 +31,89 @@ async def run(mock: MockEngine, requests: list[dict]) -> dict[str, list[tuple[fl
         seen[item["id"]].append((round(trio.current_time() - start, 9), item))
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(mock.run)
         async with trio.open_nursery() as inner:
-            for r in requests:
+            for i, r in enumerate(requests):
                 inner.start_soon(mock.generate, r, emit)
+                if gap_s or i == len(requests) - 1:
+                    await trio.sleep(0)  # queued in the engine before its next step begins
+                    if not nursery.child_tasks:
+                        nursery.start_soon(mock.run)
+                    await trio.sleep(gap_s)
         nursery.cancel_scope.cancel()
     return seen
 
 
-async def test_one_request_streams_token_by_token_at_the_modelled_pace(autojump_clock):
+def times(seen, request_id: str) -> list[float]:
+    return [t for t, _ in seen[request_id]]
+
+
+async def test_one_request_prefills_then_streams_token_by_token(autojump_clock):
     seen = (await run(engine(), [request(1)]))["r1"]
     text = "[Batched mock response b7] Mock response to: hi"
     assert "".join(item["text"] for _, item in seen) == text
-    assert [t for t, _ in seen] == [round(TTFT + TOKEN * (k + 1), 9) for k in range(len(tokenize(text)))]
+    # the prefill step (one prompt token) samples the first token, then a decode step per token
+    assert [t for t, _ in seen] == [round(PREFILL + TOKEN * k, 9) for k in range(len(tokenize(text)))]
     assert seen[-1][1]["finish"] == "stop" and sum(i["tokens"] for _, i in seen) == len(tokenize(text))
     assert seen[0][1]["prompt_tokens"] == 1
 
 
 async def test_a_step_costs_more_with_more_sequences(autojump_clock):
     seen = await run(engine(), [request(1), request(2)])
-    times = [t for t, _ in seen["r1"]]
-    assert times[0] == round(TTFT + TOKEN * (1 + GROWTH), 9)  # both admitted in one step
-    assert round(times[1] - times[0], 9) == round(TOKEN * (1 + GROWTH), 9)
+    assert times(seen, "r1")[0] == times(seen, "r2")[0] == round(2 * PREFILL, 9)  # one step
+    assert round(times(seen, "r1")[1] - times(seen, "r1")[0], 9) == round(TOKEN * (1 + GROWTH), 9)
+
+
+async def test_chunked_prefill_never_stalls_running_sequences_for_a_whole_long_prompt(autojump_clock):
+    mock = engine(COHORT_MAX_NUM_BATCHED_TOKENS="8", MOCK_BATCH_GROWTH="0", MOCK_REPLY_LENGTH="max_tokens")
+    seen = await run(mock, [request(1, max_tokens=20), request(2, prompt="w " * 40, max_tokens=2)],
+                     gap_s=PREFILL + 2 * TOKEN + 0.001)
+    gaps = [round(b - a, 9) for a, b in zip(times(seen, "r1"), times(seen, "r1")[1:])]
+    # while r2's 40 prompt tokens are prefilled, r1 decodes on: each step takes 1 + 7 tokens
+    # (5 in the last), so r1 is never held up by more than 7 tokens of someone else's prefill
+    assert [gap for gap in gaps if gap != TOKEN] == [round(TOKEN + 7 * PREFILL, 9)] * 5 + [
+        round(TOKEN + 5 * PREFILL, 9)]
+
+
+async def test_requests_wait_in_the_engine_beyond_max_num_seqs(autojump_clock):
+    mock = engine(COHORT_MAX_NUM_SEQS="1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mock.run)
+        nursery.start_soon(mock.generate, request(1, max_tokens=5), lambda item: None)
+        nursery.start_soon(mock.generate, request(2, max_tokens=5), lambda item: None)
+        await trio.sleep(PREFILL + TOKEN)
+        stats = mock.stats()
+        assert (stats.running, stats.waiting, stats.max_num_seqs) == (1, 1, 1)
+        await trio.sleep(1)
+        assert mock.stats().running == mock.stats().waiting == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_prefix_cache_skips_the_prefill_of_a_shared_prompt(autojump_clock):
+    prompt = "shared " * 64
+    seen = await run(engine(), [request(1, prompt=prompt, max_tokens=1),
+                                request(2, prompt=prompt + "tail", max_tokens=1)], gap_s=1)
+    assert times(seen, "r1") == [round(64 * PREFILL, 9)]
+    assert times(seen, "r2") == [round(1 + 1 * PREFILL, 9)]  # 64 cached, 1 new token
+    mock = engine(MOCK_PREFIX_CACHE_TOKENS="0")
+    seen = await run(mock, [request(1, prompt=prompt, max_tokens=1),
+                            request(2, prompt=prompt, max_tokens=1)], gap_s=1)
+    assert times(seen, "r2") == [round(1 + 64 * PREFILL, 9)] and mock.stats().prefix_hit_rate == 0
+
+
+async def test_reply_length_follows_max_tokens_when_asked(autojump_clock):
+    seen = await run(engine(MOCK_REPLY_LENGTH="max_tokens"), [request(1, max_tokens=40)])
+    assert len(seen["r1"]) == 40 and seen["r1"][-1][1]["finish"] == "length"
+    seen = await run(engine(), [request(1, max_tokens=40, ignore_eos=True), request(2, max_tokens=40)])
+    assert len(seen["r1"]) == 40 and len(seen["r2"]) == 8 and seen["r2"][-1][1]["finish"] == "stop"
+
+
+async def test_the_kv_budget_makes_requests_wait_and_refuses_what_never_fits(autojump_clock):
+    from worker.engines import InvalidRequest
+    mock = engine(MOCK_KV_TOKENS="30")
+    seen = await run(mock, [request(1, max_tokens=20), request(2, max_tokens=20)])
+    assert times(seen, "r2")[0] > times(seen, "r1")[-1]  # 21 + 21 tokens do not fit 30
+    with pytest.raises(InvalidRequest, match="MOCK_KV_TOKENS"):
+        await mock.generate(request(3, max_tokens=40), lambda item: None)
 
 
 async def test_max_tokens_stop_and_n(autojump_clock):
@@ -65,10 +129,10 @@ async def test_cancelling_a_request_stops_its_sequences(autojump_clock):
     emitted = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(mock.run)
-        with trio.move_on_after(TTFT + 2.5 * TOKEN):
-            await mock.generate(request(1, prompt="word " * 100), emitted.append)
+        with trio.move_on_after(PREFILL + 1.5 * TOKEN):
+            await mock.generate(request(1), emitted.append)
         await trio.sleep(1)
-        assert len(emitted) == 2 and mock.active == 0
+        assert len(emitted) == 2 and mock.unfinished() == 0 and mock.stats().running == 0
         nursery.cancel_scope.cancel()
 
 

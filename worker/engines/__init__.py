@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from common import protocol
 from common.config import WorkerSettings
 
 Emit = Callable[[dict[str, Any]], None]
@@ -47,6 +48,11 @@ class Engine:
     def unfinished(self) -> int:
         """How many requests the engine is running (heartbeats report it)."""
         return self.active
+
+    def stats(self) -> protocol.EngineLoad:
+        """What the engine is doing now, for placement; engines that know more say more."""
+        return protocol.EngineLoad(running=self.unfinished(),
+                                   max_num_seqs=self.settings.max_num_seqs or self.capacity)
 
     async def close(self) -> None:
         """Free the engine (no stray processes once the worker exits)."""

@@ -1,13 +1,22 @@
-"""The mock engine: development and tests without a GPU, behaving like a continuous-batching engine.
+"""The mock engine: development and tests without a GPU, scheduling as vLLM's engine does.
 
-One step loop serves every active sequence, one token each per step, as vLLM does. A step costs
-`mock_token_s * (1 + mock_batch_growth * (active - 1))`, plus `mock_ttft_s` when it admits new
-requests (their prefill). Replies keep the shape users of the old system know:
-`[Batched mock response <batch id>] Mock response to: <prompt>`. All costs 0 is the zero-cost mock.
+One step loop serves every running sequence. Each step has a budget of `max_num_batched_tokens`:
+every sequence that decodes takes one token of it, and what is left goes to prefill in chunks,
+oldest request first, so a long prompt never stalls the running sequences for more than one
+budget's worth (vLLM's chunked prefill). A request is admitted while fewer than `max_num_seqs`
+sequences run and its KV need fits the KV budget; until then it waits in the engine. A prefix cache
+of 16-token blocks lets a prompt that starts like an earlier one skip that part of its prefill.
+
+A step costs `mock_token_s * (1 + mock_batch_growth * (decoding - 1))` when any sequence decodes,
+plus `mock_prefill_token_s` per prompt token prefilled and `mock_ttft_s` once when it prefills.
+Replies keep the shape users of the old system know, `[Batched mock response <batch id>] Mock
+response to: <prompt>`; with `MOCK_REPLY_LENGTH=max_tokens` (or a request's `ignore_eos`) they run
+on to exactly `max_tokens` tokens. A token is a whitespace-led word. All costs 0 is the zero-cost mock.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import re
@@ -17,9 +26,11 @@ from typing import Any
 import trio
 
 from common import protocol
-from worker.engines import Emit, Engine, EngineError
+from worker.engines import Emit, Engine, EngineError, InvalidRequest
 
 TOKEN = re.compile(r"\s*\S+")
+BLOCK_TOKENS = 16  # vLLM's default KV block size: the prefix cache's unit
+FILLER = (" and", " so", " the", " mock", " goes", " on")
 
 
 def tokenize(text: str) -> list[str]:
@@ -32,25 +43,83 @@ def render_chat(messages: list[dict[str, Any]]) -> str:
     return "".join(f"<|{m['role']}|> {m['content']}\n" for m in messages) + "<|assistant|>"
 
 
-@dataclass
-class Sequence:
-    """One choice of one request, as the step loop sees it."""
+def block_hashes(tokens: list[str]) -> list[int]:
+    """Chained hashes of the prompt's full blocks: block k's hash stands for the whole prefix."""
+    hashes, running = [], 0
+    for start in range(0, len(tokens) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
+        running = hash((running, *tokens[start:start + BLOCK_TOKENS]))
+        hashes.append(running)
+    return hashes
 
-    request_id: str
+
+class PrefixCache:
+    """Blocks of prompts prefilled before, least recently used dropped first."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_blocks = max_tokens // BLOCK_TOKENS
+        self._blocks: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.queries = 0
+        self.hits = 0
+
+    def match(self, blocks: list[int], prompt_tokens: int) -> int:
+        """Prompt tokens served from the cache (never the last one: it must be computed)."""
+        found = 0
+        for block in blocks:
+            if block not in self._blocks:
+                break
+            self._blocks.move_to_end(block)
+            found += 1
+        cached = min(found * BLOCK_TOKENS, prompt_tokens - 1)
+        self.queries += prompt_tokens
+        self.hits += cached
+        return cached
+
+    def remember(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self._blocks[block] = None
+            self._blocks.move_to_end(block)
+        while len(self._blocks) > self.max_blocks:
+            self._blocks.popitem(last=False)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+@dataclass
+class Choice:
+    """One sequence: a choice of a request."""
+
     index: int
-    tokens: list[str]
+    position: int = 0
+    text: str = ""
+    done: bool = False
+
+
+@dataclass
+class MockRequest:
+    """A request as the step loop sees it: waiting, prefilling, then decoding its choices."""
+
+    id: str
+    reply: list[str]
+    fill: bool
     max_tokens: int
     stop: list[str]
     emit: Emit
     prompt_tokens: int
-    done: trio.Event = field(default_factory=trio.Event)
-    position: int = 0
-    text: str = ""
-    admitted: bool = False
+    blocks: list[int]
+    choices: list[Choice]
+    prefill_left: int = 0
+    kv_tokens: int = 0  # reserved while running
+    finished: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def live(self) -> list[Choice]:
+        return [choice for choice in self.choices if not choice.done]
 
 
 class MockEngine(Engine):
-    """A faithful stand-in for vLLM: continuous batching, streaming, honest counts, fault injection."""
+    """A faithful stand-in for vLLM where scheduling is concerned; fault injection beside."""
 
     name = "mock"
 
@@ -58,7 +127,12 @@ class MockEngine(Engine):
         super().__init__(settings)
         self.model = settings.served_model_name or settings.model or "cohort-mock"
         self.device = "cpu (mock)"
-        self._sequences: list[Sequence] = []
+        self.max_num_seqs = settings.max_num_seqs or settings.capacity
+        self.max_num_batched_tokens = settings.max_num_batched_tokens or 2048
+        self.cache = PrefixCache(settings.mock_prefix_cache_tokens)
+        self._waiting: collections.deque[MockRequest] = collections.deque()
+        self._running: list[MockRequest] = []
+        self._kv_reserved = 0
         self._wake = trio.Event()
         self._batch_lock = trio.Lock()
         self._requests_seen = 0
@@ -72,46 +146,112 @@ class MockEngine(Engine):
             async with self._batch_lock:  # batches pay their fixed cost one after another
                 await trio.sleep(self.settings.mock_batch_cost_s)
 
+    # --- what the worker reports ---------------------------------------------------------------
+
+    def unfinished(self) -> int:
+        return sum(len(r.live) for r in self._running) + sum(len(r.live) for r in self._waiting)
+
+    def stats(self) -> protocol.EngineLoad:
+        kv_used = sum(r.prompt_tokens - r.prefill_left + sum(c.position for c in r.choices)
+                      for r in self._running)
+        return protocol.EngineLoad(
+            running=sum(len(r.live) for r in self._running),
+            waiting=sum(len(r.live) for r in self._waiting),
+            kv_usage=min(1.0, kv_used / self.settings.mock_kv_tokens),
+            prefix_hit_rate=self.cache.hit_rate, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens)
+
+    # --- the step loop --------------------------------------------------------------------------
+
     async def run(self) -> None:
         """The step loop; the worker runs it in its nursery."""
         s = self.settings
         while True:
-            if not self._sequences:
+            self._drop_finished()
+            if not self._running and not self._waiting:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
-            batch = list(self._sequences)
-            admitting = any(not seq.admitted for seq in batch)
-            cost = s.mock_token_s * (1 + s.mock_batch_growth * (len(batch) - 1))
-            await trio.sleep(cost + (s.mock_ttft_s if admitting else 0.0))
-            for seq in batch:
-                if seq.done.is_set():
-                    continue
-                seq.admitted = True
-                self._step(seq)
-            self._sequences = [seq for seq in self._sequences if not seq.done.is_set()]
-            self.active = len({seq.request_id for seq in self._sequences})
+            decoding = [r for r in self._running if not r.prefill_left]
+            budget = self.max_num_batched_tokens - sum(len(r.live) for r in decoding)
+            prefilled, budget = self._prefill(budget)
+            cost = prefilled * s.mock_prefill_token_s + (s.mock_ttft_s if prefilled else 0.0)
+            if decoding:
+                active = sum(len(r.live) for r in decoding)
+                cost += s.mock_token_s * (1 + s.mock_batch_growth * (active - 1))
+            await trio.sleep(cost)
+            # a request whose prefill ended this step samples its first token now, as vLLM does
+            stepped = {id(r) for r in decoding}
+            for request in decoding + [r for r in self._running if id(r) not in stepped]:
+                if not request.prefill_left and not request.finished.is_set():
+                    for choice in request.live:
+                        self._step(request, choice)
+                    if not request.live:
+                        request.finished.set()
 
-    def _step(self, seq: Sequence) -> None:
-        token = seq.tokens[seq.position] if seq.position < len(seq.tokens) else ""
-        seq.position += 1
+    def _prefill(self, budget: int) -> tuple[int, int]:
+        """Spend what the decodes left of the step's token budget on prompts, admitting waiting
+        requests while sequences and KV allow. Returns (tokens prefilled, budget left)."""
+        prefilled = 0
+        for request in self._running:
+            if budget <= 0:
+                return prefilled, budget
+            if request.prefill_left:
+                chunk = min(request.prefill_left, budget)
+                request.prefill_left -= chunk
+                prefilled, budget = prefilled + chunk, budget - chunk
+                if not request.prefill_left:
+                    self.cache.remember(request.blocks)
+        while self._waiting and budget > 0:
+            request = self._waiting[0]
+            if request.finished.is_set():
+                self._waiting.popleft()
+                continue
+            running = sum(len(r.live) for r in self._running)
+            if (running + len(request.choices) > self.max_num_seqs
+                    or self._kv_reserved + request.kv_tokens > self.settings.mock_kv_tokens):
+                break  # it waits in the engine, as vLLM's scheduler would keep it
+            self._waiting.popleft()
+            self._running.append(request)
+            self._kv_reserved += request.kv_tokens
+            request.prefill_left = request.prompt_tokens - self.cache.match(request.blocks,
+                                                                            request.prompt_tokens)
+            chunk = min(request.prefill_left, budget)
+            request.prefill_left -= chunk
+            prefilled, budget = prefilled + chunk, budget - chunk
+            if not request.prefill_left:
+                self.cache.remember(request.blocks)
+        return prefilled, budget
+
+    def _drop_finished(self) -> None:
+        for request in [r for r in self._running if r.finished.is_set()]:
+            self._running.remove(request)
+            self._kv_reserved -= request.kv_tokens
+
+    def _step(self, request: MockRequest, choice: Choice) -> None:
+        if choice.position < len(request.reply):
+            token = request.reply[choice.position]
+        else:
+            token = FILLER[choice.position % len(FILLER)] if request.fill else ""
+        choice.position += 1
         finish = None
-        candidate = seq.text + token
-        for stop in seq.stop:
+        candidate = choice.text + token
+        for stop in request.stop:
             cut = candidate.find(stop)
             if cut != -1:
-                token, finish = candidate[:cut][len(seq.text):], "stop"
+                token, finish = candidate[:cut][len(choice.text):], "stop"
                 break
-        if finish is None and seq.position >= len(seq.tokens):
+        if finish is None and not request.fill and choice.position >= len(request.reply):
             finish = "stop"
-        if finish is None and seq.position >= seq.max_tokens:
+        if finish is None and choice.position >= request.max_tokens:
             finish = "length"
-        seq.text += token
-        first = seq.position == 1
-        seq.emit(protocol.out_item(seq.request_id, seq.index, token, 1, finish,
-                                   seq.prompt_tokens if first or finish else 0))
-        if finish is not None:
-            seq.done.set()
+        choice.text += token
+        first = choice.position == 1
+        request.emit(protocol.out_item(request.id, choice.index, token, 1, finish,
+                                       request.prompt_tokens if first or finish else 0))
+        choice.done = finish is not None
+
+    # --- requests --------------------------------------------------------------------------------
 
     async def generate(self, request: dict[str, Any], emit: Emit) -> None:
         s = self.settings
@@ -126,17 +266,28 @@ class MockEngine(Engine):
             prompt, counted = (users[-1] if users else ""), render_chat(request["messages"])
         else:
             prompt = counted = request["prompt"]
-        reply = f"[Batched mock response {request.get('batch_id', '?')}] Mock response to: {prompt}"
-        tokens = tokenize(reply)
+        prompt_tokens = tokenize(counted) or [""]
+        reply = tokenize(f"[Batched mock response {request.get('batch_id', '?')}] "
+                         f"Mock response to: {prompt}")
+        n = params.get("n", 1)
         max_tokens = min(params.get("max_tokens") or s.mock_max_tokens, s.max_model_len)
-        sequences = [Sequence(request["id"], index, tokens, max_tokens, params.get("stop") or [],
-                              emit, len(tokenize(counted)))
-                     for index in range(params.get("n", 1))]
-        self._sequences.extend(sequences)
+        mock_request = MockRequest(
+            request["id"], reply, s.mock_reply_length == "max_tokens" or bool(params.get("ignore_eos")),
+            max_tokens, params.get("stop") or [], emit, len(prompt_tokens),
+            block_hashes(prompt_tokens), [Choice(index) for index in range(n)])
+        mock_request.kv_tokens = len(prompt_tokens) + n * max_tokens
+        if n > self.max_num_seqs:
+            raise InvalidRequest(f"n={n} is more than the {self.max_num_seqs} sequences this engine "
+                                 "runs at once (COHORT_MAX_NUM_SEQS)")
+        if mock_request.kv_tokens > s.mock_kv_tokens:
+            raise InvalidRequest(f"the prompt ({len(prompt_tokens)} tokens) and {n} x max_tokens "
+                                 f"({max_tokens}) do not fit the KV cache of {s.mock_kv_tokens} "
+                                 "tokens (MOCK_KV_TOKENS)")
+        self._waiting.append(mock_request)
         self._wake.set()
         try:
-            for seq in sequences:
-                await seq.done.wait()
-        finally:  # an abort cancels us: the step loop must stop spending on these sequences
-            for seq in sequences:
-                seq.done.set()
+            await mock_request.finished.wait()
+        finally:  # an abort cancels us: the step loop must stop spending on this request
+            mock_request.finished.set()
+            for choice in mock_request.choices:
+                choice.done = True
