@@ -57,6 +57,7 @@ class Worker:
         self.error = ""
         self.load_time_s = 0.0
         self.links: list[FrontLink] = []
+        self.pending = 0  # requests received whose engine has not seen them yet
         self._scopes: dict[str, trio.CancelScope] = {}
         self._stop = trio.CancelScope()
 
@@ -97,11 +98,24 @@ class Worker:
         for link in self.links:
             await link.send(protocol.Ready(self.load_time_s, self.engine.model))
 
+    def load(self, received: int) -> dict:
+        """The engine's load for a link's report; what it has not seen yet counts as waiting."""
+        stats = self.engine.stats()
+        stats.waiting += self.pending
+        stats.received = received
+        return stats.as_item()
+
     async def run_batch(self, link: FrontLink, batch: protocol.Batch) -> None:
+        """Run a batch the link has just counted as received (`pending` includes it)."""
         if self.state != "ready":
+            self.pending -= len(batch.requests)
             await link.send(protocol.Error(f"worker is {self.state}", [r["id"] for r in batch.requests]))
             return
-        await self.engine.admit(len(batch.requests))
+        try:
+            await self.engine.admit(len(batch.requests))
+        except BaseException:
+            self.pending -= len(batch.requests)
+            raise
         async with trio.open_nursery() as nursery:
             for request in batch.requests:
                 request["batch_id"] = batch.batch_id
@@ -113,6 +127,7 @@ class Worker:
         emit = link.emit if request.get("stream", True) else WholeChoices(link.emit)
         log.debug("request_id=%s job=%s batch=%s starts", request.get("trace_id"), request["id"],
                   request.get("batch_id"))
+        self.pending -= 1
         try:
             with scope:
                 await self.engine.generate(request, emit)

@@ -29,10 +29,12 @@ class FrontLink:
         self.endpoint = endpoint
         self.worker = worker
         self.welcomed = False
+        self.received = 0  # requests taken from this front: the acknowledgement in every load
         self._sock: TrioSocket | None = None
         # Unbounded: emit() is called from the engine's step and must never wait; the flush task
         # drains it as fast as the socket takes messages.
-        self._out_send, self._out_receive = trio.open_memory_channel[dict[str, Any]](math.inf)
+        # `None` asks for a load report alone (a batch just arrived).
+        self._out_send, self._out_receive = trio.open_memory_channel[dict[str, Any] | None](math.inf)
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         raw = zmq.Context.instance().socket(zmq.DEALER)
@@ -70,6 +72,7 @@ class FrontLink:
                 pass
 
     async def _flush_loop(self) -> None:
+        """Everything emitted together leaves as one `out`, with the engine's load as of now."""
         async for item in self._out_receive:
             items = [item]
             while True:
@@ -77,14 +80,16 @@ class FrontLink:
                     items.append(self._out_receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            await self.send(protocol.Out(items))
+            await self.send(protocol.Out([i for i in items if i is not None],
+                                         self.worker.load(self.received)))
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await trio.sleep(self.worker.settings.heartbeat_interval_s)
             if not self.welcomed:  # the front is not up yet, or lost our hello: say it again
                 await self.send(self.worker.hello())
-            await self.send(protocol.Heartbeat(self.worker.engine.unfinished(), self.worker.state))
+            await self.send(protocol.Heartbeat(self.worker.engine.unfinished(), self.worker.state,
+                                               self.worker.load(self.received)))
 
     async def _receive_loop(self, nursery: trio.Nursery) -> None:
         assert self._sock is not None
@@ -102,7 +107,10 @@ class FrontLink:
                 self.welcomed = False
                 await self.send(self.worker.hello())
             elif isinstance(message, protocol.Batch):
+                self.received += len(message.requests)
+                self.worker.pending += len(message.requests)
                 nursery.start_soon(self.worker.run_batch, self, message)
+                self._out_send.send_nowait(None)  # acknowledge at once, with the new load
             elif isinstance(message, protocol.Abort):
                 self.worker.abort(message.ids)
             elif isinstance(message, protocol.Shutdown):
