@@ -1,6 +1,7 @@
-"""The workers as the front sees them: registry, liveness, choice of worker, batches out, outputs in.
+"""The ZeroMQ side of the workers: registration, liveness, batches out, outputs and loads in.
 
-The front binds a ROUTER; each worker connects a DEALER whose identity is its worker id. A worker
+The front binds a ROUTER; each worker connects a DEALER whose identity is its worker id. Which
+worker gets a job is `server.scheduling.placement`'s decision; this module carries it out. A worker
 that stays silent past `worker_timeout_s`, says bye, or says hello again from a new process is dead:
 its jobs that have streamed nothing are re-run elsewhere, the rest end with a clear error.
 """
@@ -11,7 +12,6 @@ import itertools
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
 
 import trio
 import zmq
@@ -19,42 +19,16 @@ import zmq
 from common import protocol
 from common.config import ServerSettings
 from common.zmqtrio import TrioSocket
-from server.errors import (BadRequest, EngineFailed, NoWorkers, NotFound, UpstreamUnavailable,
-                           WorkerDied)
+from server.errors import BadRequest, EngineFailed, NoWorkers, UpstreamUnavailable, WorkerDied
 from server.jobs import Job
 from server.metrics import Metrics
+from server.scheduling.placement import Placement
+from server.workers import WorkerHandle, WorkerRegistry
 
 log = logging.getLogger("cohort.dispatch")
 
 # A worker's per-request error kinds, as the client sees them (anything else: EngineFailed, 502).
 FAILURES = {"invalid": BadRequest, "unavailable": UpstreamUnavailable}
-
-
-@dataclass
-class WorkerHandle:
-    """One worker: what it serves, its state, and the batches and jobs it holds."""
-
-    identity: bytes
-    worker_id: str
-    engine: str
-    model: str
-    capacity: int
-    device: str
-    pid: int
-    state: str  # loading | ready | failed | dead
-    last_seen: float
-    load_time_s: float = 0.0
-    active: int = 0
-    error: str = ""
-    batches: dict[str, set[str]] = field(default_factory=dict)
-    jobs: dict[str, Job] = field(default_factory=dict)
-    batches_sent: int = 0
-    jobs_done: int = 0
-
-    def shown_state(self, max_batches: int) -> str:
-        if self.state == "ready" and len(self.batches) >= max_batches:
-            return "busy"
-        return self.state
 
 
 class Dispatcher:
@@ -65,10 +39,14 @@ class Dispatcher:
         self.metrics = metrics
         self.front_id = f"{socket.gethostname()}-{os.getpid()}"
         self.endpoint = ""
-        self.workers: dict[bytes, WorkerHandle] = {}
+        self.placement = Placement(max_unacked_batches=settings.max_batches_per_worker,
+                                   affinity_margin=settings.affinity_margin,
+                                   prefix_affinity=settings.prefix_affinity)
+        self.registry = WorkerRegistry(self.placement, metrics)
+        self.workers = self.registry.workers
         self.scheduler = None  # set by the app: where retried jobs go back to
         self._sock: TrioSocket | None = None
-        self._slots_changed = trio.Event()
+        self._changed = trio.Event()
         self._batch_ids = itertools.count(1)
         # Aborts leave through this outbox, so `abort` never awaits: it runs in `finally` blocks of
         # cancelled handlers and of streaming generators being closed.
@@ -152,15 +130,17 @@ class Dispatcher:
         worker.last_seen = trio.current_time()
         if isinstance(message, protocol.Out):
             self._route_outputs(worker, message.items)
+            self._take_load(worker, message.load)
         elif isinstance(message, protocol.Heartbeat):
             worker.active = message.active
+            self._take_load(worker, message.load)
         elif isinstance(message, protocol.Ready):
             worker.state, worker.load_time_s = "ready", message.load_time_s
             worker.model = message.model or worker.model
             self.metrics.load_time.labels(worker.worker_id, worker.model).set(message.load_time_s)
             log.info("worker %s ready with %s after %.1f s", worker.worker_id, worker.model,
                      message.load_time_s)
-            self._slots_freed()
+            self._notify()
         elif isinstance(message, protocol.Error):
             self._handle_error(worker, message)
         elif isinstance(message, protocol.Bye):
@@ -178,12 +158,18 @@ class Dispatcher:
             worker = WorkerHandle(identity, hello.worker_id, hello.engine, hello.model,
                                   hello.capacity, hello.device, hello.pid, hello.state, now,
                                   hello.load_time_s)
+            worker.load.max_num_seqs = hello.capacity  # until its engine reports its own limit
             self.workers[identity] = worker
             log.info("worker %s joined: engine %s, model %s, %s, state %s", hello.worker_id,
                      hello.engine, hello.model, hello.device, hello.state)
         await self._send(identity, protocol.Welcome(self.front_id))
         if worker.state == "ready":
-            self._slots_freed()
+            self._notify()
+
+    def _take_load(self, worker: WorkerHandle, load: dict) -> None:
+        if load:
+            worker.load.report(protocol.EngineLoad.from_item(load))
+            self._notify()
 
     def _route_outputs(self, worker: WorkerHandle, items: list[dict]) -> None:
         for item in items:
@@ -229,41 +215,43 @@ class Dispatcher:
                     f"worker {worker.worker_id} died ({reason}) while running this request"
                     + ("" if job.retryable else " after part of it was streamed")))
         worker.jobs.clear()
-        worker.batches.clear()
         if retry and self.scheduler is not None:
             self.metrics.retries.inc(len(retry))
             self.scheduler.requeue(retry)
-        if self.scheduler is not None and not self._ready_workers(worker.model):
-            self.scheduler.fail_queued(worker.model, NoWorkers(self._why_unavailable(worker.model)))
-        self._slots_freed()
+        if self.scheduler is not None and not self.registry.ready(worker.model):
+            self.scheduler.fail_queued(worker.model,
+                                       NoWorkers(self.registry.why_unavailable(worker.model)))
+        self._notify()
 
     # --- choosing and sending --------------------------------------------------------------
 
-    def _ready_workers(self, model: str) -> list[WorkerHandle]:
-        return [w for w in self.workers.values() if w.state == "ready" and w.model == model]
-
-    def pick_worker(self, model: str) -> WorkerHandle | None:
-        """The ready worker of `model` with a free batch slot and the least outstanding work."""
-        free = [w for w in self._ready_workers(model)
-                if len(w.batches) < self.settings.max_batches_per_worker]
-        return min(free, key=lambda w: (len(w.jobs), w.batches_sent), default=None)
-
-    async def wait_for_slot(self, model: str) -> None:
-        while self.pick_worker(model) is None:
-            await self._slots_changed.wait()
+    def room(self, model: str) -> int:
+        """Sequences the ready workers of `model` could start now."""
+        return self.registry.room(model)
 
     async def wait_for_change(self) -> None:
-        """Return at the next change of worker state or batch slots (a join, a death, a batch done)."""
-        await self._slots_changed.wait()
+        """Return at the next change of a worker's load or state (a report, a join, a death)."""
+        await self._changed.wait()
 
-    def _slots_freed(self) -> None:
-        self._slots_changed.set()
-        self._slots_changed = trio.Event()
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
-    async def send_batch(self, model: str, jobs: list[Job]) -> bool:
-        worker = self.pick_worker(model)
-        if worker is None:
-            return False
+    async def send_batch(self, model: str, jobs: list[Job], *, force: bool = False) -> list[Job]:
+        """Place the jobs (see Placement) and send each worker its share as one batch; return
+        the jobs no worker could take now."""
+        workers = {w.identity: w for w in self.registry.ready(model)}
+        plan, left = self.placement.assign(jobs, {key: w.load for key, w in workers.items()},
+                                           force=force)
+        for identity, assigned in plan.items():
+            worker = workers[identity]
+            if worker.state != "ready":  # it died while an earlier share was being sent
+                left.extend(assigned)
+                continue
+            await self._send_batch_to(worker, assigned)
+        return left
+
+    async def _send_batch_to(self, worker: WorkerHandle, jobs: list[Job]) -> None:
         batch_id = f"{self.front_id}-b{next(self._batch_ids)}"
         now = trio.current_time()
         requests = []
@@ -276,12 +264,11 @@ class Dispatcher:
             requests.append(protocol.request_item(job.id, spec.kind, spec.params, prompt=spec.prompt,
                                                   messages=spec.messages, trace_id=spec.trace_id,
                                                   stream=spec.stream))
-        worker.batches[batch_id] = {job.id for job in jobs}
+        worker.load.sent_batch(jobs)
         worker.batches_sent += 1
         self.metrics.batch_sent(len(jobs))
         if not await self._send(worker.identity, protocol.Batch(batch_id, requests)):
             self._mark_dead(worker, "unreachable")
-        return True
 
     def abort(self, job: Job) -> None:
         """Stop a job: dropped from its queue, or aborted on its worker. Safe to call twice."""
@@ -292,7 +279,7 @@ class Dispatcher:
         job.state = "cancelled"
         if not was_running:
             return
-        worker = self._worker_by_id(job.worker_id)
+        worker = self.registry.by_id(job.worker_id)
         self._release(job)
         if worker is not None and worker.state != "dead":
             try:
@@ -301,20 +288,10 @@ class Dispatcher:
                 log.warning("abort outbox full; %s runs on until its worker finishes it", job.id)
 
     def _release(self, job: Job) -> None:
-        """Forget a finished job; a batch whose jobs all finished frees its worker's slot."""
-        worker = self._worker_by_id(job.worker_id)
-        if worker is None or worker.jobs.pop(job.id, None) is None:
-            return
-        worker.jobs_done += 1
-        members = worker.batches.get(job.batch_id)
-        if members is not None:
-            members.discard(job.id)
-            if not members:
-                del worker.batches[job.batch_id]
-                self._slots_freed()
-
-    def _worker_by_id(self, worker_id: str) -> WorkerHandle | None:
-        return self.workers.get(worker_id.encode())
+        """Forget a finished job (the worker's next load report tells what it freed)."""
+        worker = self.registry.by_id(job.worker_id)
+        if worker is not None and worker.jobs.pop(job.id, None) is not None:
+            worker.jobs_done += 1
 
     async def _send(self, identity: bytes, message: protocol.Message) -> bool:
         assert self._sock is not None
@@ -329,44 +306,13 @@ class Dispatcher:
 
     def check_model(self, model: str) -> None:
         """Raise NotFound for a model nobody serves, NoWorkers when none of its workers is ready."""
-        if self._ready_workers(model):
-            return
-        if any(w.model == model for w in self.workers.values()):
-            raise NoWorkers(self._why_unavailable(model))
-        if not any(w.state == "ready" for w in self.workers.values()):
-            raise NoWorkers("no worker is ready: start one with `python -m worker` "
-                            f"(it connects to {self.endpoint or self.settings.zmq_bind})")
-        raise NotFound(f"the model {model!r} does not exist; served here: "
-                       f"{', '.join(self.models()) or 'none'}", param="model",
-                       code="model_not_found")
-
-    def _why_unavailable(self, model: str) -> str:
-        states = [w.state for w in self.workers.values() if w.model == model]
-        if "loading" in states:
-            return (f"model {model!r} is still loading on {states.count('loading')} worker(s); "
-                    "retry shortly (GET /ready tells when)")
-        return f"no ready worker serves model {model!r}: its {len(states)} worker(s) are dead or failed"
+        self.registry.check_model(model, self.endpoint or self.settings.zmq_bind)
 
     def models(self) -> list[str]:
-        return sorted({w.model for w in self.workers.values() if w.state == "ready"})
+        return self.registry.models()
 
     def describe_workers(self) -> list[dict[str, object]]:
-        now = trio.current_time()
-        limit = self.settings.max_batches_per_worker
-        return [{
-            "id": w.worker_id, "engine": w.engine, "model": w.model, "device": w.device,
-            "state": w.shown_state(limit), "capacity": w.capacity, "pid": w.pid,
-            "load_time_s": round(w.load_time_s, 3), "batches_in_flight": len(w.batches),
-            "jobs_in_flight": len(w.jobs), "engine_active": w.active,
-            "batches_sent": w.batches_sent, "jobs_done": w.jobs_done,
-            "last_seen_s_ago": round(now - w.last_seen, 3), "error": w.error,
-        } for w in self.workers.values()]
+        return self.registry.describe(trio.current_time())
 
     def refresh_gauges(self) -> None:
-        """Set the workers-by-state gauges; called when they are scraped, not on every message."""
-        limit = self.settings.max_batches_per_worker
-        counts = {state: 0 for state in ("loading", "ready", "busy", "failed", "dead")}
-        for worker in self.workers.values():
-            counts[worker.shown_state(limit)] += 1
-        for state, count in counts.items():
-            self.metrics.workers.labels(state).set(count)
+        self.registry.refresh_gauges()

@@ -15,6 +15,7 @@ from server.jobs import Job, JobSpec, Restart
 from server.metrics import Metrics
 from server.openai_format import Collector
 from server.scheduler import Scheduler
+from server.scheduling.prefix import prefix_blocks, prompt_text
 
 log = logging.getLogger("cohort.gateway")
 
@@ -49,6 +50,8 @@ class Gateway:
         self.dispatcher.check_model(spec.model)
         now = trio.current_time()
         job = Job(spec, enqueued_at=now, deadline=now + self.settings.request_timeout_s)
+        if self.settings.prefix_affinity:
+            job.prefix = prefix_blocks(prompt_text(spec.kind, spec.prompt, spec.messages))
         self.scheduler.submit(job)
         return job
 

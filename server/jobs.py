@@ -51,6 +51,7 @@ class Job:
     batch_id: str = ""
     started_at: float = 0.0
     finished_choices: int = 0
+    prefix: tuple[int, ...] = ()  # the prompt's prefix blocks, for placement by affinity
     _send: trio.MemorySendChannel = field(init=False, repr=False)
     outputs: trio.MemoryReceiveChannel = field(init=False, repr=False)
 
@@ -58,6 +59,11 @@ class Job:
         # Unbounded on purpose: the dispatcher's one receive loop must never wait on a slow client,
         # and a job's output is bounded by its own max_tokens * n.
         self._send, self.outputs = trio.open_memory_channel(math.inf)
+
+    @property
+    def seqs(self) -> int:
+        """Sequences the engine runs for this job: one per choice."""
+        return self.spec.n
 
     @property
     def finished(self) -> bool:

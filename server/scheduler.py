@@ -1,91 +1,38 @@
-"""Micro-batching: per-model bounded queues, and the loop that turns them into batches.
+"""The batching loop: per-model queues turned into batches as soon as a worker can start them.
 
-A batch leaves when it holds `max_batch_size` jobs, or `max_wait_s` after its oldest job arrived,
-whichever comes first, and only when a ready worker has a free batch slot: while every slot is busy
-the queue keeps filling, so the next batch leaves fuller.
+Work-conserving: while some worker of the model has room (see `server.scheduling.placement`), a
+request leaves at once, with whatever gathered behind it (up to `max_batch_size` and the room
+there is). Only while every worker is full do requests gather; they leave when room appears, or
+once the oldest has waited `max_wait_s` (VLLM_BATCH_WAIT_TIMEOUT), into the least loaded engine's
+own queue, as `vllm serve` would have queued them. The window never delays a request while a
+worker is idle.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-from collections.abc import Iterable
 from typing import Protocol
 
 import trio
 
-from server.errors import NoWorkers, QueueFull
+from server.errors import NoWorkers
 from server.jobs import Job
+from server.scheduling.queue import ModelQueue
 
 log = logging.getLogger("cohort.scheduler")
-
-
-class ModelQueue:
-    """The queue policy for one model, with no tasks in it: what waits, and what leaves next."""
-
-    def __init__(self, max_size: int) -> None:
-        self.max_size = max_size
-        self._jobs: collections.deque[Job] = collections.deque()
-        self._changed = trio.Event()
-
-    def __len__(self) -> int:
-        return len(self._jobs)
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def push(self, job: Job) -> None:
-        """Queue a new job, or refuse it with QueueFull when the queue is at its bound."""
-        if len(self._jobs) >= self.max_size:
-            raise QueueFull(
-                f"the queue for model {job.spec.model!r} holds {self.max_size} requests; "
-                "retry later (COHORT_MAX_QUEUE sets the bound)")
-        self._jobs.append(job)
-        self._notify()
-
-    def push_front(self, jobs: Iterable[Job]) -> None:
-        """Put jobs back at the head (a retry after a worker died); the bound does not apply."""
-        self._jobs.extendleft(reversed(list(jobs)))
-        self._notify()
-
-    def oldest_arrival(self) -> float | None:
-        self._drop_cancelled()
-        return self._jobs[0].enqueued_at if self._jobs else None
-
-    def take(self, max_jobs: int) -> list[Job]:
-        """Remove and return up to `max_jobs` live jobs, oldest first."""
-        batch: list[Job] = []
-        while self._jobs and len(batch) < max_jobs:
-            job = self._jobs.popleft()
-            if job.state == "queued":
-                batch.append(job)
-        return batch
-
-    def drain(self) -> list[Job]:
-        jobs = self.take(len(self._jobs))
-        self._notify()
-        return jobs
-
-    def _drop_cancelled(self) -> None:
-        while self._jobs and self._jobs[0].state != "queued":
-            self._jobs.popleft()
-
-    def live_count(self) -> int:
-        return sum(1 for job in self._jobs if job.state == "queued")
-
-    async def wait_changed(self) -> None:
-        await self._changed.wait()
 
 
 class BatchSink(Protocol):
     """What the scheduler needs from the dispatcher."""
 
-    async def wait_for_slot(self, model: str) -> None:
-        """Return once some ready worker of `model` can take another batch."""
+    def room(self, model: str) -> int:
+        """Sequences the ready workers of `model` could start now (0: all saturated)."""
 
-    async def send_batch(self, model: str, jobs: list[Job]) -> bool:
-        """Hand a batch to the least busy ready worker; False if none could take it now."""
+    async def wait_for_change(self) -> None:
+        """Return at the next change of the workers' load or state."""
+
+    async def send_batch(self, model: str, jobs: list[Job], *, force: bool = False) -> list[Job]:
+        """Place jobs on workers with room (`force`: on any that reads); return those left over."""
 
 
 class Scheduler:
@@ -136,16 +83,21 @@ class Scheduler:
         while True:
             while queue.oldest_arrival() is None:
                 await queue.wait_changed()
-            await self.sink.wait_for_slot(model)
-            oldest = queue.oldest_arrival()
-            if oldest is None:  # cancelled or failed while we waited for a slot
+            room, force = self.sink.room(model), False
+            if not room:
+                # Every worker is full: requests gather until one has room, or until the oldest
+                # has waited the window; then the engines' own queues take them.
+                oldest = queue.oldest_arrival()
+                if oldest is None:
+                    continue
+                with trio.move_on_at(oldest + self.max_wait_s) as window:
+                    while not (room := self.sink.room(model)):
+                        await self.sink.wait_for_change()
+                force = window.cancelled_caught
+            batch = queue.take(self.max_batch_size if force else min(self.max_batch_size, room))
+            if not batch:
                 continue
-            # The window is counted from the oldest job's arrival, not from when a slot freed up.
-            with trio.move_on_at(oldest + self.max_wait_s):
-                # len() bounds the live count from above: the O(n) count runs only near full
-                while len(queue) < self.max_batch_size or queue.live_count() < self.max_batch_size:
-                    await queue.wait_changed()
-            batch = queue.take(self.max_batch_size)
-            if batch and not await self.sink.send_batch(model, batch):
-                queue.push_front(batch)
-                await trio.sleep(0)  # the sink had no slot after all: let its state move on
+            left = await self.sink.send_batch(model, batch, force=force)
+            if left:  # no worker could take them after all: wait for the picture to change
+                queue.push_front(left)
+                await self.sink.wait_for_change()

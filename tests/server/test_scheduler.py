@@ -1,4 +1,4 @@
-"""Batching rules, exactly, in virtual time (trio's MockClock with autojump)."""
+"""The batching loop's rules, exactly, in virtual time (trio's MockClock with autojump)."""
 
 import pytest
 import trio
@@ -6,30 +6,36 @@ import trio.testing
 
 from server.errors import NoWorkers, QueueFull
 from server.jobs import Job, JobSpec
-from server.scheduler import ModelQueue, Scheduler
+from server.scheduler import Scheduler
+from server.scheduling.queue import ModelQueue
 
 MAX_WAIT_S = 0.1
 
 
 class RecordingSink:
-    """Stands in for the dispatcher: `slots` free batch slots, and a record of what left when."""
+    """Stands in for the dispatcher: `free` sequences of room, and a record of what left when."""
 
-    def __init__(self, slots: int = 1_000) -> None:
-        self.slots = slots
-        self.sent: list[tuple[float, list[Job]]] = []
+    def __init__(self, free: int = 1_000, takes: bool = True) -> None:
+        self.free = free
+        self.takes = takes  # False: no worker reads (every send comes back)
+        self.sent: list[tuple[float, list[Job], bool]] = []
         self._changed = trio.Event()
 
-    async def wait_for_slot(self, model: str) -> None:
-        while self.slots == 0:
-            await self._changed.wait()
+    def room(self, model: str) -> int:
+        return self.free
 
-    async def send_batch(self, model: str, jobs: list[Job]) -> bool:
-        self.slots -= 1
-        self.sent.append((trio.current_time(), jobs))
-        return True
+    async def wait_for_change(self) -> None:
+        await self._changed.wait()
 
-    def free_slot(self) -> None:
-        self.slots += 1
+    async def send_batch(self, model: str, jobs: list[Job], *, force: bool = False) -> list[Job]:
+        if not self.takes:
+            return jobs
+        self.free = max(0, self.free - len(jobs))
+        self.sent.append((trio.current_time(), jobs, force))
+        return []
+
+    def set_free(self, free: int) -> None:
+        self.free = free
         self._changed.set()
         self._changed = trio.Event()
 
@@ -49,7 +55,11 @@ async def started(sink, *, max_batch_size=4, max_queue=100, nursery) -> Schedule
     return scheduler
 
 
-async def test_partial_batch_leaves_exactly_at_max_wait(autojump_clock, nursery):
+def timeline(sink: RecordingSink, t0: float) -> list[tuple[float, int, bool]]:
+    return [(round(t - t0, 9), len(jobs), force) for t, jobs, force in sink.sent]
+
+
+async def test_a_request_leaves_at_once_while_a_worker_has_room(autojump_clock, nursery):
     sink = RecordingSink()
     scheduler = await started(sink, nursery=nursery)
     t0 = trio.current_time()
@@ -57,31 +67,69 @@ async def test_partial_batch_leaves_exactly_at_max_wait(autojump_clock, nursery)
     await trio.sleep(0.03)
     scheduler.submit(job())
     await trio.sleep(1)
-    assert [(round(t - t0, 9), len(jobs)) for t, jobs in sink.sent] == [(MAX_WAIT_S, 2)]
+    assert timeline(sink, t0) == [(0, 1, False), (0.03, 1, False)]
 
 
-async def test_full_batch_leaves_at_once(autojump_clock, nursery):
+async def test_what_arrives_together_leaves_together_up_to_the_batch_size(autojump_clock, nursery):
     sink = RecordingSink()
     scheduler = await started(sink, max_batch_size=4, nursery=nursery)
     t0 = trio.current_time()
     for _ in range(6):
         scheduler.submit(job())
     await trio.sleep(1)
-    # four leave at t0 (full), the other two when the window of the oldest of them closes
-    assert [(round(t - t0, 9), len(jobs)) for t, jobs in sink.sent] == [(0, 4), (MAX_WAIT_S, 2)]
+    assert timeline(sink, t0) == [(0, 4, False), (0, 2, False)]
 
 
-async def test_window_counts_from_the_oldest_job_not_from_a_free_slot(autojump_clock, nursery):
-    sink = RecordingSink(slots=0)
+async def test_room_bounds_the_batch_and_the_rest_waits(autojump_clock, nursery):
+    sink = RecordingSink(free=2)
+    scheduler = await started(sink, max_batch_size=8, nursery=nursery)
+    t0 = trio.current_time()
+    for _ in range(5):
+        scheduler.submit(job())
+    await trio.sleep(0.04)
+    sink.set_free(8)  # a report: the engine finished some sequences
+    await trio.sleep(0.01)
+    assert timeline(sink, t0) == [(0, 2, False), (0.04, 3, False)]
+
+
+async def test_while_every_worker_is_full_requests_gather_until_room_appears(autojump_clock, nursery):
+    sink = RecordingSink(free=0)
     scheduler = await started(sink, max_batch_size=8, nursery=nursery)
     t0 = trio.current_time()
     scheduler.submit(job())
-    await trio.sleep(0.5)  # no worker slot for 0.5 s: the queue keeps filling meanwhile
+    await trio.sleep(0.02)
     scheduler.submit(job())
     scheduler.submit(job())
-    sink.free_slot()
+    await trio.sleep(0.03)
+    sink.set_free(100)
     await trio.sleep(1)
-    assert [(round(t - t0, 9), len(jobs)) for t, jobs in sink.sent] == [(0.5, 3)]
+    assert timeline(sink, t0) == [(0.05, 3, False)]
+
+
+async def test_the_window_bounds_the_wait_then_the_engines_queue_takes_them(autojump_clock, nursery):
+    sink = RecordingSink(free=0)
+    scheduler = await started(sink, max_batch_size=8, nursery=nursery)
+    t0 = trio.current_time()
+    scheduler.submit(job())
+    await trio.sleep(0.03)
+    scheduler.submit(job())
+    await trio.sleep(1)
+    # counted from the oldest job's arrival; both leave, forced, when its window closes
+    assert timeline(sink, t0) == [(MAX_WAIT_S, 2, True)]
+
+
+async def test_jobs_nobody_takes_go_back_in_front_and_wait_for_a_change(autojump_clock, nursery):
+    sink = RecordingSink(takes=False)
+    scheduler = await started(sink, nursery=nursery)
+    first, second = job(), job()
+    scheduler.submit(first)
+    scheduler.submit(second)
+    await trio.sleep(1)
+    assert sink.sent == [] and scheduler.queued() == {"m": 2}
+    sink.takes = True
+    sink.set_free(10)
+    await trio.sleep(0.001)
+    assert [jobs for _, jobs, _ in sink.sent] == [[first, second]]
 
 
 async def test_batches_are_per_model(autojump_clock, nursery):
@@ -91,7 +139,7 @@ async def test_batches_are_per_model(autojump_clock, nursery):
     scheduler.submit(job("b"))
     scheduler.submit(job("a"))
     await trio.sleep(1)
-    models = sorted(tuple(j.spec.model for j in jobs) for _, jobs in sink.sent)
+    models = sorted(tuple(j.spec.model for j in jobs) for _, jobs, _ in sink.sent)
     assert models == [("a", "a"), ("b",)]
 
 
@@ -103,11 +151,11 @@ async def test_cancelled_jobs_never_leave(autojump_clock, nursery):
     scheduler.submit(keep)
     drop.state = "cancelled"
     await trio.sleep(1)
-    assert [jobs for _, jobs in sink.sent] == [[keep]]
+    assert [jobs for _, jobs, _ in sink.sent] == [[keep]]
 
 
 async def test_full_queue_refuses_with_queue_full(autojump_clock, nursery):
-    sink = RecordingSink(slots=0)
+    sink = RecordingSink(free=0)
     scheduler = await started(sink, max_queue=2, nursery=nursery)
     scheduler.submit(job())
     scheduler.submit(job())
@@ -117,7 +165,7 @@ async def test_full_queue_refuses_with_queue_full(autojump_clock, nursery):
 
 
 async def test_requeued_jobs_go_first_and_fail_queued_fails_all(autojump_clock, nursery):
-    sink = RecordingSink(slots=0)
+    sink = RecordingSink(free=0)
     scheduler = await started(sink, nursery=nursery)
     waiting, retried = job(), job(attempts=1)
     scheduler.submit(waiting)

@@ -1,0 +1,130 @@
+"""Who gets a request: placement by engine load first, then by prefix affinity within a margin.
+
+A worker has *room* while its engine could start another sequence now: what it runs, what waits
+in it and what the front sent that it has not acknowledged stay under its `max_num_seqs`, its KV
+cache is not full, and fewer than `max_unacked_batches` batches are still on the wire to it (a
+worker that stops reading gets no more). Among workers with room, the one with the least queued
+work (waiting + unacknowledged, then KV use, then running) gets the request, unless another one
+within `affinity_margin` sequences of it was sent a longer prefix of the same prompt: that one
+likely skips the prefill. A worker whose engine has a waiting queue is never chosen for affinity
+while one without has room, so affinity cannot build a hot spot.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from common.protocol import EngineLoad
+from server.scheduling.prefix import PrefixMemory
+
+KV_FULL = 0.98  # vLLM preempts near a full KV cache; sending more only makes it queue
+
+
+class Placeable(Protocol):
+    """What placement reads of a job: its choices and its prompt's prefix blocks."""
+
+    prefix: tuple[int, ...]
+
+    @property
+    def seqs(self) -> int: ...
+
+
+@dataclass
+class WorkerLoad:
+    """The front's picture of one worker's engine: its last report, plus what the front sent
+    that the report did not count yet (unacknowledged batches)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    prefix_hit_rate: float = 0.0
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 0
+    sent: int = 0  # requests sent, ever: the worker acknowledges by this count
+    received: int = 0
+    unacked: int = 0  # sequences of the batches not acknowledged yet
+    prefixes: PrefixMemory = field(default_factory=PrefixMemory)
+    _marks: collections.deque[tuple[int, int]] = field(default_factory=collections.deque)
+
+    def report(self, load: EngineLoad) -> None:
+        """Take in a report from the worker; batches it counted are no longer unacknowledged."""
+        self.running, self.waiting, self.kv_usage = load.running, load.waiting, load.kv_usage
+        self.prefix_hit_rate = load.prefix_hit_rate
+        self.max_num_seqs = load.max_num_seqs or self.max_num_seqs
+        self.max_num_batched_tokens = load.max_num_batched_tokens
+        self.received = max(self.received, load.received)
+        while self._marks and self._marks[0][0] <= self.received:
+            self.unacked -= self._marks.popleft()[1]
+
+    def sent_batch(self, jobs: Sequence[Placeable]) -> None:
+        self.sent += len(jobs)
+        seqs = sum(job.seqs for job in jobs)
+        self._marks.append((self.sent, seqs))
+        self.unacked += seqs
+        for job in jobs:
+            self.prefixes.remember(job.prefix)
+
+    @property
+    def unacked_batches(self) -> int:
+        return len(self._marks)
+
+    @property
+    def outstanding(self) -> int:
+        return self.running + self.waiting + self.unacked
+
+
+class Placement:
+    """Chooses a worker for each job of a batch; pure, so it is tested without sockets."""
+
+    def __init__(self, *, max_unacked_batches: int, affinity_margin: int,
+                 prefix_affinity: bool = True) -> None:
+        self.max_unacked_batches = max_unacked_batches
+        self.affinity_margin = affinity_margin
+        self.prefix_affinity = prefix_affinity
+
+    def room(self, load: WorkerLoad) -> int:
+        """Sequences this worker's engine could start now (0: it is saturated)."""
+        if load.unacked_batches >= self.max_unacked_batches or load.kv_usage >= KV_FULL:
+            return 0
+        return max(0, load.max_num_seqs - load.outstanding)
+
+    def assign(self, jobs: Sequence[Placeable], workers: dict[Hashable, WorkerLoad], *,
+               force: bool = False) -> tuple[dict[Hashable, list], list]:
+        """Give each job a worker with room (with `force`, any worker not behind on acks: the
+        engine queues it). Returns {worker: jobs} and the jobs no worker can take now."""
+        extra = dict.fromkeys(workers, 0)
+        room = {key: self.room(load) for key, load in workers.items()}
+        plan: dict[Hashable, list] = {}
+        left = []
+        for job in jobs:
+            open_ = [key for key, load in workers.items()
+                     if room[key] >= extra[key] + job.seqs
+                     or (force and load.unacked_batches < self.max_unacked_batches)]
+            if not open_:
+                left.append(job)
+                continue
+            key = self._choose(job, open_, workers, extra)
+            extra[key] += job.seqs
+            plan.setdefault(key, []).append(job)
+        return plan, left
+
+    def _choose(self, job: Placeable, open_: list[Hashable], workers: dict[Hashable, WorkerLoad],
+                extra: dict[Hashable, int]) -> Hashable:
+        def queued(key: Hashable) -> tuple[int, float, int]:
+            load = workers[key]
+            return (load.waiting + load.unacked + extra[key], load.kv_usage,
+                    load.outstanding + extra[key])
+
+        best = min(open_, key=queued)
+        if not (self.prefix_affinity and job.prefix):
+            return best
+        limit = workers[best].outstanding + extra[best] + self.affinity_margin
+        near = [key for key in open_
+                if workers[key].outstanding + extra[key] <= limit
+                and (workers[key].waiting == 0 or workers[best].waiting > 0)]
+        affine = max(near, key=lambda key: (workers[key].prefixes.match(job.prefix),
+                                            key == best), default=best)
+        return affine if workers[affine].prefixes.match(job.prefix) else best

@@ -1,0 +1,106 @@
+"""The workers as the front knows them: who they are, their state and load, and what routes ask of
+them (which models are served, why one is not, what `/health` shows). No sockets here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from server.errors import NoWorkers, NotFound
+from server.jobs import Job
+from server.metrics import Metrics
+from server.scheduling.placement import Placement, WorkerLoad
+
+STATES = ("loading", "ready", "busy", "failed", "dead")
+
+
+@dataclass
+class WorkerHandle:
+    """One worker: what it serves, its state, its engine's load and the jobs it holds."""
+
+    identity: bytes
+    worker_id: str
+    engine: str
+    model: str
+    capacity: int
+    device: str
+    pid: int
+    state: str  # loading | ready | failed | dead
+    last_seen: float
+    load_time_s: float = 0.0
+    active: int = 0
+    error: str = ""
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    jobs: dict[str, Job] = field(default_factory=dict)
+    batches_sent: int = 0
+    jobs_done: int = 0
+
+
+class WorkerRegistry:
+    """Every worker that said hello, by ZeroMQ identity."""
+
+    def __init__(self, placement: Placement, metrics: Metrics) -> None:
+        self.placement = placement
+        self.metrics = metrics
+        self.workers: dict[bytes, WorkerHandle] = {}
+
+    def get(self, identity: bytes) -> WorkerHandle | None:
+        return self.workers.get(identity)
+
+    def by_id(self, worker_id: str) -> WorkerHandle | None:
+        return self.workers.get(worker_id.encode())
+
+    def ready(self, model: str) -> list[WorkerHandle]:
+        return [w for w in self.workers.values() if w.state == "ready" and w.model == model]
+
+    def room(self, model: str) -> int:
+        return sum(self.placement.room(w.load) for w in self.ready(model))
+
+    def shown_state(self, worker: WorkerHandle) -> str:
+        if worker.state == "ready" and not self.placement.room(worker.load):
+            return "busy"
+        return worker.state
+
+    def models(self) -> list[str]:
+        return sorted({w.model for w in self.workers.values() if w.state == "ready"})
+
+    def check_model(self, model: str, endpoint: str) -> None:
+        """Raise NotFound for a model nobody serves, NoWorkers when none of its workers is ready."""
+        if self.ready(model):
+            return
+        if any(w.model == model for w in self.workers.values()):
+            raise NoWorkers(self.why_unavailable(model))
+        if not any(w.state == "ready" for w in self.workers.values()):
+            raise NoWorkers("no worker is ready: start one with `python -m worker` "
+                            f"(it connects to {endpoint})")
+        raise NotFound(f"the model {model!r} does not exist; served here: "
+                       f"{', '.join(self.models()) or 'none'}", param="model",
+                       code="model_not_found")
+
+    def why_unavailable(self, model: str) -> str:
+        states = [w.state for w in self.workers.values() if w.model == model]
+        if "loading" in states:
+            return (f"model {model!r} is still loading on {states.count('loading')} worker(s); "
+                    "retry shortly (GET /ready tells when)")
+        return f"no ready worker serves model {model!r}: its {len(states)} worker(s) are dead or failed"
+
+    def describe(self, now: float) -> list[dict[str, object]]:
+        return [{
+            "id": w.worker_id, "engine": w.engine, "model": w.model, "device": w.device,
+            "state": self.shown_state(w), "capacity": w.capacity, "pid": w.pid,
+            "load_time_s": round(w.load_time_s, 3), "jobs_in_flight": len(w.jobs),
+            "engine_active": w.active, "running": w.load.running, "waiting": w.load.waiting,
+            "unacknowledged": w.load.unacked, "kv_usage": round(w.load.kv_usage, 4),
+            "prefix_hit_rate": round(w.load.prefix_hit_rate, 4),
+            "max_num_seqs": w.load.max_num_seqs,
+            "max_num_batched_tokens": w.load.max_num_batched_tokens,
+            "batches_sent": w.batches_sent, "jobs_done": w.jobs_done,
+            "last_seen_s_ago": round(now - w.last_seen, 3), "error": w.error,
+        } for w in self.workers.values()]
+
+    def refresh_gauges(self) -> None:
+        """Set the workers-by-state gauges; called when they are scraped, not on every message."""
+        counts = dict.fromkeys(STATES, 0)
+        for worker in self.workers.values():
+            counts[self.shown_state(worker)] += 1
+        for state, count in counts.items():
+            self.metrics.workers.labels(state).set(count)

@@ -1,0 +1,168 @@
+"""Who gets a request: placement by load, then by prefix, and the batching loop driven by it,
+without sockets, in virtual time."""
+
+import trio
+
+from common.protocol import EngineLoad
+from server.jobs import Job, JobSpec
+from server.scheduler import Scheduler
+from server.scheduling.placement import KV_FULL, Placement, WorkerLoad
+from server.scheduling.prefix import BLOCK_CHARS, PrefixMemory, prefix_blocks, prompt_text
+
+SYSTEM = "You are a careful assistant. " * 40  # about 1,100 characters: four blocks
+
+
+def job(prompt: str = "hi", n: int = 1) -> Job:
+    made = Job(JobSpec("m", "completion", {"n": n}, prompt=prompt), 0.0, 60.0)
+    made.prefix = prefix_blocks(prompt)
+    return made
+
+
+def placement(**kw) -> Placement:
+    return Placement(**{"max_unacked_batches": 4, "affinity_margin": 4, **kw})
+
+
+def loads(**figures: dict) -> dict[str, WorkerLoad]:
+    return {name: WorkerLoad(**values) for name, values in figures.items()}
+
+
+def test_the_least_queued_worker_wins_then_kv_use_then_running():
+    workers = loads(a=dict(running=10, waiting=2), b=dict(running=50), c=dict(running=5, kv_usage=0.5))
+    plan, left = placement().assign([job()], workers)
+    assert plan == {"b": plan["b"]} and not left  # b and c queue nothing; b's KV is emptier
+    workers["b"].kv_usage = 0.9
+    assert list(placement().assign([job()], workers)[0]) == ["c"]
+
+
+def test_a_batch_spreads_by_room_and_what_fits_nowhere_is_left():
+    workers = loads(a=dict(max_num_seqs=2), b=dict(max_num_seqs=2, running=1))
+    jobs = [job() for _ in range(5)]
+    plan, left = placement().assign(jobs, workers)
+    assert {key: len(value) for key, value in plan.items()} == {"a": 2, "b": 1}
+    assert left == jobs[3:]
+
+
+def test_choices_count_as_sequences():
+    workers = loads(a=dict(max_num_seqs=4))
+    plan, left = placement().assign([job(n=3), job(n=3)], workers)
+    assert len(plan["a"]) == 1 and len(left) == 1
+
+
+def test_no_room_when_kv_is_full_or_the_worker_is_behind_on_acks():
+    policy = placement(max_unacked_batches=2)
+    assert policy.room(WorkerLoad(kv_usage=KV_FULL)) == 0
+    behind = WorkerLoad()
+    behind.sent_batch([job()])
+    behind.sent_batch([job()])
+    assert behind.unacked == 2 and policy.room(behind) == 0
+    behind.report(EngineLoad(running=2, received=1))  # the first batch reached the engine
+    assert behind.unacked == 1 and behind.outstanding == 3 and policy.room(behind) == 253
+
+
+def test_force_queues_on_the_least_loaded_engine_but_never_on_one_that_stopped_reading():
+    workers = loads(full=dict(max_num_seqs=1, running=1, waiting=3), fuller=dict(max_num_seqs=1, running=1, waiting=9))
+    plan, left = placement().assign([job()], workers)
+    assert not plan and len(left) == 1
+    plan, left = placement().assign([job()], workers, force=True)
+    assert list(plan) == ["full"] and not left
+    for _ in range(4):
+        workers["full"].sent_batch([job()])
+    assert list(placement().assign([job()], workers, force=True)[0]) == ["fuller"]
+
+
+def test_a_shared_prefix_goes_back_to_the_worker_that_has_it():
+    workers = loads(a=dict(running=3), b=dict(running=0))
+    workers["a"].prefixes.remember(prefix_blocks(SYSTEM + "first question"))
+    plan, _ = placement().assign([job(SYSTEM + "another question")], workers)
+    assert list(plan) == ["a"]  # within the margin (3 <= 0 + 4)
+    plan, _ = placement(prefix_affinity=False).assign([job(SYSTEM + "x")], workers)
+    assert list(plan) == ["b"]
+    plan, _ = placement().assign([job("short, no prefix to speak of")], workers)
+    assert list(plan) == ["b"]
+
+
+def test_affinity_yields_beyond_the_margin_and_to_a_waiting_queue():
+    workers = loads(a=dict(running=5), b=dict(running=0))
+    workers["a"].prefixes.remember(prefix_blocks(SYSTEM))
+    assert list(placement().assign([job(SYSTEM + "q")], workers)[0]) == ["b"]  # 5 > 0 + 4
+    workers = loads(a=dict(running=0, waiting=1), b=dict(running=2))
+    workers["a"].prefixes.remember(prefix_blocks(SYSTEM))
+    assert list(placement().assign([job(SYSTEM + "q")], workers)[0]) == ["b"]
+
+
+def test_affinity_within_one_batch_cannot_pile_everything_on_one_worker():
+    workers = loads(a=dict(), b=dict())
+    workers["a"].prefixes.remember(prefix_blocks(SYSTEM))
+    plan, _ = placement(affinity_margin=2).assign([job(SYSTEM + str(i)) for i in range(10)], workers)
+    assert sorted(len(v) for v in plan.values()) == [4, 6]
+
+
+def test_prefix_blocks_chain_and_chat_roles_count():
+    text = "x" * (3 * BLOCK_CHARS + 10)
+    blocks = prefix_blocks(text)
+    assert len(blocks) == 3 and prefix_blocks(text[:2 * BLOCK_CHARS]) == blocks[:2]
+    assert prefix_blocks("y" + text[1:])[0] != blocks[0]
+    as_system = prompt_text("chat", "", [{"role": "system", "content": text}])
+    as_user = prompt_text("chat", "", [{"role": "user", "content": text}])
+    assert prefix_blocks(as_system)[0] != prefix_blocks(as_user)[0]
+    memory = PrefixMemory(max_blocks=2)
+    memory.remember(blocks)
+    assert memory.match(blocks) == 0  # the oldest block was dropped, so no prefix matches
+
+
+class SimulatedWorkers:
+    """The dispatcher's policy side over in-memory workers: placement decides, engines are
+    stood for by load reports the test sends."""
+
+    def __init__(self, policy: Placement, **workers: WorkerLoad) -> None:
+        self.policy = policy
+        self.loads = workers
+        self.sent: list[tuple[float, str, int, bool]] = []
+        self._changed = trio.Event()
+
+    def room(self, model: str) -> int:
+        return sum(self.policy.room(load) for load in self.loads.values())
+
+    async def wait_for_change(self) -> None:
+        await self._changed.wait()
+
+    async def send_batch(self, model, jobs, *, force=False):
+        plan, left = self.policy.assign(jobs, self.loads, force=force)
+        for name, assigned in plan.items():
+            self.loads[name].sent_batch(assigned)
+            self.sent.append((trio.current_time(), name, len(assigned), force))
+        return left
+
+    def report(self, name: str, load: EngineLoad) -> None:
+        self.loads[name].report(load)
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+async def test_a_burst_leaves_at_once_over_both_workers(autojump_clock, nursery):
+    workers = SimulatedWorkers(placement(), a=WorkerLoad(), b=WorkerLoad())
+    scheduler = Scheduler(workers, max_batch_size=32, max_wait_s=0.1, max_queue=100)
+    await nursery.start(scheduler.run)
+    for _ in range(32):
+        scheduler.submit(job())
+    await trio.sleep(0)
+    await trio.sleep(0)
+    assert [(t, n) for t, _, n, _ in workers.sent] and all(t == 0 for t, *_ in workers.sent)
+    assert sum(n for *_, n, _ in workers.sent) == 32
+    assert {name: sum(n for _, w, n, _ in workers.sent if w == name) for name in "ab"} == {"a": 16, "b": 16}
+
+
+async def test_saturated_workers_get_more_when_a_report_frees_room(autojump_clock, nursery):
+    workers = SimulatedWorkers(placement(), a=WorkerLoad(max_num_seqs=2), b=WorkerLoad(max_num_seqs=2))
+    scheduler = Scheduler(workers, max_batch_size=32, max_wait_s=0.1, max_queue=100)
+    await nursery.start(scheduler.run)
+    t0 = trio.current_time()
+    for _ in range(6):
+        scheduler.submit(job())
+    await trio.sleep(0.02)
+    assert sum(n for *_, n, _ in workers.sent) == 4 and scheduler.queued() == {"m": 2}
+    workers.report("b", EngineLoad(running=1, received=2))  # one of b's two finished
+    await trio.sleep(0.01)
+    assert [(round(t - t0, 9), w, n) for t, w, n, _ in workers.sent][-1] == (0.02, "b", 1)
+    await trio.sleep(1)  # the last one waits the window out, then queues in an engine
+    assert [(round(t - t0, 9), n, force) for t, _, n, force in workers.sent][-1] == (0.1, 1, True)
