@@ -97,7 +97,16 @@ class ServerSettings:
     max_batch_size: int = env_field(32, "COHORT_MAX_BATCH_SIZE", "VLLM_MAX_BATCH_SIZE")
     max_wait_s: float = env_field(0.1, "COHORT_BATCH_WAIT_S", "VLLM_BATCH_WAIT_TIMEOUT")
     max_batches_per_worker: int = env_field(
-        4, "COHORT_MAX_CONCURRENT_BATCHES", "VLLM_MAX_CONCURRENT_BATCHES"
+        4, "COHORT_MAX_CONCURRENT_BATCHES", "VLLM_MAX_CONCURRENT_BATCHES",
+        doc="batches a worker may have on the wire, sent but not yet taken into its engine",
+    )
+    prefix_affinity: bool = env_field(
+        True, "COHORT_PREFIX_AFFINITY",
+        doc="prefer the worker that served a request's prompt prefix (its prefix cache)",
+    )
+    affinity_margin: int = env_field(
+        4, "COHORT_AFFINITY_MARGIN",
+        doc="how many more requests than the least busy worker an affine worker may hold",
     )
     max_queue: int = env_field(1024, "COHORT_MAX_QUEUE", doc="queued requests per model before 429")
     request_timeout_s: float = env_field(600.0, "COHORT_REQUEST_TIMEOUT_S")
@@ -124,6 +133,8 @@ class ServerSettings:
     log_level: str = env_field("INFO", "COHORT_LOG_LEVEL")
 
     def check(self) -> None:
+        if self.affinity_margin < 0:
+            raise SettingError("COHORT_AFFINITY_MARGIN must be >= 0")
         positive = ("max_batch_size", "max_batches_per_worker", "max_queue", "max_body_bytes",
                     "max_tokens_limit", "max_n", "zmq_port_span")
         for name in positive:
@@ -167,8 +178,18 @@ class WorkerSettings:
     enforce_eager: bool = env_field(True, "COHORT_ENFORCE_EAGER")
     device: str = env_field("auto", "COHORT_DEVICE", doc="auto | cuda | cpu")
     capacity: int = env_field(256, "COHORT_WORKER_CAPACITY", doc="sequences one worker runs at once")
+    max_num_seqs: int = env_field(
+        0, "COHORT_MAX_NUM_SEQS", doc="vLLM's max_num_seqs: sequences the engine runs at once (0: engine default)"
+    )
+    max_num_batched_tokens: int = env_field(
+        0, "COHORT_MAX_NUM_BATCHED_TOKENS",
+        doc="vLLM's max_num_batched_tokens: tokens one engine step takes (0: engine default)",
+    )
     heartbeat_interval_s: float = env_field(0.5, "COHORT_HEARTBEAT_INTERVAL_S")
-    mock_ttft_s: float = env_field(0.05, "MOCK_TTFT_S", doc="mock: prefill time of a step that admits requests")
+    mock_ttft_s: float = env_field(0.0, "MOCK_TTFT_S", doc="mock: fixed extra cost of a step that prefills")
+    mock_prefill_token_s: float = env_field(
+        0.00005, "MOCK_PREFILL_TOKEN_S", doc="mock: prefill time per prompt token not in the prefix cache"
+    )
     mock_token_s: float = env_field(0.01, "MOCK_TOKEN_S", doc="mock: decode step time at batch size 1")
     mock_batch_growth: float = env_field(
         0.02, "MOCK_BATCH_GROWTH", doc="mock: extra step time per extra sequence, as a share"
@@ -177,6 +198,14 @@ class WorkerSettings:
         0.0, "MOCK_BATCH_COST_S", doc="mock: fixed cost of each batch received (scaling tests)"
     )
     mock_max_tokens: int = env_field(64, "MOCK_MAX_TOKENS", doc="mock: reply length cap")
+    mock_reply_length: str = env_field(
+        "echo", "MOCK_REPLY_LENGTH",
+        doc="mock: echo (the reply echoes the prompt, then stops) | max_tokens (exactly max_tokens long)",
+    )
+    mock_kv_tokens: int = env_field(262144, "MOCK_KV_TOKENS", doc="mock: KV cache size in tokens")
+    mock_prefix_cache_tokens: int = env_field(
+        65536, "MOCK_PREFIX_CACHE_TOKENS", doc="mock: prompt tokens its prefix cache keeps (0: none)"
+    )
     mock_error_rate: float = env_field(0.0, "MOCK_ERROR_RATE", doc="mock: share of requests that fail")
     mock_crash_after: int = env_field(0, "MOCK_CRASH_AFTER", doc="mock: exit after N requests (0: never)")
     mock_load_s: float = env_field(0.0, "MOCK_LOAD_S", doc="mock: simulated model load time")
@@ -189,6 +218,13 @@ class WorkerSettings:
             raise SettingError("engine http needs REAL_VLLM_URL")
         if not 0 <= self.mock_error_rate <= 1:
             raise SettingError("MOCK_ERROR_RATE must be between 0 and 1")
+        if self.mock_reply_length not in {"echo", "max_tokens"}:
+            raise SettingError(f"MOCK_REPLY_LENGTH={self.mock_reply_length!r}: use echo or max_tokens")
+        if min(self.max_num_seqs, self.max_num_batched_tokens, self.mock_prefix_cache_tokens) < 0:
+            raise SettingError("COHORT_MAX_NUM_SEQS, COHORT_MAX_NUM_BATCHED_TOKENS and "
+                               "MOCK_PREFIX_CACHE_TOKENS must be >= 0")
+        if self.mock_kv_tokens < 1:
+            raise SettingError("MOCK_KV_TOKENS must be at least 1")
         if self.capacity < 1 or self.heartbeat_interval_s <= 0:
             raise SettingError("COHORT_WORKER_CAPACITY and COHORT_HEARTBEAT_INTERVAL_S must be positive")
 
