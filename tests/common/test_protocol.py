@@ -10,7 +10,9 @@ from common import protocol
     protocol.Hello("w1", "mock", "m", 8, "cpu", "ready", 42, 1.5, ""),
     protocol.Ready(3.25),
     protocol.Heartbeat(active=3, state="ready"),
+    protocol.Heartbeat(3, "ready", protocol.EngineLoad(2, 1, 0.25, 0.5, 128, 2048, 7).as_item()),
     protocol.Out([protocol.out_item("j1", 0, "hi", 1, None, 5)]),
+    protocol.Out([], protocol.EngineLoad(running=1, received=3).as_item()),
     protocol.Error("boom", ["j1"], "invalid"),
     protocol.Bye("stopping"),
     protocol.Welcome("front-1"),
@@ -49,6 +51,12 @@ def test_unknown_extra_fields_are_ignored():
                     "items": [{"id": "j", "index": "0"}]}), "wrong type"),
     (msgpack.packb({"v": protocol.VERSION, "type": "batch", "batch_id": "b",
                     "requests": ["x"]}), "expected maps"),
+    (msgpack.packb({"v": protocol.VERSION, "type": "out", "load": {"running": "1"}}), "load field"),
+    (msgpack.packb({"v": protocol.VERSION, "type": "heartbeat", "load": {"waiting": -1}}),
+     "load field"),
+    (msgpack.packb({"v": protocol.VERSION, "type": "heartbeat", "load": {"kv_usage": True}}),
+     "load field"),
+    (msgpack.packb({"v": protocol.VERSION, "type": "heartbeat", "load": [1]}), "wrong type"),
 ])
 def test_malformed_messages_are_refused_with_a_reason(data, reason):
     with pytest.raises(protocol.ProtocolError, match=reason):
@@ -59,3 +67,8 @@ def test_booleans_are_not_numbers():
     data = msgpack.packb({"v": protocol.VERSION, "type": "ready", "load_time_s": True})
     with pytest.raises(protocol.ProtocolError):
         protocol.decode(data)
+
+
+def test_a_load_from_a_newer_peer_keeps_what_we_know():
+    load = protocol.EngineLoad.from_item({"running": 4, "kv_usage": 1, "future_figure": "x"})
+    assert (load.running, load.kv_usage, load.waiting) == (4, 1, 0)
