@@ -5,6 +5,7 @@ thread. Every request of a batch is submitted at once, so vLLM's continuous batc
 batches; each engine step's deltas cross back to trio through `run_sync_soon` (thread-safe, never
 blocking), where the worker's link sends all deltas that arrived together as one `out` message.
 Cancelling a request in trio cancels its asyncio task, and vLLM aborts it on that cancellation.
+The engine's load comes from vLLM's own scheduler statistics, through a stat logger of ours.
 """
 
 from __future__ import annotations
@@ -33,6 +34,43 @@ def pick_device(wanted: str) -> str:
         return "cpu"
 
 
+class SchedulerFigures:
+    """The last scheduler statistics vLLM reported (once per engine step), and the prefix cache's
+    hits summed over steps. vLLM writes it on the engine's asyncio thread; trio reads plain numbers."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.kv_usage = 0.0
+        self.queries = 0
+        self.hits = 0
+
+    def logger_factory(self):
+        """A factory in the shape `AsyncLLM(stat_loggers=[...])` takes: (vllm_config, index)."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        figures = self
+
+        class Recorder(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
+                       engine_idx: int = 0) -> None:
+                if scheduler_stats is None:
+                    return
+                figures.waiting = scheduler_stats.num_waiting_reqs
+                figures.kv_usage = scheduler_stats.kv_cache_usage
+                prefix = scheduler_stats.prefix_cache_stats
+                if prefix is not None:  # deltas since the last step
+                    figures.queries += prefix.queries
+                    figures.hits += prefix.hits
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return lambda vllm_config, engine_index=0: Recorder(vllm_config, engine_index)
+
+
 class VllmEngine(Engine):
     """AsyncLLM on a private asyncio thread, driven from trio."""
 
@@ -50,6 +88,7 @@ class VllmEngine(Engine):
                                         daemon=True)
         self._engine: Any = None
         self._tokenizer: Any = None
+        self._figures = SchedulerFigures()
         self._token: trio.lowlevel.TrioToken | None = None
 
     async def _on_loop(self, coro) -> Any:
@@ -63,11 +102,15 @@ class VllmEngine(Engine):
         s = self.settings
         share = s.gpu_memory_utilization or (0.9 if self.device == "cuda" else 0.3)
         quantization = None if s.quantization in ("", "auto") else s.quantization
+        limits = {name: value for name, value in (("max_num_seqs", s.max_num_seqs),
+                                                   ("max_num_batched_tokens", s.max_num_batched_tokens))
+                  if value}
+        # disable_log_stats: no periodic log lines; our stat logger still gets every step's figures
         return AsyncEngineArgs(
             model=self.path, served_model_name=[self.model], max_model_len=s.max_model_len,
             quantization=quantization, trust_remote_code=s.trust_remote_code,
             gpu_memory_utilization=share, enforce_eager=s.enforce_eager,
-            dtype="float32" if self.device == "cpu" else "auto", disable_log_stats=True)
+            dtype="float32" if self.device == "cpu" else "auto", disable_log_stats=True, **limits)
 
     async def load(self) -> None:
         if self.settings.hf_token:
@@ -77,7 +120,8 @@ class VllmEngine(Engine):
 
         async def create():
             from vllm.v1.engine.async_llm import AsyncLLM
-            engine = AsyncLLM.from_engine_args(self.engine_args())
+            engine = AsyncLLM.from_engine_args(self.engine_args(),
+                                               stat_loggers=[self._figures.logger_factory()])
             return engine, engine.get_tokenizer()
 
         self._engine, self._tokenizer = await self._on_loop(create())
@@ -88,6 +132,19 @@ class VllmEngine(Engine):
             return self._engine.output_processor.get_num_unfinished_requests()
         except AttributeError:
             return self.active
+
+    def stats(self) -> protocol.EngineLoad:
+        """Running + waiting is exact (vLLM's unfinished requests, those submitted since its last
+        step included); how they split, the KV use and the cache hits are its scheduler's figures."""
+        if self._engine is None:
+            return super().stats()
+        figures, config = self._figures, self._engine.vllm_config.scheduler_config
+        total = self.unfinished()
+        waiting = min(figures.waiting, total)
+        return protocol.EngineLoad(
+            running=total - waiting, waiting=waiting, kv_usage=figures.kv_usage,
+            prefix_hit_rate=figures.hits / figures.queries if figures.queries else 0.0,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens)
 
     def _prompt_ids(self, request: dict[str, Any]) -> list[int]:
         if request["kind"] == "chat":
@@ -110,6 +167,7 @@ class VllmEngine(Engine):
             top_p=params.get("top_p", 1.0), max_tokens=max_tokens, stop=params.get("stop") or None,
             seed=params.get("seed"), presence_penalty=params.get("presence_penalty", 0.0),
             frequency_penalty=params.get("frequency_penalty", 0.0),
+            ignore_eos=bool(params.get("ignore_eos")),
             # not streaming: vLLM sends only the final output, sparing its per-step work too
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
 
