@@ -33,6 +33,13 @@ def _integer(body: dict, name: str, low: int, high: int, default: int | None = N
     return value
 
 
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false", param=name)
+    return value
+
+
 def _stop(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -78,6 +85,8 @@ def _common(body: Any, settings: ServerSettings, default_max_tokens: int | None)
         "presence_penalty": _number(body, "presence_penalty", -2, 2, 0.0),
         "frequency_penalty": _number(body, "frequency_penalty", -2, 2, 0.0),
         "include_usage": include_usage,
+        # vLLM's extension: generate max_tokens whatever the model says (its benchmark sets it)
+        "ignore_eos": _flag(body, "ignore_eos"),
     }
     if params["top_p"] == 0:
         raise BadRequest("top_p must be greater than 0", param="top_p")

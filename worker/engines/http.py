@@ -76,6 +76,8 @@ class HttpEngine(Engine):
                 body[name] = params[name]
         if params.get("stop"):
             body["stop"] = params["stop"]
+        if params.get("ignore_eos"):
+            body["ignore_eos"] = True
         if request["kind"] == "chat":
             return "/v1/chat/completions", dict(body, messages=request["messages"])
         return "/v1/completions", dict(body, prompt=request["prompt"])
