@@ -26,8 +26,11 @@ import trio  # noqa: E402
 from bench.load import Result, run_load  # noqa: E402
 from tests.e2e.cluster import Cluster, free_port, procfile  # noqa: E402
 
-ZERO_COST = {"MOCK_TTFT_S": "0", "MOCK_TOKEN_S": "0", "MOCK_BATCH_GROWTH": "0"}
-GPU_LIKE = {"MOCK_TTFT_S": "0.05", "MOCK_TOKEN_S": "0.01", "MOCK_BATCH_GROWTH": "0.02"}
+ZERO_COST = {"MOCK_TTFT_S": "0", "MOCK_PREFILL_TOKEN_S": "0", "MOCK_TOKEN_S": "0",
+             "MOCK_BATCH_GROWTH": "0"}
+# the mock's defaults: 50 us per prompt token of prefill, 10 ms per decode step, +2% per sequence
+GPU_LIKE = {"MOCK_TTFT_S": "0", "MOCK_PREFILL_TOKEN_S": "0.00005", "MOCK_TOKEN_S": "0.01",
+            "MOCK_BATCH_GROWTH": "0.02"}
 OPEN = {"COHORT_AUTH_DISABLED": "1", "COHORT_LOG_LEVEL": "WARNING"}
 
 
@@ -145,10 +148,8 @@ class Bench:
                 for round_ in range(self.args.rounds):
                     for name in names:
                         url = bare_url if name == "bare" else targets[name].url + "/v1/completions"
-                        # one by one, every request waits out the window: a few show it
-                        count = 50 if concurrency == 1 and name == f"window {window:g}" and window else total
                         runs[name].append(await self.load(
-                            f"{name} c={concurrency} #{round_}", url, total=count,
+                            f"{name} c={concurrency} #{round_}", url, total=total,
                             concurrency=concurrency, headers=key_header if name == "auth" else None))
                 bare = self.pool(f"bare c={concurrency}", runs["bare"])
                 for name in names[1:]:
@@ -172,15 +173,12 @@ class Bench:
         self.results["2 gateway overhead"] = {"rows": rows, "rounds": self.args.rounds}
 
     async def streaming(self) -> None:
-        cluster = await self.mock_cluster(MOCK_TTFT_S="0.01", MOCK_TOKEN_S="0.005",
-                                          MOCK_BATCH_GROWTH="0", MOCK_MAX_TOKENS="200")
+        cluster = await self.mock_cluster(MOCK_TTFT_S="0", MOCK_TOKEN_S="0.005",
+                                          MOCK_BATCH_GROWTH="0", MOCK_REPLY_LENGTH="max_tokens")
         try:
             body = {"model": "cohort-mock", "max_tokens": 200}
-            prompt_words = self.args.prompt_words
-            self.args.prompt_words = 250  # the mock's reply echoes the prompt: 200+ tokens to stream
             result = await self.load("streaming c=32", cluster.url + "/v1/completions",
                                      total=64, concurrency=32, stream=True, body=body)
-            self.args.prompt_words = prompt_words
         finally:
             cluster.stop()
         summary = result.summary()
