@@ -105,6 +105,7 @@ class FrontLink:
                 log.info("registered with front %s at %s", message.front_id, self.endpoint)
             elif isinstance(message, protocol.HelloAgain):
                 self.welcomed = False
+                self.received = 0  # the front forgot us: its new record of us counts from zero
                 await self.send(self.worker.hello())
             elif isinstance(message, protocol.Batch):
                 self.received += len(message.requests)

@@ -52,6 +52,15 @@ def test_openai_completions_max_tokens_stop_n(shared):
     assert all(text.endswith("Mock response to: streamed") for text in joined.values())
 
 
+def test_ignore_eos_generates_exactly_max_tokens(shared):
+    body = {"model": MODEL, "prompt": "short", "max_tokens": 40}
+    api = client(shared)
+    free = api.completions.create(**body)
+    forced = api.completions.create(**body, extra_body={"ignore_eos": True})
+    assert free.choices[0].finish_reason == "stop" and free.usage.completion_tokens < 40
+    assert forced.choices[0].finish_reason == "length" and forced.usage.completion_tokens == 40
+
+
 def test_models_lists_what_ready_workers_serve(shared):
     assert [m.id for m in client(shared).models.list()] == [MODEL]
 
@@ -82,6 +91,8 @@ BAD_BODIES = [
                  "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "stop"),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                  "stream": "yes"}).encode(), 400, "stream"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                 "ignore_eos": 1}).encode(), 400, "ignore_eos"),
     (json.dumps({"model": "no-such-model",
                  "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model"),
     (b'{"model": "' + b"x" * (2 << 20) + b'"}', 413, None),
