@@ -215,6 +215,7 @@ class Dispatcher:
                     f"worker {worker.worker_id} died ({reason}) while running this request"
                     + ("" if job.retryable else " after part of it was streamed")))
         worker.jobs.clear()
+        self.placement.owners.forget(worker.identity)
         if retry and self.scheduler is not None:
             self.metrics.retries.inc(len(retry))
             self.scheduler.requeue(retry)
@@ -264,7 +265,7 @@ class Dispatcher:
             requests.append(protocol.request_item(job.id, spec.kind, spec.params, prompt=spec.prompt,
                                                   messages=spec.messages, trace_id=spec.trace_id,
                                                   stream=spec.stream))
-        worker.load.sent_batch(jobs)
+        self.placement.sent(worker.identity, worker.load, jobs)
         worker.batches_sent += 1
         self.metrics.batch_sent(len(jobs))
         if not await self._send(worker.identity, protocol.Batch(batch_id, requests)):

@@ -4,10 +4,10 @@ A worker has *room* while its engine could start another sequence now: what it r
 in it and what the front sent that it has not acknowledged stay under its `max_num_seqs`, its KV
 cache is not full, and fewer than `max_unacked_batches` batches are still on the wire to it (a
 worker that stops reading gets no more). Among workers with room, the one with the least queued
-work (waiting + unacknowledged, then KV use, then running) gets the request, unless another one
-within `affinity_margin` sequences of it was sent a longer prefix of the same prompt: that one
-likely skips the prefill. A worker whose engine has a waiting queue is never chosen for affinity
-while one without has room, so affinity cannot build a hot spot.
+work (waiting + unacknowledged, then KV use, then running, then fewest sent) gets the request,
+unless the worker that was last sent this prompt's prefix holds at most `affinity_margin`
+sequences more than it: that one likely skips the prefill. The margin bounds the imbalance
+affinity may cause, so it cannot build a hot spot.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from common.protocol import EngineLoad
-from server.scheduling.prefix import PrefixMemory
+from server.scheduling.prefix import PrefixOwners
 
 KV_FULL = 0.98  # vLLM preempts near a full KV cache; sending more only makes it queue
 
@@ -46,7 +46,6 @@ class WorkerLoad:
     sent: int = 0  # requests sent, ever: the worker acknowledges by this count
     received: int = 0
     unacked: int = 0  # sequences of the batches not acknowledged yet
-    prefixes: PrefixMemory = field(default_factory=PrefixMemory)
     _marks: collections.deque[tuple[int, int]] = field(default_factory=collections.deque)
 
     def report(self, load: EngineLoad) -> None:
@@ -64,8 +63,6 @@ class WorkerLoad:
         seqs = sum(job.seqs for job in jobs)
         self._marks.append((self.sent, seqs))
         self.unacked += seqs
-        for job in jobs:
-            self.prefixes.remember(job.prefix)
 
     @property
     def unacked_batches(self) -> int:
@@ -84,6 +81,14 @@ class Placement:
         self.max_unacked_batches = max_unacked_batches
         self.affinity_margin = affinity_margin
         self.prefix_affinity = prefix_affinity
+        self.owners = PrefixOwners()
+
+    def sent(self, key: Hashable, load: WorkerLoad, jobs: Sequence[Placeable]) -> None:
+        """Record a batch sent to a worker: unacknowledged work, and the prefixes it now holds."""
+        load.sent_batch(jobs)
+        for job in jobs:
+            if job.prefix:
+                self.owners.remember(job.prefix, key)
 
     def room(self, load: WorkerLoad) -> int:
         """Sequences this worker's engine could start now (0: it is saturated)."""
@@ -113,18 +118,17 @@ class Placement:
 
     def _choose(self, job: Placeable, open_: list[Hashable], workers: dict[Hashable, WorkerLoad],
                 extra: dict[Hashable, int]) -> Hashable:
-        def queued(key: Hashable) -> tuple[int, float, int]:
+        def queued(key: Hashable) -> tuple[int, float, int, int]:
             load = workers[key]
             return (load.waiting + load.unacked + extra[key], load.kv_usage,
-                    load.outstanding + extra[key])
+                    load.outstanding + extra[key], load.sent + extra[key])
 
         best = min(open_, key=queued)
         if not (self.prefix_affinity and job.prefix):
             return best
         limit = workers[best].outstanding + extra[best] + self.affinity_margin
-        near = [key for key in open_
-                if workers[key].outstanding + extra[key] <= limit
-                and (workers[key].waiting == 0 or workers[best].waiting > 0)]
-        affine = max(near, key=lambda key: (workers[key].prefixes.match(job.prefix),
-                                            key == best), default=best)
-        return affine if workers[affine].prefixes.match(job.prefix) else best
+        near = [key for key in open_ if workers[key].outstanding + extra[key] <= limit]
+        affine = max(near, key=lambda key: (self.owners.match(job.prefix, key), key == best))
+        if self.owners.match(job.prefix, affine):
+            return affine
+        return best

@@ -9,11 +9,12 @@ probably still holds them in its engine's prefix cache.
 from __future__ import annotations
 
 import collections
+from collections.abc import Hashable
 from typing import Any
 
 BLOCK_CHARS = 256  # below this a shared prefix saves too little prefill to steer by
 MAX_BLOCKS = 512  # 128k characters: enough to tell prompts apart, bounded cost per request
-MEMORY_BLOCKS = 65_536  # per worker, about 16M characters of recent prefixes
+MEMORY_BLOCKS = 262_144  # about 64M characters of recent prefixes, over all workers
 
 
 def prompt_text(kind: str, prompt: str, messages: list[dict[str, Any]]) -> str:
@@ -32,25 +33,35 @@ def prefix_blocks(text: str) -> tuple[int, ...]:
     return tuple(hashes)
 
 
-class PrefixMemory:
-    """The prefixes the front sent to one worker, most recent last, bounded."""
+class PrefixOwners:
+    """Which worker was last sent each prefix block, most recent last, bounded.
+
+    One owner per block: a prefix sent to another worker moves there, so the front's picture
+    follows where the prompt was computed last (the worker most likely to still cache it) instead of
+    claiming every worker that ever saw it.
+    """
 
     def __init__(self, max_blocks: int = MEMORY_BLOCKS) -> None:
         self.max_blocks = max_blocks
-        self._blocks: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._owners: collections.OrderedDict[int, Hashable] = collections.OrderedDict()
 
-    def match(self, blocks: tuple[int, ...]) -> int:
-        """How many leading blocks of a prompt this worker was sent before."""
+    def match(self, blocks: tuple[int, ...], worker: Hashable) -> int:
+        """How many leading blocks of a prompt were last sent to `worker`."""
         found = 0
         for block in blocks:
-            if block not in self._blocks:
+            if self._owners.get(block) != worker:
                 break
             found += 1
         return found
 
-    def remember(self, blocks: tuple[int, ...]) -> None:
+    def remember(self, blocks: tuple[int, ...], worker: Hashable) -> None:
         for block in blocks:
-            self._blocks[block] = None
-            self._blocks.move_to_end(block)
-        while len(self._blocks) > self.max_blocks:
-            self._blocks.popitem(last=False)
+            self._owners[block] = worker
+            self._owners.move_to_end(block)
+        while len(self._owners) > self.max_blocks:
+            self._owners.popitem(last=False)
+
+    def forget(self, worker: Hashable) -> None:
+        """A worker died: its engine's cache is gone with it."""
+        for block in [b for b, owner in self._owners.items() if owner == worker]:
+            del self._owners[block]

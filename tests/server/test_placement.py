@@ -7,7 +7,7 @@ from common.protocol import EngineLoad
 from server.jobs import Job, JobSpec
 from server.scheduler import Scheduler
 from server.scheduling.placement import KV_FULL, Placement, WorkerLoad
-from server.scheduling.prefix import BLOCK_CHARS, PrefixMemory, prefix_blocks, prompt_text
+from server.scheduling.prefix import BLOCK_CHARS, PrefixOwners, prefix_blocks, prompt_text
 
 SYSTEM = "You are a careful assistant. " * 40  # about 1,100 characters: four blocks
 
@@ -72,29 +72,47 @@ def test_force_queues_on_the_least_loaded_engine_but_never_on_one_that_stopped_r
 
 def test_a_shared_prefix_goes_back_to_the_worker_that_has_it():
     workers = loads(a=dict(running=3), b=dict(running=0))
-    workers["a"].prefixes.remember(prefix_blocks(SYSTEM + "first question"))
-    plan, _ = placement().assign([job(SYSTEM + "another question")], workers)
-    assert list(plan) == ["a"]  # within the margin (3 <= 0 + 4)
-    plan, _ = placement(prefix_affinity=False).assign([job(SYSTEM + "x")], workers)
-    assert list(plan) == ["b"]
-    plan, _ = placement().assign([job("short, no prefix to speak of")], workers)
-    assert list(plan) == ["b"]
+    policy = placement()
+    policy.sent("a", workers["a"], [job(SYSTEM + "first question")])
+    workers["a"].report(EngineLoad(running=4, received=1))
+    plan, _ = policy.assign([job(SYSTEM + "another question")], workers)
+    assert list(plan) == ["a"]  # within the margin (4 <= 0 + 4)
+    no_affinity = placement(prefix_affinity=False)
+    assert list(no_affinity.assign([job(SYSTEM + "x")], workers)[0]) == ["b"]
+    assert list(policy.assign([job("short, no prefix to speak of")], workers)[0]) == ["b"]
 
 
-def test_affinity_yields_beyond_the_margin_and_to_a_waiting_queue():
+def test_affinity_yields_beyond_the_margin_and_the_prefix_moves_with_it():
     workers = loads(a=dict(running=5), b=dict(running=0))
-    workers["a"].prefixes.remember(prefix_blocks(SYSTEM))
-    assert list(placement().assign([job(SYSTEM + "q")], workers)[0]) == ["b"]  # 5 > 0 + 4
-    workers = loads(a=dict(running=0, waiting=1), b=dict(running=2))
-    workers["a"].prefixes.remember(prefix_blocks(SYSTEM))
-    assert list(placement().assign([job(SYSTEM + "q")], workers)[0]) == ["b"]
+    policy = placement()
+    policy.sent("a", WorkerLoad(), [job(SYSTEM)])
+    plan, _ = policy.assign([job(SYSTEM + "q")], workers)
+    assert list(plan) == ["b"]  # 5 > 0 + 4: load wins
+    policy.sent("b", workers["b"], plan["b"])
+    workers["a"].running = workers["b"].running = 0
+    assert list(policy.assign([job(SYSTEM + "r")], workers)[0]) == ["b"]  # b computed it last
+
+
+def test_a_waiting_queue_counts_against_affinity_like_any_load():
+    workers = loads(a=dict(running=1, waiting=2), b=dict(running=0))
+    policy = placement(affinity_margin=2)
+    policy.sent("a", WorkerLoad(), [job(SYSTEM)])
+    assert list(policy.assign([job(SYSTEM + "q")], workers)[0]) == ["b"]  # 3 > 0 + 2
+    workers["a"].running = 0
+    assert list(policy.assign([job(SYSTEM + "q")], workers)[0]) == ["a"]  # 2 <= 0 + 2
 
 
 def test_affinity_within_one_batch_cannot_pile_everything_on_one_worker():
     workers = loads(a=dict(), b=dict())
-    workers["a"].prefixes.remember(prefix_blocks(SYSTEM))
-    plan, _ = placement(affinity_margin=2).assign([job(SYSTEM + str(i)) for i in range(10)], workers)
+    policy = placement(affinity_margin=2)
+    policy.sent("a", WorkerLoad(), [job(SYSTEM)])
+    plan, _ = policy.assign([job(SYSTEM + str(i)) for i in range(10)], workers)
     assert sorted(len(v) for v in plan.values()) == [4, 6]
+
+
+def test_ties_go_to_the_worker_sent_least():
+    workers = loads(a=dict(sent=10), b=dict(sent=3))
+    assert list(placement().assign([job()], workers)[0]) == ["b"]
 
 
 def test_prefix_blocks_chain_and_chat_roles_count():
@@ -105,9 +123,14 @@ def test_prefix_blocks_chain_and_chat_roles_count():
     as_system = prompt_text("chat", "", [{"role": "system", "content": text}])
     as_user = prompt_text("chat", "", [{"role": "user", "content": text}])
     assert prefix_blocks(as_system)[0] != prefix_blocks(as_user)[0]
-    memory = PrefixMemory(max_blocks=2)
-    memory.remember(blocks)
-    assert memory.match(blocks) == 0  # the oldest block was dropped, so no prefix matches
+    owners = PrefixOwners(max_blocks=2)
+    owners.remember(blocks, "a")
+    assert owners.match(blocks, "a") == 0  # the oldest block was dropped, so no prefix matches
+    owners.remember(blocks[:2], "a")
+    owners.remember(blocks[:1], "b")
+    assert (owners.match(blocks, "a"), owners.match(blocks, "b")) == (0, 1)
+    owners.forget("b")
+    assert owners.match(blocks, "b") == 0
 
 
 class SimulatedWorkers:
@@ -129,7 +152,7 @@ class SimulatedWorkers:
     async def send_batch(self, model, jobs, *, force=False):
         plan, left = self.policy.assign(jobs, self.loads, force=force)
         for name, assigned in plan.items():
-            self.loads[name].sent_batch(assigned)
+            self.policy.sent(name, self.loads[name], assigned)
             self.sent.append((trio.current_time(), name, len(assigned), force))
         return left
 
