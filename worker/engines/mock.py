@@ -7,8 +7,9 @@ budget's worth (vLLM's chunked prefill). A request is admitted while fewer than 
 sequences run and its KV need fits the KV budget; until then it waits in the engine. A prefix cache
 of 16-token blocks lets a prompt that starts like an earlier one skip that part of its prefill.
 
-A step costs `mock_token_s * (1 + mock_batch_growth * (decoding - 1))` when any sequence decodes,
-plus `mock_prefill_token_s` per prompt token prefilled and `mock_ttft_s` once when it prefills.
+A step is one forward pass: it costs `mock_token_s * (1 + mock_batch_growth * (sequences - 1))`
+for the sequences in it (decoding, or prefilling a chunk), plus `mock_prefill_token_s` per prompt
+token prefilled and `mock_ttft_s` once when it prefills.
 Replies keep the shape users of the old system know, `[Batched mock response <batch id>] Mock
 response to: <prompt>`; with `MOCK_REPLY_LENGTH=max_tokens` (or a request's `ignore_eos`) they run
 on to exactly `max_tokens` tokens. A token is a whitespace-led word. All costs 0 is the zero-cost mock.
@@ -110,6 +111,7 @@ class MockRequest:
     blocks: list[int]
     choices: list[Choice]
     prefill_left: int = 0
+    last_chunk: int = 0
     kv_tokens: int = 0  # reserved while running
     finished: trio.Event = field(default_factory=trio.Event)
 
@@ -173,12 +175,12 @@ class MockEngine(Engine):
                 self._wake = trio.Event()
                 continue
             decoding = [r for r in self._running if not r.prefill_left]
-            budget = self.max_num_batched_tokens - sum(len(r.live) for r in decoding)
-            prefilled, budget = self._prefill(budget)
+            active = sum(len(r.live) for r in decoding)
+            prefilled, chunks = self._prefill(self.max_num_batched_tokens - active)
+            sequences = active + chunks
             cost = prefilled * s.mock_prefill_token_s + (s.mock_ttft_s if prefilled else 0.0)
-            if decoding:
-                active = sum(len(r.live) for r in decoding)
-                cost += s.mock_token_s * (1 + s.mock_batch_growth * (active - 1))
+            if sequences:  # a forward pass costs at least one decode step, as on a GPU
+                cost += s.mock_token_s * (1 + s.mock_batch_growth * (sequences - 1))
             await trio.sleep(cost)
             # a request whose prefill ended this step samples its first token now, as vLLM does
             stepped = {id(r) for r in decoding}
@@ -191,17 +193,14 @@ class MockEngine(Engine):
 
     def _prefill(self, budget: int) -> tuple[int, int]:
         """Spend what the decodes left of the step's token budget on prompts, admitting waiting
-        requests while sequences and KV allow. Returns (tokens prefilled, budget left)."""
-        prefilled = 0
+        requests while sequences and KV allow. Returns (tokens prefilled, requests prefilled)."""
+        prefilled = chunks = 0
         for request in self._running:
             if budget <= 0:
-                return prefilled, budget
+                return prefilled, chunks
             if request.prefill_left:
-                chunk = min(request.prefill_left, budget)
-                request.prefill_left -= chunk
-                prefilled, budget = prefilled + chunk, budget - chunk
-                if not request.prefill_left:
-                    self.cache.remember(request.blocks)
+                budget -= self._prefill_chunk(request, budget)
+                prefilled, chunks = prefilled + request.last_chunk, chunks + 1
         while self._waiting and budget > 0:
             request = self._waiting[0]
             if request.finished.is_set():
@@ -216,12 +215,18 @@ class MockEngine(Engine):
             self._kv_reserved += request.kv_tokens
             request.prefill_left = request.prompt_tokens - self.cache.match(request.blocks,
                                                                             request.prompt_tokens)
-            chunk = min(request.prefill_left, budget)
-            request.prefill_left -= chunk
-            prefilled, budget = prefilled + chunk, budget - chunk
-            if not request.prefill_left:
-                self.cache.remember(request.blocks)
-        return prefilled, budget
+            budget -= self._prefill_chunk(request, budget)
+            prefilled, chunks = prefilled + request.last_chunk, chunks + 1
+        return prefilled, chunks
+
+    def _prefill_chunk(self, request: MockRequest, budget: int) -> int:
+        """Prefill as much of the request's prompt as the budget allows; its blocks are cached
+        once the whole prompt is in."""
+        request.last_chunk = min(request.prefill_left, budget)
+        request.prefill_left -= request.last_chunk
+        if not request.prefill_left:
+            self.cache.remember(request.blocks)
+        return request.last_chunk
 
     def _drop_finished(self) -> None:
         for request in [r for r in self._running if r.finished.is_set()]:
