@@ -119,8 +119,12 @@ class VllmEngine(Engine):
         self._thread.start()
 
         async def create():
+            from vllm.usage.usage_lib import UsageContext
             from vllm.v1.engine.async_llm import AsyncLLM
+            # vllm serve's usage context: the same default batch limits as `vllm serve` picks
+            # (on a GPU they are larger than the engine context's 128 sequences)
             engine = AsyncLLM.from_engine_args(self.engine_args(),
+                                               usage_context=UsageContext.OPENAI_API_SERVER,
                                                stat_loggers=[self._figures.logger_factory()])
             return engine, engine.get_tokenizer()
 
