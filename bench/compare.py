@@ -2,8 +2,10 @@
 
 Scenarios: 1 sequential vs batched (mock, GPU-like costs), 2 gateway overhead (zero-cost mock
 through the whole path vs a bare Quart-trio route), 3 streaming, 4 scaling over workers,
-5 real engine (Cohort + vLLM worker vs vLLM's own server; when vLLM is installed),
-6 front scale-out (1 vs 2 front processes), 7 store task writes. Every load is bounded in count and time, on loopback.
+5 real engine (Cohort + a vLLM worker vs `vllm serve`, measured with vLLM's own benchmark client;
+when vLLM is installed), 6 front scale-out (1 vs 2 front processes), 7 store task writes,
+8 the gateway's cost on a lone request, 9 short requests among long ones, 10 prefix affinity
+(8-10: `bench/scheduling.py`). Every load is bounded in count and time, on loopback.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
+from bench import peer, scheduling  # noqa: E402
 from bench.load import Result, run_load  # noqa: E402
 from tests.e2e.cluster import Cluster, free_port, procfile  # noqa: E402
 
@@ -262,43 +265,16 @@ class Bench:
         if not is_prepared(path):
             self.results["5 real engine"] = {"skipped": f"{path} not prepared"}
             return
-        body = {"max_tokens": self.args.real_tokens, "temperature": 0}
-        rows = {}
-        for target in ("vllm", "cohort"):
-            cluster = self.cluster(COHORT_ENGINE="vllm", COHORT_MODEL=path,
-                                   COHORT_SERVED_MODEL_NAME="smol", COHORT_WORKER_TIMEOUT_S="30")
-            try:
-                if target == "vllm":
-                    port = free_port()
-                    cluster._spawn("serve", f"{sys.executable} -m vllm.entrypoints.openai.api_server "
-                                   f"--model {path} --served-model-name smol --host 127.0.0.1 "
-                                   f"--port {port} --max-model-len 2048 --enforce-eager "
-                                   "--dtype float32 --gpu-memory-utilization 0.3")
-                    url = f"http://127.0.0.1:{port}"
-                    await wait_http(url + "/v1/models", timeout_s=900)
-                else:
-                    cluster.start_front()
-                    cluster.start_worker("worker1")
-                    await cluster.wait_ready(1, timeout_s=900)
-                    url = cluster.url
-                for concurrency, total in ((1, 8), (32, 64)):
-                    result = await self.load(f"{target} c={concurrency}", url + "/v1/completions",
-                                             total=total, concurrency=concurrency, stream=True,
-                                             body=dict(body, model="smol"))
-                    rows[(target, concurrency)] = result.summary()
-            finally:
-                cluster.stop()
-        table = []
-        for concurrency in (1, 32):
-            ours, theirs = rows[("cohort", concurrency)], rows[("vllm", concurrency)]
-            table.append({"concurrency": concurrency, "vllm_tokens_per_s": theirs["tokens_per_s"],
-                          "cohort_tokens_per_s": ours["tokens_per_s"],
-                          "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
-                          if theirs["tokens_per_s"] else 0.0,
-                          "vllm_ttft_p50_ms": theirs["ttft_p50_ms"],
-                          "cohort_ttft_p50_ms": ours["ttft_p50_ms"],
-                          "errors": ours["errors"] + theirs["errors"]})
-        self.results["5 real engine"] = {"rows": table, "model": os.path.basename(path)}
+        self.results["5 real engine"] = await peer.run_peer(self)
+
+    async def gateway_cost(self) -> None:
+        self.results["8 gateway cost"] = await scheduling.gateway_cost(self)
+
+    async def mixed_lengths(self) -> None:
+        self.results["9 mixed lengths"] = await scheduling.mixed_lengths(self)
+
+    async def prefix_affinity(self) -> None:
+        self.results["10 prefix affinity"] = await scheduling.prefix_affinity(self)
 
 
 async def wait_http(url: str, timeout_s: float = 60) -> None:
@@ -365,7 +341,8 @@ def plot(bench: Bench, folder: Path) -> None:
 
 
 SCENARIOS = {1: "sequential_vs_batched", 2: "gateway_overhead", 3: "streaming", 4: "scaling",
-             5: "real_engine", 6: "front_scale_out", 7: "store_writes"}
+             5: "real_engine", 6: "front_scale_out", 7: "store_writes", 8: "gateway_cost",
+             9: "mixed_lengths", 10: "prefix_affinity"}
 
 
 def main() -> None:
@@ -379,13 +356,16 @@ def main() -> None:
                         help="alternating bare/Cohort rounds in scenario 2 (the median ratio counts)")
     parser.add_argument("--prompt-words", type=int, default=8)
     parser.add_argument("--output-tokens", type=int, default=16)
-    parser.add_argument("--real-tokens", type=int, default=64, help="max_tokens in scenario 5")
+    parser.add_argument("--peer-rounds", type=int, default=3, help="rounds of scenario 5")
+    parser.add_argument("--peer-concurrency", type=int, nargs="+", default=[1, 8, 32],
+                        help="concurrencies of scenario 5")
     parser.add_argument("--tasks", type=int, default=2000, help="task lives in scenario 7")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batch-wait", type=float, default=0.1)
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--plot", type=Path, nargs="?", const=Path("bench/results"),
                         help="write PNG charts into this folder (default bench/results)")
+    scheduling.add_arguments(parser)
     args = parser.parse_args()
     bench = Bench(args)
     print(f"# Cohort benchmarks on {platform.node()}: {os.cpu_count()} cores, "
@@ -402,6 +382,8 @@ def main() -> None:
                                          "raw": {k: v.summary() for k, v in bench.raw.items()}}, indent=2))
     if args.plot:
         plot(bench, args.plot)
+        if "rows" in bench.results.get("5 real engine", {}):
+            peer.plot_peer(bench.results["5 real engine"], args.plot)
 
 
 if __name__ == "__main__":
