@@ -118,6 +118,10 @@ class ServerSettings:
     max_prompt_chars: int = env_field(200_000, "COHORT_MAX_PROMPT_CHARS")
     max_tokens_limit: int = env_field(8192, "COHORT_MAX_TOKENS_LIMIT")
     max_n: int = env_field(16, "COHORT_MAX_N", doc="largest `n` (choices per request)")
+    drop_params: bool = env_field(
+        False, "COHORT_DROP_PARAMS",
+        doc="drop unknown request fields (named in the X-Cohort-Dropped-Params header) instead of a 400",
+    )
     database_url: str = env_field(
         "", "DATABASE_URL", doc="peewee db URL; empty: SQLite file under data_dir"
     )

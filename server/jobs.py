@@ -23,6 +23,8 @@ class JobSpec:
     messages: list[dict[str, Any]] = field(default_factory=list)
     stream: bool = False
     trace_id: str = ""
+    features: list[str] = field(default_factory=list)  # see server.openai_schema.FEATURES
+    dropped: list[str] = field(default_factory=list)  # unknown fields dropped (COHORT_DROP_PARAMS)
 
     @property
     def n(self) -> int:
