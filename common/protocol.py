@@ -54,6 +54,8 @@ class Hello(Message):
     pid: int = 0
     load_time_s: float = 0.0
     error: str = ""
+    features: list[str] = field(default_factory=list)  # request features past the base it honours
+    max_model_len: int = 0
 
 
 @dataclass

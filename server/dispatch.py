@@ -159,6 +159,7 @@ class Dispatcher:
                                   hello.capacity, hello.device, hello.pid, hello.state, now,
                                   hello.load_time_s)
             worker.load.max_num_seqs = hello.capacity  # until its engine reports its own limit
+            worker.features, worker.max_model_len = frozenset(hello.features), hello.max_model_len
             self.workers[identity] = worker
             log.info("worker %s joined: engine %s, model %s, %s, state %s", hello.worker_id,
                      hello.engine, hello.model, hello.device, hello.state)

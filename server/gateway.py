@@ -48,6 +48,8 @@ class Gateway:
     def submit(self, spec: JobSpec) -> Job:
         """Accept a job (or raise NotFound / NoWorkers / QueueFull at once)."""
         self.dispatcher.check_model(spec.model)
+        if spec.features:
+            self.dispatcher.registry.check_features(spec.model, spec.features)
         now = trio.current_time()
         job = Job(spec, enqueued_at=now, deadline=now + self.settings.request_timeout_s)
         if self.settings.prefix_affinity:

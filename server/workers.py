@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.errors import NoWorkers, NotFound
+from server.errors import BadRequest, NoWorkers, NotFound
 from server.jobs import Job
 from server.metrics import Metrics
 from server.scheduling.placement import Placement, WorkerLoad
@@ -29,6 +29,8 @@ class WorkerHandle:
     load_time_s: float = 0.0
     active: int = 0
     error: str = ""
+    features: frozenset[str] = frozenset()
+    max_model_len: int = 0
     load: WorkerLoad = field(default_factory=WorkerLoad)
     jobs: dict[str, Job] = field(default_factory=dict)
     batches_sent: int = 0
@@ -62,6 +64,31 @@ class WorkerRegistry:
 
     def models(self) -> list[str]:
         return sorted({w.model for w in self.workers.values() if w.state == "ready"})
+
+    def features(self, model: str) -> frozenset[str]:
+        """What every ready worker of `model` honours (so any of them may get the request)."""
+        ready = self.ready(model)
+        return frozenset.intersection(*(w.features for w in ready)) if ready else frozenset()
+
+    def check_features(self, model: str, used: list[str]) -> None:
+        """A 400 naming the first feature the model's engines cannot honour: never a silent drop."""
+        missing = [name for name in used if name not in self.features(model)]
+        if missing:
+            engines = sorted({w.engine for w in self.ready(model)})
+            raise BadRequest(f"{missing[0]} is not supported by the {'/'.join(engines)} engine "
+                             f"serving model {model!r}" + (f" (nor {', '.join(missing[1:])})"
+                                                           if missing[1:] else ""),
+                             param=missing[0], code="unsupported_parameter")
+
+    def model_cards(self) -> list[dict[str, object]]:
+        """`/v1/models` entries: each served model with its context length and what it honours."""
+        cards = []
+        for model in self.models():
+            ready = self.ready(model)
+            cards.append({"id": model, "max_model_len": min(w.max_model_len for w in ready) or None,
+                          "engines": sorted({w.engine for w in ready}),
+                          "features": sorted(self.features(model))})
+        return cards
 
     def check_model(self, model: str, endpoint: str) -> None:
         """Raise NotFound for a model nobody serves, NoWorkers when none of its workers is ready."""

@@ -64,7 +64,8 @@ class Worker:
     def hello(self) -> protocol.Hello:
         return protocol.Hello(self.worker_id, self.engine.name, self.engine.model,
                               self.engine.capacity, self.engine.device, self.state, os.getpid(),
-                              self.load_time_s, self.error)
+                              self.load_time_s, self.error, sorted(self.engine.features),
+                              self.settings.max_model_len)
 
     async def serve(self) -> None:
         with self._stop:

@@ -19,8 +19,18 @@ async def _serve(spec, route: str):
     job = cohort.submit(spec)
     if not spec.stream:
         collected = await cohort.complete(job, route)
-        return completion_body(spec, job.id, collected)
-    return _sse(job, route)
+        response = completion_body(spec, job.id, collected), 200
+    else:
+        response = _sse(job, route)
+    if spec.dropped:  # COHORT_DROP_PARAMS: say what was dropped, never drop it silently
+        headers = {"X-Cohort-Dropped-Params": ",".join(spec.dropped)}
+        return (*response, headers) if isinstance(response, tuple) else _with(response, headers)
+    return response
+
+
+def _with(response: Response, headers: dict[str, str]) -> Response:
+    response.headers.update(headers)
+    return response
 
 
 def _sse(job, route: str) -> Response:
@@ -62,6 +72,6 @@ async def completions():
 async def models():
     await caller()
     now = int(time.time())
-    data = [{"id": name, "object": "model", "created": now, "owned_by": "cohort"}
-            for name in gateway().dispatcher.models()]
+    data = [{"object": "model", "created": now, "owned_by": "cohort", **card}
+            for card in gateway().dispatcher.registry.model_cards()]
     return {"object": "list", "data": data}

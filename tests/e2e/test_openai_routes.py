@@ -62,7 +62,52 @@ def test_ignore_eos_generates_exactly_max_tokens(shared):
 
 
 def test_models_lists_what_ready_workers_serve(shared):
-    assert [m.id for m in client(shared).models.list()] == [MODEL]
+    cards = client(shared).models.list().data
+    assert [m.id for m in cards] == [MODEL]
+    assert cards[0].max_model_len == 2048 and "response_format" in cards[0].features
+
+
+def test_what_the_engine_cannot_honour_is_a_400_that_names_it(shared):
+    api = client(shared)
+    question = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.chat.completions.create(model=MODEL, messages=question, logprobs=True, top_logprobs=2)
+    assert refused.value.param == "logprobs" and refused.value.code == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.chat.completions.create(model=MODEL, messages=question, tool_choice="required", tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    assert refused.value.param == "tools" and "tool_choice" in refused.value.message
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.chat.completions.create(model=MODEL, messages=question, extra_body={"temprature": 0})
+    assert refused.value.param == "temprature" and refused.value.code == "unknown_parameter"
+
+
+def test_json_schema_output_satisfies_the_schema(shared):
+    schema = {"type": "object", "required": ["city", "population"], "properties": {
+        "city": {"type": "string"}, "population": {"type": "integer", "minimum": 1},
+        "tags": {"type": "array", "items": {"enum": ["old", "new"]}, "minItems": 2}}}
+    reply = client(shared).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "a city as JSON"}], max_tokens=200,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    value = json.loads(reply.choices[0].message.content)
+    assert isinstance(value["city"], str) and isinstance(value["population"], int)
+    assert value["population"] >= 1 and len(value["tags"]) >= 2 and set(value["tags"]) <= {"old", "new"}
+    plain = client(shared).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"})
+    assert isinstance(json.loads(plain.choices[0].message.content), dict)
+
+
+def test_drop_params_drops_unknown_fields_and_says_so(make_cluster):
+    cluster = make_cluster(COHORT_DROP_PARAMS="1", COHORT_AUTH_DISABLED="1")
+    cluster.start_front()
+    cluster.start_worker("worker1")
+    trio.run(cluster.wait_ready, 1)
+    answer = httpx.post(cluster.url + "/v1/completions", json={
+        "model": MODEL, "prompt": "x", "temprature": 0, "frobnicate": 1})
+    assert answer.status_code == 200
+    assert answer.headers["X-Cohort-Dropped-Params"] == "frobnicate,temprature"
+    wrong = httpx.post(cluster.url + "/v1/completions", json={"model": MODEL, "prompt": 5})
+    assert wrong.status_code == 400  # a wrong type is never dropped
 
 
 def test_health_is_open_and_shows_every_worker(shared):
@@ -80,7 +125,11 @@ BAD_BODIES = [
     (json.dumps({"model": MODEL, "messages": "hi"}).encode(), 400, "messages"),
     (json.dumps({"model": MODEL, "messages": []}).encode(), 400, "messages"),
     (json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400,
-     "messages"),
+     "messages.0.role"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                 "temprature": 0.2}).encode(), 400, "temprature"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                 "tools": "garbage"}).encode(), 400, "tools"),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                  "temperature": 5}).encode(), 400, "temperature"),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
@@ -96,6 +145,10 @@ BAD_BODIES = [
     (json.dumps({"model": "no-such-model",
                  "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model"),
     (b'{"model": "' + b"x" * (2 << 20) + b'"}', 413, None),
+    (b'{"model": "cohort-mock", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),
+    ("{}".encode("utf-16"), 400, None),
+    (b"\xff\xfe{", 400, None),
+    (b"[" * 100_000 + b"]" * 100_000, 400, None),
 ]
 
 

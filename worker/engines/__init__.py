@@ -27,6 +27,9 @@ class Engine:
     """Base of the engines: `generate` runs one request, calling `emit` with protocol out items."""
 
     name = "base"
+    # Request features past the base (see server.openai_schema.FEATURES) this engine honours; the
+    # front refuses the others with a 400 that names them, rather than have them dropped here.
+    features: frozenset[str] = frozenset()
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings

@@ -32,6 +32,9 @@ class HttpEngine(Engine):
     """A client of another OpenAI-compatible server, behind Cohort's batching front."""
 
     name = "http"
+    # what it forwards to the upstream as it stands (it reads back text only: no logprobs, no tools)
+    features = frozenset({"min_tokens", "top_k", "min_p", "repetition_penalty", "stop_token_ids",
+                          "skip_special_tokens", "logit_bias", "response_format"})
 
     def __init__(self, settings) -> None:
         super().__init__(settings)
@@ -78,6 +81,7 @@ class HttpEngine(Engine):
             body["stop"] = params["stop"]
         if params.get("ignore_eos"):
             body["ignore_eos"] = True
+        body.update((name, params[name]) for name in self.features if name in params)
         if request["kind"] == "chat":
             return "/v1/chat/completions", dict(body, messages=request["messages"])
         return "/v1/completions", dict(body, prompt=request["prompt"])

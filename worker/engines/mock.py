@@ -18,6 +18,7 @@ on to exactly `max_tokens` tokens. A token is a whitespace-led word. All costs 0
 from __future__ import annotations
 
 import collections
+import json
 import os
 import random
 import re
@@ -28,6 +29,7 @@ import trio
 
 from common import protocol
 from worker.engines import Emit, Engine, EngineError, InvalidRequest
+from worker.engines.schema_sample import sample
 
 TOKEN = re.compile(r"\s*\S+")
 BLOCK_TOKENS = 16  # vLLM's default KV block size: the prefix cache's unit
@@ -42,6 +44,15 @@ def tokenize(text: str) -> list[str]:
 def render_chat(messages: list[dict[str, Any]]) -> str:
     """A plain chat template: what the mock counts as prompt tokens for a chat request."""
     return "".join(f"<|{m['role']}|> {m['content']}\n" for m in messages) + "<|assistant|>"
+
+
+def reply_text(batch_id: str, prompt: str, response_format: dict[str, Any] | None) -> str:
+    """What the mock says: the old system's echo, or JSON that satisfies the format asked for."""
+    if response_format is None or response_format["type"] == "text":
+        return f"[Batched mock response {batch_id}] Mock response to: {prompt}"
+    if response_format["type"] == "json_object":
+        return json.dumps({"response": f"Mock response to: {prompt}"})
+    return json.dumps(sample(response_format["json_schema"].get("schema") or {"type": "object"}))
 
 
 def block_hashes(tokens: list[str]) -> list[int]:
@@ -110,6 +121,7 @@ class MockRequest:
     prompt_tokens: int
     blocks: list[int]
     choices: list[Choice]
+    min_tokens: int = 0
     prefill_left: int = 0
     last_chunk: int = 0
     kv_tokens: int = 0  # reserved while running
@@ -124,6 +136,10 @@ class MockEngine(Engine):
     """A faithful stand-in for vLLM where scheduling is concerned; fault injection beside."""
 
     name = "mock"
+    # Its output is deterministic, so top_k, min_p and repetition_penalty change nothing a greedy
+    # engine would not; it has no token ids, so logit_bias and stop_token_ids it cannot honour.
+    features = frozenset({"min_tokens", "top_k", "min_p", "repetition_penalty",
+                          "skip_special_tokens", "response_format"})
 
     def __init__(self, settings) -> None:
         super().__init__(settings)
@@ -236,8 +252,10 @@ class MockEngine(Engine):
     def _step(self, request: MockRequest, choice: Choice) -> None:
         if choice.position < len(request.reply):
             token = request.reply[choice.position]
+        elif request.fill or choice.position < request.min_tokens:
+            token = FILLER[choice.position % len(FILLER)]
         else:
-            token = FILLER[choice.position % len(FILLER)] if request.fill else ""
+            token = ""
         choice.position += 1
         finish = None
         candidate = choice.text + token
@@ -246,7 +264,8 @@ class MockEngine(Engine):
             if cut != -1:
                 token, finish = candidate[:cut][len(choice.text):], "stop"
                 break
-        if finish is None and not request.fill and choice.position >= len(request.reply):
+        if (finish is None and not request.fill and choice.position >= len(request.reply)
+                and choice.position >= request.min_tokens):
             finish = "stop"
         if finish is None and choice.position >= request.max_tokens:
             finish = "length"
@@ -272,14 +291,15 @@ class MockEngine(Engine):
         else:
             prompt = counted = request["prompt"]
         prompt_tokens = tokenize(counted) or [""]
-        reply = tokenize(f"[Batched mock response {request.get('batch_id', '?')}] "
-                         f"Mock response to: {prompt}")
+        reply = tokenize(reply_text(request.get("batch_id", "?"), prompt,
+                                    params.get("response_format")))
         n = params.get("n", 1)
         max_tokens = min(params.get("max_tokens") or s.mock_max_tokens, s.max_model_len)
         mock_request = MockRequest(
             request["id"], reply, s.mock_reply_length == "max_tokens" or bool(params.get("ignore_eos")),
             max_tokens, params.get("stop") or [], emit, len(prompt_tokens),
-            block_hashes(prompt_tokens), [Choice(index) for index in range(n)])
+            block_hashes(prompt_tokens), [Choice(index) for index in range(n)],
+            params.get("min_tokens", 0))
         mock_request.kv_tokens = len(prompt_tokens) + n * max_tokens
         if n > self.max_num_seqs:
             raise InvalidRequest(f"n={n} is more than the {self.max_num_seqs} sequences this engine "

@@ -34,6 +34,22 @@ def pick_device(wanted: str) -> str:
         return "cpu"
 
 
+def structured_outputs(response_format: dict[str, Any]):
+    """OpenAI's response_format as vLLM's structured-output constraint (what vllm serve does)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if response_format["type"] == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    schema = response_format["json_schema"].get("schema") or {"type": "object"}
+    return StructuredOutputsParams(json=schema)
+
+
+async def _chain(first, rest):
+    yield first
+    async for item in rest:
+        yield item
+
+
 class SchedulerFigures:
     """The last scheduler statistics vLLM reported (once per engine step), and the prefix cache's
     hits summed over steps. vLLM writes it on the engine's asyncio thread; trio reads plain numbers."""
@@ -75,6 +91,8 @@ class VllmEngine(Engine):
     """AsyncLLM on a private asyncio thread, driven from trio."""
 
     name = "vllm"
+    features = frozenset({"min_tokens", "top_k", "min_p", "repetition_penalty", "stop_token_ids",
+                          "skip_special_tokens", "logit_bias", "response_format"})
 
     def __init__(self, settings) -> None:
         super().__init__(settings)
@@ -166,7 +184,14 @@ class VllmEngine(Engine):
             raise InvalidRequest(f"the prompt has {prompt_len} tokens; this model takes at most "
                               f"{self.settings.max_model_len} (COHORT_MAX_MODEL_LEN)")
         max_tokens = min(params.get("max_tokens") or room, room)
-        return SamplingParams(
+        extras: dict[str, Any] = {name: params[name] for name in (
+            "min_tokens", "top_k", "min_p", "repetition_penalty", "stop_token_ids",
+            "skip_special_tokens") if name in params}
+        if "logit_bias" in params:
+            extras["logit_bias"] = {int(token): bias for token, bias in params["logit_bias"].items()}
+        if "response_format" in params:
+            extras["structured_outputs"] = structured_outputs(params["response_format"])
+        return SamplingParams(**extras,
             n=params.get("n", 1), temperature=params.get("temperature", 1.0),
             top_p=params.get("top_p", 1.0), max_tokens=max_tokens, stop=params.get("stop") or None,
             seed=params.get("seed"), presence_penalty=params.get("presence_penalty", 0.0),
@@ -178,9 +203,14 @@ class VllmEngine(Engine):
     async def _produce(self, request: dict[str, Any], emit_many) -> None:
         """The asyncio side of one request: feed vLLM's deltas to trio as they come."""
         ids = self._prompt_ids(request)
-        sampling = self._sampling(request["params"], len(ids), request.get("stream", True))
-        async for output in self._engine.generate({"prompt_token_ids": ids}, sampling,
-                                                  request_id=request["id"]):
+        try:
+            sampling = self._sampling(request["params"], len(ids), request.get("stream", True))
+            outputs = self._engine.generate({"prompt_token_ids": ids}, sampling,
+                                            request_id=request["id"])
+            first = await anext(outputs)
+        except (ValueError, TypeError) as error:  # vLLM's word for a request it will not run
+            raise InvalidRequest(str(error)) from None
+        async for output in _chain(first, outputs):
             items = []
             for choice in output.outputs:
                 finish = choice.finish_reason
