@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from quart import current_app, g, request
@@ -22,9 +24,27 @@ async def caller() -> Principal:
     return principal
 
 
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 async def json_body() -> Any:
-    """The parsed JSON body, or a 400 that says it is not JSON."""
-    body = await request.get_json(force=True, silent=True)
-    if body is None:
-        raise BadRequest("the request body is not valid JSON")
+    """The parsed JSON body, or a 400 that says why not: not UTF-8, not JSON, nested too deep,
+    or a string with a lone surrogate (valid JSON that no UTF-8 wire can carry on)."""
+    raw = await request.get_data()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the request body is not UTF-8") from None
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
+    except ValueError:
+        raise BadRequest("the request body is not valid JSON") from None
+    if SURROGATE_ESCAPE.search(text):  # rare: check the parsed strings only then
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("the request body holds a lone surrogate (\\ud800-\\udfff) in a "
+                             "string; send text as valid Unicode") from None
     return body
