@@ -19,7 +19,7 @@ from common.logs import setup_logging
 from server.auth import Auth
 from server.errors import BadRequest, BodyTooLarge, CohortError, NotFound
 from server.gateway import Gateway
-from server.routes import ops, openai, tasks, tokens
+from server.routes import docs, ops, openai, tasks, tokens
 from server.store import Store
 from server.task_runner import TaskRunner
 
@@ -42,7 +42,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     cohort.auth = Auth(settings, cohort.store)
     cohort.tasks = TaskRunner(cohort)
     app.gateway = cohort  # type: ignore[attr-defined]
-    for module in (openai, ops, tasks, tokens):
+    for module in (openai, ops, tasks, tokens, docs):
         app.register_blueprint(module.blueprint)
 
     services = trio.CancelScope()

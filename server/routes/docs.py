@@ -1,0 +1,89 @@
+"""The contract, read from the same models that validate requests: `/openapi.json` and `/docs`."""
+
+from __future__ import annotations
+
+import html
+
+from pydantic.json_schema import models_json_schema
+from quart import Blueprint, Response
+
+from server.openai_schema import ChatRequest, CompletionRequest
+
+blueprint = Blueprint("docs", __name__)
+
+ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+BEARER = [{"bearer": []}]
+
+
+def _operation(summary: str, body: str | None = None, *, secured: bool = True) -> dict:
+    responses = {"200": {"description": "OK", "content": {"application/json": {"schema": {}}}},
+                 "4XX": {"description": "refused, in OpenAI's error shape",
+                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}
+    operation: dict = {"summary": summary, "responses": responses}
+    if body:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{body}"}}}}
+    if secured:
+        operation["security"] = BEARER
+    return operation
+
+
+def openapi() -> dict:
+    """The OpenAPI 3.1 document: the request models' JSON schemas under components."""
+    _, schemas = models_json_schema([(ChatRequest, "validation"), (CompletionRequest, "validation")],
+                                    ref_template="#/components/schemas/{model}")
+    components = {**schemas["$defs"], "Error": ERROR}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Cohort", "version": "1",
+                 "description": "An OpenAI-compatible gateway in front of your own engines. Unknown "
+                                "fields are refused (400) unless COHORT_DROP_PARAMS is set."},
+        "paths": {
+            "/v1/chat/completions": {"post": _operation("Chat completion (SSE with stream)",
+                                                        "ChatRequest")},
+            "/v1/completions": {"post": _operation("Text completion (SSE with stream)",
+                                                   "CompletionRequest")},
+            "/v1/models": {"get": _operation("Served models, with context length and features")},
+            "/health": {"get": _operation("Liveness and workers", secured=False)},
+            "/ready": {"get": _operation("Readiness: some worker is ready", secured=False)},
+        },
+        "components": {"schemas": components, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "an API key (python -m server.users key NAME) or a /token token"}}},
+    }
+
+
+@blueprint.get("/openapi.json")
+async def openapi_json():
+    return openapi()
+
+
+@blueprint.get("/docs")
+async def docs():
+    """The request fields as a page a person reads, without any script from elsewhere."""
+    document = openapi()
+    sections = []
+    for path, methods in document["paths"].items():
+        for method, operation in methods.items():
+            rows = ""
+            ref = operation.get("requestBody", {}).get("content", {}).get(
+                "application/json", {}).get("schema", {}).get("$ref", "")
+            schema = document["components"]["schemas"].get(ref.rsplit("/", 1)[-1], {})
+            for name, field in schema.get("properties", {}).items():
+                kind = field.get("type") or " | ".join(
+                    part.get("type") or part.get("$ref", "").rsplit("/", 1)[-1]
+                    for part in field.get("anyOf", [])) or "object"
+                required = "yes" if name in schema.get("required", []) else ""
+                rows += (f"<tr><td><code>{html.escape(name)}</code></td><td>{html.escape(str(kind))}"
+                         f"</td><td>{required}</td><td>{html.escape(str(field.get('default', '')))}</td></tr>")
+            table = (f"<table><tr><th>field</th><th>type</th><th>required</th><th>default</th></tr>"
+                     f"{rows}</table>") if rows else ""
+            sections.append(f"<h2>{method.upper()} {html.escape(path)}</h2>"
+                            f"<p>{html.escape(operation['summary'])}</p>{table}")
+    page = ("<!doctype html><meta charset=utf-8><title>Cohort API</title><h1>Cohort API</h1>"
+            "<p>The machine-readable contract is <a href=/openapi.json>/openapi.json</a>.</p>"
+            + "".join(sections))
+    return Response(page, content_type="text/html; charset=utf-8")
