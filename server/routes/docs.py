@@ -47,6 +47,19 @@ def openapi() -> dict:
             "/v1/completions": {"post": _operation("Text completion (SSE with stream)",
                                                    "CompletionRequest")},
             "/v1/models": {"get": _operation("Served models, with context length and features")},
+            "/tasks": {"get": {**_operation("Your async tasks, newest first"), "parameters": [
+                {"name": "status", "in": "query", "schema": {"type": "string"}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                {"name": "offset", "in": "query", "schema": {"type": "integer"}}]}},
+            "/tasks/{task_id}": {"get": {**_operation("One task"), "parameters": [
+                {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}]}},
+            "/inference/async": {"post": _operation("Store a chat or completion as a durable task",
+                                                    "ChatRequest")},
+            "/token": {"post": {**_operation("A bearer token for a user's password", secured=False),
+                                "requestBody": {"required": True, "content": {"application/json": {
+                                    "schema": {"type": "object", "properties": {
+                                        "username": {"type": "string"},
+                                        "password": {"type": "string"}}}}}}}},
             "/health": {"get": _operation("Liveness and workers", secured=False)},
             "/ready": {"get": _operation("Readiness: some worker is ready", secured=False)},
         },

@@ -81,8 +81,8 @@ async def list_tasks():
         offset = int(request.args.get("offset", 0))
     except ValueError:
         raise BadRequest("limit and offset must be integers") from None
-    if not 1 <= limit <= 100 or offset < 0:
-        raise BadRequest("limit must be 1 to 100 and offset at least 0", param="limit")
+    if not 1 <= limit <= 100 or not 0 <= offset < 2**62:  # the store's integers are 64-bit
+        raise BadRequest("limit must be 1 to 100 and offset from 0 to 2**62", param="limit")
     store = gateway().store
     return await store.run(store.tasks_of, principal.user_id, status, limit, offset)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from quart import Blueprint, request
 
 from server.errors import BadRequest
-from server.routes.context import gateway
+from server.routes.context import gateway, json_body
 
 blueprint = Blueprint("tokens", __name__)
 
@@ -13,7 +13,7 @@ blueprint = Blueprint("tokens", __name__)
 @blueprint.post("/token")
 async def token():
     if request.mimetype == "application/json":
-        body = await request.get_json(silent=True)
+        body = await json_body()
         if not isinstance(body, dict):
             raise BadRequest("the request body is not a JSON object")
     else:
