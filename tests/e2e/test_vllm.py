@@ -1,6 +1,7 @@
 """The real engine: front + two vLLM workers on SmolLM2 (CPU here), and the http engine in front of
 `vllm serve`. Marked `vllm`: skipped with install steps where vLLM is absent, required in CI."""
 
+import json
 import os
 import signal
 import subprocess
@@ -112,6 +113,24 @@ async def test_concurrent_requests_spread_by_the_engines_own_load(real):
     assert max(w["kv_usage"] for w in seen) > 0
     # the limits come from vLLM's own scheduler config, not from our settings
     assert all(w["max_num_seqs"] > 0 and w["max_num_batched_tokens"] > 0 for w in seen)
+
+
+def test_structured_output_and_sampling_extras_reach_vllm(real):
+    schema = {"type": "object", "required": ["name", "age"], "additionalProperties": False,
+              "properties": {"name": {"type": "string", "maxLength": 20},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+    reply = client(real).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        max_tokens=60, temperature=0, extra_body={"top_k": 5, "min_p": 0.05, "min_tokens": 2},
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    value = json.loads(reply.choices[0].message.content)  # vLLM's grammar made it valid JSON
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int)
+    with pytest.raises(openai.BadRequestError) as refused:  # not carried yet: said, not dropped
+        client(real).chat.completions.create(model=MODEL, messages=QUESTION, logprobs=True)
+    assert refused.value.param == "logprobs"
+    with pytest.raises(openai.BadRequestError) as refused:  # vLLM's own check, as a 400
+        client(real).completions.create(model=MODEL, prompt="x", max_tokens=2,
+                                        extra_body={"logit_bias": {"99999999": 5}})
 
 
 async def test_the_prefix_cache_hit_rate_reaches_the_front(real):

@@ -202,13 +202,15 @@ class VllmEngine(Engine):
 
     async def _produce(self, request: dict[str, Any], emit_many) -> None:
         """The asyncio side of one request: feed vLLM's deltas to trio as they come."""
+        from vllm.exceptions import VLLMClientError
+
         ids = self._prompt_ids(request)
         try:
             sampling = self._sampling(request["params"], len(ids), request.get("stream", True))
             outputs = self._engine.generate({"prompt_token_ids": ids}, sampling,
                                             request_id=request["id"])
             first = await anext(outputs)
-        except (ValueError, TypeError) as error:  # vLLM's word for a request it will not run
+        except (ValueError, TypeError, VLLMClientError) as error:  # vLLM refuses the request
             raise InvalidRequest(str(error)) from None
         async for output in _chain(first, outputs):
             items = []
