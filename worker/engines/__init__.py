@@ -10,6 +10,12 @@ from common.config import WorkerSettings
 
 Emit = Callable[[dict[str, Any]], None]
 
+# Request features (server.openai_schema.FEATURES) an engine that samples real tokens takes as
+# they are: vLLM's SamplingParams names, which the http engine forwards to its upstream too.
+SAMPLING_EXTRAS = frozenset({"min_tokens", "top_k", "min_p", "repetition_penalty",
+                             "stop_token_ids", "skip_special_tokens", "logit_bias",
+                             "response_format"})
+
 
 class EngineError(Exception):
     """One request failed in the engine; the worker reports it to the front as a per-request error."""
@@ -36,6 +42,7 @@ class Engine:
         self.model = settings.served_model_name or settings.model
         self.device = "cpu"
         self.capacity = settings.capacity
+        self.max_num_seqs = settings.max_num_seqs or settings.capacity
         self.active = 0
 
     async def load(self) -> None:
@@ -55,7 +62,7 @@ class Engine:
     def stats(self) -> protocol.EngineLoad:
         """What the engine is doing now, for placement; engines that know more say more."""
         return protocol.EngineLoad(running=self.unfinished(),
-                                   max_num_seqs=self.settings.max_num_seqs or self.capacity)
+                                   max_num_seqs=self.max_num_seqs)
 
     async def close(self) -> None:
         """Free the engine (no stray processes once the worker exits)."""

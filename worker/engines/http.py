@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from common import protocol
-from worker.engines import Emit, Engine, EngineError
+from worker.engines import SAMPLING_EXTRAS, Emit, Engine, EngineError
 from worker.engines.mock import MockEngine
 
 log = logging.getLogger("cohort.worker.http")
@@ -33,8 +33,7 @@ class HttpEngine(Engine):
 
     name = "http"
     # what it forwards to the upstream as it stands (it reads back text only: no logprobs, no tools)
-    features = frozenset({"min_tokens", "top_k", "min_p", "repetition_penalty", "stop_token_ids",
-                          "skip_special_tokens", "logit_bias", "response_format"})
+    features = SAMPLING_EXTRAS
 
     def __init__(self, settings) -> None:
         super().__init__(settings)

@@ -145,7 +145,6 @@ class MockEngine(Engine):
         super().__init__(settings)
         self.model = settings.served_model_name or settings.model or "cohort-mock"
         self.device = "cpu (mock)"
-        self.max_num_seqs = settings.max_num_seqs or settings.capacity
         self.max_num_batched_tokens = settings.max_num_batched_tokens or 2048
         self.cache = PrefixCache(settings.mock_prefix_cache_tokens)
         self._waiting: collections.deque[MockRequest] = collections.deque()

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from common import protocol
-from worker.engines import Emit, Engine, EngineError, InvalidRequest
+from worker.engines import SAMPLING_EXTRAS, Emit, Engine, EngineError, InvalidRequest
 
 log = logging.getLogger("cohort.worker.vllm")
 
@@ -91,8 +91,7 @@ class VllmEngine(Engine):
     """AsyncLLM on a private asyncio thread, driven from trio."""
 
     name = "vllm"
-    features = frozenset({"min_tokens", "top_k", "min_p", "repetition_penalty", "stop_token_ids",
-                          "skip_special_tokens", "logit_bias", "response_format"})
+    features = SAMPLING_EXTRAS
 
     def __init__(self, settings) -> None:
         super().__init__(settings)
@@ -184,13 +183,11 @@ class VllmEngine(Engine):
             raise InvalidRequest(f"the prompt has {prompt_len} tokens; this model takes at most "
                               f"{self.settings.max_model_len} (COHORT_MAX_MODEL_LEN)")
         max_tokens = min(params.get("max_tokens") or room, room)
-        extras: dict[str, Any] = {name: params[name] for name in (
-            "min_tokens", "top_k", "min_p", "repetition_penalty", "stop_token_ids",
-            "skip_special_tokens") if name in params}
-        if "logit_bias" in params:
-            extras["logit_bias"] = {int(token): bias for token, bias in params["logit_bias"].items()}
-        if "response_format" in params:
-            extras["structured_outputs"] = structured_outputs(params["response_format"])
+        extras: dict[str, Any] = {name: params[name] for name in self.features if name in params}
+        if "logit_bias" in extras:  # JSON keys are strings; vLLM's are token ids
+            extras["logit_bias"] = {int(token): bias for token, bias in extras["logit_bias"].items()}
+        if "response_format" in extras:
+            extras["structured_outputs"] = structured_outputs(extras.pop("response_format"))
         return SamplingParams(**extras,
             n=params.get("n", 1), temperature=params.get("temperature", 1.0),
             top_p=params.get("top_p", 1.0), max_tokens=max_tokens, stop=params.get("stop") or None,
