@@ -216,17 +216,18 @@ class MockEngine(Engine):
             if request.prefill_left:
                 budget -= self._prefill_chunk(request, budget)
                 prefilled, chunks = prefilled + request.last_chunk, chunks + 1
+        running = sum(len(r.live) for r in self._running)
         while self._waiting and budget > 0:
             request = self._waiting[0]
             if request.finished.is_set():
                 self._waiting.popleft()
                 continue
-            running = sum(len(r.live) for r in self._running)
             if (running + len(request.choices) > self.max_num_seqs
                     or self._kv_reserved + request.kv_tokens > self.settings.mock_kv_tokens):
                 break  # it waits in the engine, as vLLM's scheduler would keep it
             self._waiting.popleft()
             self._running.append(request)
+            running += len(request.choices)
             self._kv_reserved += request.kv_tokens
             request.prefill_left = request.prompt_tokens - self.cache.match(request.blocks,
                                                                             request.prompt_tokens)
