@@ -12,6 +12,8 @@ import collections
 from collections.abc import Hashable
 from typing import Any
 
+from common.prefix import chained_hashes
+
 BLOCK_CHARS = 256  # below this a shared prefix saves too little prefill to steer by
 MAX_BLOCKS = 512  # 128k characters: enough to tell prompts apart, bounded cost per request
 MEMORY_BLOCKS = 262_144  # about 64M characters of recent prefixes, over all workers
@@ -26,11 +28,7 @@ def prompt_text(kind: str, prompt: str, messages: list[dict[str, Any]]) -> str:
 
 def prefix_blocks(text: str) -> tuple[int, ...]:
     """Chained hashes of the text's full blocks (none for a text shorter than one block)."""
-    hashes, running = [], 0
-    for start in range(0, min(len(text), BLOCK_CHARS * MAX_BLOCKS) - BLOCK_CHARS + 1, BLOCK_CHARS):
-        running = hash((running, text[start:start + BLOCK_CHARS]))
-        hashes.append(running)
-    return tuple(hashes)
+    return chained_hashes(text[:BLOCK_CHARS * MAX_BLOCKS], BLOCK_CHARS)
 
 
 class PrefixOwners:

@@ -28,6 +28,7 @@ from typing import Any
 import trio
 
 from common import protocol
+from common.prefix import chained_hashes
 from worker.engines import Emit, Engine, EngineError, InvalidRequest
 from worker.engines.schema_sample import sample
 
@@ -55,15 +56,6 @@ def reply_text(batch_id: str, prompt: str, response_format: dict[str, Any] | Non
     return json.dumps(sample(response_format["json_schema"].get("schema") or {"type": "object"}))
 
 
-def block_hashes(tokens: list[str]) -> list[int]:
-    """Chained hashes of the prompt's full blocks: block k's hash stands for the whole prefix."""
-    hashes, running = [], 0
-    for start in range(0, len(tokens) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
-        running = hash((running, *tokens[start:start + BLOCK_TOKENS]))
-        hashes.append(running)
-    return hashes
-
-
 class PrefixCache:
     """Blocks of prompts prefilled before, least recently used dropped first."""
 
@@ -73,7 +65,7 @@ class PrefixCache:
         self.queries = 0
         self.hits = 0
 
-    def match(self, blocks: list[int], prompt_tokens: int) -> int:
+    def match(self, blocks: tuple[int, ...], prompt_tokens: int) -> int:
         """Prompt tokens served from the cache (never the last one: it must be computed)."""
         found = 0
         for block in blocks:
@@ -86,7 +78,7 @@ class PrefixCache:
         self.hits += cached
         return cached
 
-    def remember(self, blocks: list[int]) -> None:
+    def remember(self, blocks: tuple[int, ...]) -> None:
         for block in blocks:
             self._blocks[block] = None
             self._blocks.move_to_end(block)
@@ -119,7 +111,7 @@ class MockRequest:
     stop: list[str]
     emit: Emit
     prompt_tokens: int
-    blocks: list[int]
+    blocks: tuple[int, ...]
     choices: list[Choice]
     min_tokens: int = 0
     prefill_left: int = 0
@@ -298,7 +290,7 @@ class MockEngine(Engine):
         mock_request = MockRequest(
             request["id"], reply, s.mock_reply_length == "max_tokens" or bool(params.get("ignore_eos")),
             max_tokens, params.get("stop") or [], emit, len(prompt_tokens),
-            block_hashes(prompt_tokens), [Choice(index) for index in range(n)],
+            chained_hashes(prompt_tokens, BLOCK_TOKENS), [Choice(index) for index in range(n)],
             params.get("min_tokens", 0))
         mock_request.kv_tokens = len(prompt_tokens) + n * max_tokens
         if n > self.max_num_seqs:
