@@ -127,8 +127,7 @@ class Placement:
         if not (self.prefix_affinity and job.prefix):
             return best
         limit = workers[best].outstanding + extra[best] + self.affinity_margin
-        near = [key for key in open_ if workers[key].outstanding + extra[key] <= limit]
-        affine = max(near, key=lambda key: (self.owners.match(job.prefix, key), key == best))
-        if self.owners.match(job.prefix, affine):
-            return affine
-        return best
+        matches = {key: self.owners.match(job.prefix, key) for key in open_
+                   if workers[key].outstanding + extra[key] <= limit}
+        affine = max(matches, key=lambda key: (matches[key], key == best))
+        return affine if matches[affine] else best
