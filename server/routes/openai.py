@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from quart import Blueprint, Response, g
+from quart import Blueprint, Response, g, make_response
 
 from server.errors import CohortError
 from server.openai_format import ChunkWriter, Collector, completion_body
@@ -17,19 +17,12 @@ blueprint = Blueprint("openai", __name__)
 async def _serve(spec, route: str):
     cohort = gateway()
     job = cohort.submit(spec)
-    if not spec.stream:
-        collected = await cohort.complete(job, route)
-        response = completion_body(spec, job.id, collected), 200
-    else:
+    if spec.stream:
         response = _sse(job, route)
+    else:
+        response = await make_response(completion_body(spec, job.id, await cohort.complete(job, route)))
     if spec.dropped:  # COHORT_DROP_PARAMS: say what was dropped, never drop it silently
-        headers = {"X-Cohort-Dropped-Params": ",".join(spec.dropped)}
-        return (*response, headers) if isinstance(response, tuple) else _with(response, headers)
-    return response
-
-
-def _with(response: Response, headers: dict[str, str]) -> Response:
-    response.headers.update(headers)
+        response.headers["X-Cohort-Dropped-Params"] = ",".join(spec.dropped)
     return response
 
 
