@@ -171,6 +171,8 @@ def features_used(request: Sampling) -> list[str]:
             continue
         if value not in neutral:
             used.append(name)
+    if request.stream_options is not None and request.stream_options.continuous_usage_stats:
+        used.append("continuous_usage_stats")  # vLLM's: usage in every chunk
     return used
 
 
@@ -202,6 +204,10 @@ def _validate(cls: type[Sampling], body: Any, settings: ServerSettings) -> tuple
         raise BadRequest(f"{where}: {first['msg']}", param=where) from None
 
 
+def _stops(request: Sampling) -> list[str]:
+    return [request.stop] if isinstance(request.stop, str) else request.stop or []
+
+
 def _check_limits(request: Sampling, settings: ServerSettings, max_tokens: int | None) -> None:
     if max_tokens is not None and max_tokens > settings.max_tokens_limit:
         raise BadRequest(f"max_tokens must be at most {settings.max_tokens_limit} "
@@ -209,8 +215,7 @@ def _check_limits(request: Sampling, settings: ServerSettings, max_tokens: int |
     if request.n > settings.max_n:
         raise BadRequest(f"n must be between 1 and {settings.max_n} (got {request.n}; COHORT_MAX_N)",
                          param="n")
-    stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
-    if not all(stop):
+    if not all(_stops(request)):
         raise BadRequest("stop must be a non-empty string or a list of up to 4 of them", param="stop")
     if request.stream_options is not None and not request.stream:
         raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
@@ -224,10 +229,9 @@ def _check_limits(request: Sampling, settings: ServerSettings, max_tokens: int |
 
 def _params(request: Sampling, max_tokens: int | None, features: list[str]) -> dict[str, Any]:
     """What the worker needs to run the request: the sampling and the features it uses."""
-    stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
     params: dict[str, Any] = {
         "max_tokens": max_tokens, "temperature": float(request.temperature),
-        "top_p": float(request.top_p), "n": request.n, "stop": stop, "seed": request.seed,
+        "top_p": float(request.top_p), "n": request.n, "stop": _stops(request), "seed": request.seed,
         "presence_penalty": float(request.presence_penalty),
         "frequency_penalty": float(request.frequency_penalty),
         "include_usage": bool(request.stream_options and request.stream_options.include_usage),
@@ -235,7 +239,7 @@ def _params(request: Sampling, max_tokens: int | None, features: list[str]) -> d
     }
     for name in features:
         if name not in type(request).model_fields:
-            continue  # a feature of the messages (tool_messages): nothing to pass beside them
+            continue  # tool_messages, continuous_usage_stats: refused, nothing to pass on
         value = getattr(request, name)
         params[name] = value.model_dump(by_alias=True, exclude_none=True) if isinstance(
             value, BaseModel) else value

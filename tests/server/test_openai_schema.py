@@ -56,6 +56,9 @@ def test_drop_params_drops_unknown_top_level_fields_and_says_which():
 def test_known_fields_nobody_serves_are_features_not_typos():
     spec = parse_chat({**CHAT, "store": True, "metadata": {"team": "a"}}, SETTINGS)
     assert spec.features == ["metadata", "store"]
+    streamed = parse_chat({**CHAT, "stream": True, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}}, SETTINGS)
+    assert streamed.features == ["continuous_usage_stats"]
 
 
 def test_features_are_what_a_request_asks_beyond_the_base():
