@@ -189,6 +189,19 @@ class WorkerSettings:
         0, "COHORT_MAX_NUM_BATCHED_TOKENS",
         doc="vLLM's max_num_batched_tokens: tokens one engine step takes (0: engine default)",
     )
+    runner: str = env_field(
+        "auto", "COHORT_RUNNER",
+        doc="vLLM's --runner: auto | generate | pooling (pooling with COHORT_CONVERT=embed serves /v1/embeddings)",
+    )
+    convert: str = env_field("auto", "COHORT_CONVERT", doc="vLLM's --convert: auto | embed | none")
+    tool_call_parser: str = env_field(
+        "", "COHORT_TOOL_CALL_PARSER", doc="vLLM's --tool-call-parser (hermes, llama3_json, ...)"
+    )
+    enable_auto_tool_choice: bool = env_field(
+        False, "COHORT_ENABLE_AUTO_TOOL_CHOICE",
+        doc="vLLM's --enable-auto-tool-choice: tool_choice auto (needs COHORT_TOOL_CALL_PARSER)",
+    )
+    chat_template: str = env_field("", "COHORT_CHAT_TEMPLATE", doc="vLLM's --chat-template: a file or the template")
     heartbeat_interval_s: float = env_field(0.5, "COHORT_HEARTBEAT_INTERVAL_S")
     mock_ttft_s: float = env_field(0.0, "MOCK_TTFT_S", doc="mock: fixed extra cost of a step that prefills")
     mock_prefill_token_s: float = env_field(
@@ -227,6 +240,11 @@ class WorkerSettings:
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.mock_prefix_cache_tokens) < 0:
             raise SettingError("COHORT_MAX_NUM_SEQS, COHORT_MAX_NUM_BATCHED_TOKENS and "
                                "MOCK_PREFIX_CACHE_TOKENS must be >= 0")
+        if self.runner not in {"auto", "generate", "pooling"}:
+            raise SettingError(f"COHORT_RUNNER={self.runner!r}: use auto, generate or pooling")
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise SettingError("COHORT_ENABLE_AUTO_TOOL_CHOICE needs COHORT_TOOL_CALL_PARSER "
+                               "(as vllm serve's --enable-auto-tool-choice needs --tool-call-parser)")
         if self.mock_kv_tokens < 1:
             raise SettingError("MOCK_KV_TOKENS must be at least 1")
         if self.capacity < 1 or self.heartbeat_interval_s <= 0:

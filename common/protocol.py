@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Union
 
 import msgpack
 
-VERSION = 1
+VERSION = 2  # 2: requests carry the OpenAI body, outputs the OpenAI bytes
 MAX_MESSAGE_BYTES = 64 << 20
 
 
@@ -54,7 +54,9 @@ class Hello(Message):
     pid: int = 0
     load_time_s: float = 0.0
     error: str = ""
-    features: list[str] = field(default_factory=list)  # request features past the base it honours
+    # the routes it serves ("chat", "completions", "embeddings", "tokenize", "detokenize") and the
+    # request features past the base it honours (see server.openai_schema.FEATURES)
+    features: list[str] = field(default_factory=list)
     max_model_len: int = 0
 
 
@@ -65,6 +67,7 @@ class Ready(Message):
     type: ClassVar[str] = "ready"
     load_time_s: float
     model: str = ""  # the served name, when loading is what settled it (the http engine)
+    features: list[str] | None = None  # routes and features, when loading settled them (vLLM)
 
 
 @dataclass
@@ -79,7 +82,7 @@ class Heartbeat(Message):
 
 @dataclass
 class Out(Message):
-    """Deltas for many requests, coalesced: one message per engine step, not per token."""
+    """Output for many requests, coalesced: one message per engine step, not per token."""
 
     type: ClassVar[str] = "out"
     items: list[dict[str, Any]] = field(default_factory=list)
@@ -179,37 +182,35 @@ class EngineLoad:
         return cls(**{name: item[name] for name in LOAD_FIELDS if name in item})
 
 
+ROUTES = ("chat", "completions", "embeddings", "tokenize", "detokenize")
+
 REQUEST_FIELDS: dict[str, Any] = {
-    "id": str, "kind": str, "prompt": str, "messages": list, "params": dict, "trace_id": str,
-    "stream": bool,
+    "id": str, "route": str, "body": dict, "trace_id": str, "stream": bool,
 }
 LOAD_FIELDS: dict[str, Any] = {
     "running": int, "waiting": int, "kv_usage": (int, float), "prefix_hit_rate": (int, float),
     "max_num_seqs": int, "max_num_batched_tokens": int, "received": int,
 }
 OUT_FIELDS: dict[str, Any] = {
-    "id": str, "index": int, "text": str, "tokens": int, "finish": (str, type(None)),
-    "prompt_tokens": int,
+    "id": str, "data": bytes, "done": bool, "status": int, "usage": (dict, type(None)),
 }
 
 
-def request_item(
-    request_id: str, kind: str, params: dict[str, Any], *, prompt: str = "",
-    messages: list[dict[str, Any]] | None = None, trace_id: str = "", stream: bool = True,
-) -> dict[str, Any]:
-    """One request in a Batch: `kind` is "chat" (with `messages`) or "completion" (with `prompt`).
-    With `stream` false the worker sends each choice once, whole, when it ends."""
-    return {"id": request_id, "kind": kind, "prompt": prompt, "messages": messages or [],
-            "params": params, "trace_id": trace_id, "stream": stream}
+def request_item(request_id: str, route: str, body: dict[str, Any], *, trace_id: str = "",
+                 stream: bool = False) -> dict[str, Any]:
+    """One request in a Batch: the OpenAI body of `route` (one of ROUTES), as the client sent it
+    and the front validated it. `id` names it on the wire and in the response ids."""
+    return {"id": request_id, "route": route, "body": body, "trace_id": trace_id, "stream": stream}
 
 
-def out_item(
-    request_id: str, index: int, text: str, tokens: int, finish: str | None = None,
-    prompt_tokens: int = 0,
-) -> dict[str, Any]:
-    """One delta in an Out message: new `text` of choice `index`, `tokens` new tokens in it."""
-    return {"id": request_id, "index": index, "text": text, "tokens": tokens, "finish": finish,
-            "prompt_tokens": prompt_tokens}
+def out_item(request_id: str, data: bytes, *, done: bool = False, status: int = 200,
+             usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """Output of one request, as the client will read it: streamed, `data` holds whole SSE events
+    (`data: {...}\\n\\n`, never the closing `[DONE]`, which is the front's); otherwise the JSON
+    body, once, with `done`. The last item is `done` and carries `usage` (prompt_tokens,
+    completion_tokens) for the front's accounting. A `status` of 400 or more is a refusal whose
+    `data` is the OpenAI error body."""
+    return {"id": request_id, "data": data, "done": done, "status": status, "usage": usage}
 
 
 def check_load(load: dict[str, Any], what: str) -> None:
@@ -221,6 +222,16 @@ def check_load(load: dict[str, Any], what: str) -> None:
         value = load[name]
         if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
             raise ProtocolError(f"{what}: load field {name!r} has the wrong type or sign")
+
+
+def check_usage(usage: Any) -> None:
+    """Raise ProtocolError unless `usage` is None or a map of token counts (non-negative ints)."""
+    if usage is None:
+        return
+    for name, value in usage.items():
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, int) \
+                or value < 0:
+            raise ProtocolError(f"out: usage field {name!r} is not a token count")
 
 
 def check_items(items: Any, shape: dict[str, Any], what: str) -> None:
@@ -289,6 +300,8 @@ def decode(data: bytes) -> Message:
         check_items(message.requests, REQUEST_FIELDS, "batch")
     elif isinstance(message, Out):
         check_items(message.items, OUT_FIELDS, "out")
+        for item in message.items:
+            check_usage(item.get("usage"))
     if isinstance(message, (Out, Heartbeat)):
         check_load(message.load, message.type)
     return message

@@ -137,6 +137,8 @@ class Dispatcher:
         elif isinstance(message, protocol.Ready):
             worker.state, worker.load_time_s = "ready", message.load_time_s
             worker.model = message.model or worker.model
+            if message.features is not None:
+                worker.features = frozenset(message.features)
             self.metrics.load_time.labels(worker.worker_id, worker.model).set(message.load_time_s)
             log.info("worker %s ready with %s after %.1f s", worker.worker_id, worker.model,
                      message.load_time_s)
@@ -263,9 +265,8 @@ class Dispatcher:
             if job.attempts == 0:
                 self.metrics.queue_wait.observe(now - job.enqueued_at)
             spec = job.spec
-            requests.append(protocol.request_item(job.id, spec.kind, spec.params, prompt=spec.prompt,
-                                                  messages=spec.messages, trace_id=spec.trace_id,
-                                                  stream=spec.stream))
+            requests.append(protocol.request_item(job.id, spec.route, spec.body,
+                                                  trace_id=spec.trace_id, stream=spec.stream))
         self.placement.sent(worker.identity, worker.load, jobs)
         worker.batches_sent += 1
         self.metrics.batch_sent(len(jobs))

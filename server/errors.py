@@ -85,6 +85,26 @@ class EngineFailed(CohortError):
     code = "engine_error"
 
 
+class EngineRefused(CohortError):
+    """The serving engine refused the request by its own rules (vLLM's validation, a prompt too long
+    for the model): the client hears the engine's status and error body as `vllm serve` gives them."""
+
+    error_type = "invalid_request_error"
+
+    def __init__(self, status: int, body: Any) -> None:
+        detail = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(detail, dict):
+            detail = {"message": str(body)[:1000]}
+        super().__init__(str(detail.get("message", "the engine refused the request")),
+                         param=detail.get("param"))
+        self.status = status if 400 <= status < 600 else 502
+        self._body = {"error": dict(detail)} if isinstance(body, dict) else {"error": {
+            "message": self.message, "type": self.error_type, "param": None, "code": self.status}}
+
+    def body(self) -> dict[str, Any]:
+        return self._body
+
+
 class UpstreamUnavailable(CohortError):
     """The http engine's upstream server cannot be reached."""
 

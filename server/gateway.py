@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,12 +11,11 @@ import trio
 
 from common.config import ServerSettings
 from server.dispatch import Dispatcher
-from server.errors import CohortError, DeadlineExceeded
+from server.errors import CohortError, DeadlineExceeded, EngineRefused
 from server.jobs import Job, JobSpec, Restart
 from server.metrics import Metrics
-from server.openai_format import Collector
 from server.scheduler import Scheduler
-from server.scheduling.prefix import prefix_blocks, prompt_text
+from server.scheduling.prefix import prefix_blocks
 
 log = logging.getLogger("cohort.gateway")
 
@@ -46,78 +46,81 @@ class Gateway:
             task_status.started(endpoint)
 
     def submit(self, spec: JobSpec) -> Job:
-        """Accept a job (or raise NotFound / NoWorkers / QueueFull at once)."""
+        """Accept a job (or raise NotFound / NoWorkers / QueueFull / BadRequest at once)."""
         self.dispatcher.check_model(spec.model)
-        if spec.features:
-            self.dispatcher.registry.check_features(spec.model, spec.features)
+        self.dispatcher.registry.check_features(spec.model, [spec.route, *spec.features])
         now = trio.current_time()
         job = Job(spec, enqueued_at=now, deadline=now + self.settings.request_timeout_s)
-        if self.settings.prefix_affinity:
-            job.prefix = prefix_blocks(prompt_text(spec.kind, spec.prompt, spec.messages))
+        if self.settings.prefix_affinity and spec.prompt_text:
+            job.prefix = prefix_blocks(spec.prompt_text)
         self.scheduler.submit(job)
         return job
 
-    def _observe_end(self, job: Job, collected: Collector, route: str) -> None:
+    def _observe_end(self, job: Job, last: dict[str, Any], route: str) -> None:
         took = trio.current_time() - job.enqueued_at
         self.metrics.latency.labels(route).observe(took)
         log.debug("request_id=%s job=%s worker=%s batch=%s attempts=%d took=%.4fs", job.spec.trace_id,
                   job.id, job.worker_id, job.batch_id, job.attempts + 1, took)
-        usage = collected.usage()
-        self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
-        self.metrics.completion_tokens.inc(usage["completion_tokens"])
+        usage = last.get("usage") or {}
+        self.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
+        self.metrics.completion_tokens.inc(usage.get("completion_tokens", 0))
 
     async def _next(self, job: Job) -> Any:
-        """The job's next output; DeadlineExceeded past its deadline; errors raised."""
+        """The job's next output; DeadlineExceeded past its deadline; errors raised, and so is
+        the engine's refusal (vLLM's status and error body)."""
         with trio.move_on_at(job.deadline):
             output = await job.outputs.receive()
             if isinstance(output, CohortError):
                 raise output
+            if isinstance(output, dict) and output["status"] >= 400:
+                raise EngineRefused(output["status"], _json_or_text(output["data"]))
             return output
         raise DeadlineExceeded(
             f"no answer within {self.settings.request_timeout_s:g} s (COHORT_REQUEST_TIMEOUT_S)")
 
-    async def complete(self, job: Job, route: str) -> Collector:
-        """Wait for the whole job; on cancel, error or deadline, abort it on its worker."""
-        collected = Collector(job.spec.n)
+    async def complete(self, job: Job, route: str) -> bytes:
+        """Wait for the whole job and return its JSON body; on cancel, error or deadline, abort it
+        on its worker."""
         try:
-            while not collected.done:
+            while True:
                 output = await self._next(job)
-                if isinstance(output, Restart):
-                    collected.reset()
-                else:
-                    collected.add(output)
+                if not isinstance(output, Restart) and output["done"]:
+                    break
         finally:
             self.dispatcher.abort(job)  # a no-op once the job finished
-        self._observe_end(job, collected, route)
-        return collected
+        self._observe_end(job, output, route)
+        return output["data"]
 
-    async def stream(self, job: Job, collected: Collector, route: str
-                     ) -> AsyncIterator[list[dict[str, Any]]]:
-        """Yield the outputs ready at each moment, as lists (so ready tokens share one event)."""
+    async def stream(self, job: Job, route: str) -> AsyncIterator[bytes]:
+        """Yield the SSE events ready at each moment, joined (so ready events share one write)."""
         try:
-            while not collected.done:
+            while True:
                 output = await self._next(job)
                 if isinstance(output, Restart):  # nothing was sent yet, or it would not restart
-                    collected.reset()
                     continue
                 ready = [output]
-                while True:
+                while not ready[-1]["done"]:
                     try:
                         more = job.outputs.receive_nowait()
                     except trio.WouldBlock:
                         break
                     if isinstance(more, CohortError):
                         raise more
-                    if isinstance(more, Restart):
-                        collected.reset()
-                        ready = []
-                    else:
-                        ready.append(more)
+                    ready = [] if isinstance(more, Restart) else ready + [more]
+                    if not ready:
+                        break
                 if not ready:
                     continue
-                for item in ready:
-                    collected.add(item)
-                yield ready
+                yield b"".join(item["data"] for item in ready)
+                if ready[-1]["done"]:
+                    break
         finally:
             self.dispatcher.abort(job)
-        self._observe_end(job, collected, route)
+        self._observe_end(job, ready[-1], route)
+
+
+def _json_or_text(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return data.decode(errors="replace")

@@ -14,21 +14,17 @@ from server.errors import CohortError
 
 @dataclass
 class JobSpec:
-    """What a route parsed from the client: the model, the input and the sampling parameters."""
+    """What a route parsed from the client: the model, the route and the OpenAI body to run."""
 
     model: str
-    kind: str  # "chat" or "completion"
-    params: dict[str, Any]
-    prompt: str = ""
-    messages: list[dict[str, Any]] = field(default_factory=list)
+    route: str  # one of common.protocol.ROUTES
+    body: dict[str, Any]  # as the client sent it, validated (unknown fields gone only if dropped)
     stream: bool = False
     trace_id: str = ""
     features: list[str] = field(default_factory=list)  # see server.openai_schema.FEATURES
     dropped: list[str] = field(default_factory=list)  # unknown fields dropped (COHORT_DROP_PARAMS)
-
-    @property
-    def n(self) -> int:
-        return int(self.params.get("n", 1))
+    seqs: int = 1  # sequences the engine runs for it: n for each prompt
+    prompt_text: str = ""  # what the prompt starts with, for placement by prefix affinity
 
 
 @dataclass
@@ -52,7 +48,6 @@ class Job:
     worker_id: str = ""
     batch_id: str = ""
     started_at: float = 0.0
-    finished_choices: int = 0
     prefix: tuple[int, ...] = ()  # the prompt's prefix blocks, for placement by affinity
     _send: trio.MemorySendChannel = field(init=False, repr=False)
     outputs: trio.MemoryReceiveChannel = field(init=False, repr=False)
@@ -64,8 +59,8 @@ class Job:
 
     @property
     def seqs(self) -> int:
-        """Sequences the engine runs for this job: one per choice."""
-        return self.spec.n
+        """Sequences the engine runs for this job."""
+        return self.spec.seqs
 
     @property
     def finished(self) -> bool:
@@ -77,21 +72,17 @@ class Job:
         return not (self.spec.stream and self.got_output)
 
     def deliver(self, item: dict[str, Any]) -> bool:
-        """Pass one out item to the handler; True once every choice has finished."""
+        """Pass one out item to the handler; True once it was the last."""
         self.got_output = True
         self._send.send_nowait(item)
-        if item.get("finish") is not None:
-            self.finished_choices += 1
-        if self.finished_choices >= self.spec.n:
+        if item["done"]:
             self.state = "done"
-            return True
-        return False
+        return item["done"]
 
     def restart(self) -> None:
         """Put the job back to queued after its worker died, telling the handler to start over."""
         self.attempts += 1
         self.state = "queued"
-        self.finished_choices = 0
         self.got_output = False
         self._send.send_nowait(Restart(self.attempts))
 

@@ -19,7 +19,11 @@ from server.errors import BadRequest
 from server.jobs import JobSpec
 
 Number = float  # strict: ints are numbers too, bools and strings are not
-Stop = str | Annotated[list[str], Field(max_length=4)]
+Stop = str | list[str]
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+# `prompt` and `input`: one text, texts, one prompt's token ids, or several prompts' token ids
+Prompts = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[
+    list[TokenIds], Field(min_length=1)]
 
 
 class Strict(BaseModel):
@@ -33,11 +37,22 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
 
@@ -80,30 +95,44 @@ class ToolChoice(Strict):
 
 
 class Sampling(Strict):
-    """What chat and completions share: the model, the sampling and vLLM's extensions."""
+    """What chat and completions share: the model, the sampling and vLLM's extensions. Ranges are
+    vLLM's where they are wider than OpenAI's: what `vllm serve` answers, Cohort answers."""
 
     model: str = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: Number = Field(1.0, ge=0, le=2)
-    top_p: Number = Field(1.0, gt=0, le=1)
+    temperature: Number | None = Field(None, ge=0)
+    top_p: Number | None = Field(None, gt=0, le=1)
     n: StrictInt = Field(1, ge=1)
     stop: Stop | None = None
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    presence_penalty: Number = Field(0.0, ge=-2, le=2)
-    frequency_penalty: Number = Field(0.0, ge=-2, le=2)
-    stream: StrictBool = False
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id for the operator's logs; no effect on generation
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     response_format: ResponseFormat | None = None
-    # vLLM's extensions
+    # vLLM's sampling extensions
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = Field(0, ge=0)
     top_k: StrictInt | None = Field(None, ge=-1)
-    min_p: Number = Field(0.0, ge=0, le=1)
-    repetition_penalty: Number = Field(1.0, gt=0, le=2)
+    min_p: Number | None = Field(None, ge=0, le=1)
+    repetition_penalty: Number | None = Field(None, gt=0)
     stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
+    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1)
+    prompt_logprobs: StrictInt | None = Field(None, ge=-1)
+    allowed_token_ids: list[StrictInt] | None = None
+    bad_words: list[str] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    return_tokens_as_token_ids: StrictBool | None = None
+    return_token_ids: StrictBool | None = None
+    use_beam_search: StrictBool = False
+    length_penalty: Number = 1.0
+    priority: StrictInt = 0
+    cache_salt: str | None = None
 
 
 class ChatRequest(Sampling):
@@ -111,11 +140,17 @@ class ChatRequest(Sampling):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    logprobs: StrictBool = False
+    logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
+    # vLLM's chat extensions
+    echo: StrictBool = False
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     # OpenAI's, known and declared so that using them is a clear 400, not a typo's "unknown field"
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
@@ -132,34 +167,79 @@ class ChatRequest(Sampling):
 class CompletionRequest(Sampling):
     """`POST /v1/completions`."""
 
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    logprobs: StrictInt | None = Field(None, ge=0, le=5)
-    echo: StrictBool = False
+    prompt: Prompts
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    echo: StrictBool | None = False
     best_of: StrictInt | None = Field(None, ge=1)
     suffix: str | None = None
+    add_special_tokens: StrictBool = True
 
 
-# The features a request may use, each with the neutral value that does not use it. Everything
-# else in the models above every engine honours.
+class EmbeddingRequest(Strict):
+    """`POST /v1/embeddings`."""
+
+    model: str = Field(min_length=1)
+    input: Prompts
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(None, ge=1)
+    user: str | None = None
+    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1)
+    add_special_tokens: StrictBool = True
+    priority: StrictInt = 0
+
+
+class TokenizeRequest(Strict):
+    """`POST /tokenize` (vLLM's): a prompt, or chat messages through the chat template."""
+
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: StrictBool | None = None
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    return_token_strs: StrictBool | None = False
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(Strict):
+    """`POST /detokenize` (vLLM's)."""
+
+    model: str = Field(min_length=1)
+    tokens: list[StrictInt]
+
+
+# The features a request may use, each with the neutral values that do not use it. Everything
+# else in the models above every engine honours. The routes are features too: a worker serves
+# the routes its engine names.
 FEATURES: dict[str, Any] = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
     "response_format": (None,), "tools": (None, []), "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None, True), "echo": (False,), "best_of": (None, 1),
-    "suffix": (None, ""), "min_tokens": (0,), "top_k": (None, -1, 0), "min_p": (0.0,),
-    "repetition_penalty": (1.0,), "stop_token_ids": (None, []), "skip_special_tokens": (True,),
+    "parallel_tool_calls": (None, True), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "min_tokens": (0,), "top_k": (None, -1, 0), "min_p": (None, 0.0),
+    "repetition_penalty": (None, 1.0), "stop_token_ids": (None, []),
+    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+    "include_stop_str_in_output": (False,), "truncate_prompt_tokens": (None,),
+    "prompt_logprobs": (None,), "allowed_token_ids": (None,), "bad_words": (None, []),
+    "structured_outputs": (None,), "return_tokens_as_token_ids": (None, False),
+    "return_token_ids": (None, False), "use_beam_search": (False,), "length_penalty": (1.0,),
+    "priority": (0,), "cache_salt": (None,), "add_generation_prompt": (True,),
+    "continue_final_message": (False,), "chat_template_kwargs": (None, {}),
+    "dimensions": (None,), "return_token_strs": (None, False),
     "functions": (None,), "function_call": (None,), "metadata": (None,), "store": (None, False),
     "service_tier": (None, "auto", "default"), "reasoning_effort": (None,),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
     "web_search_options": (None,),
 }
+# The other features a request can use: "continuous_usage_stats" (stream_options), and
+# "token_prompts" (token ids as the prompt: the mock has no vocabulary of ids to read them by)
+MODELS = (ChatRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest,
+          Message, TextPart, ToolCall, FunctionCall, StreamOptions, ResponseFormat, JsonSchema, Tool,
+          Function, ToolChoice)
+FIELD_NAMES = {name for cls in MODELS for name in cls.model_fields} | {"schema"}
 
 
-FIELD_NAMES = {name for cls in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions,
-                                 ResponseFormat, JsonSchema, Tool, Function, ToolChoice)
-               for name in cls.model_fields} | {"schema"}
-
-
-def features_used(request: Sampling) -> list[str]:
+def features_used(request: BaseModel) -> list[str]:
     """The features this request asks for: fields set to something other than their neutral
     value (vLLM's benchmark client sends `repetition_penalty: 1.0`, which asks for nothing)."""
     used = []
@@ -171,8 +251,12 @@ def features_used(request: Sampling) -> list[str]:
             continue
         if value not in neutral:
             used.append(name)
-    if request.stream_options is not None and request.stream_options.continuous_usage_stats:
+    options = getattr(request, "stream_options", None)
+    if options is not None and options.continuous_usage_stats:
         used.append("continuous_usage_stats")  # vLLM's: usage in every chunk
+    prompts = getattr(request, "prompt", None) or getattr(request, "input", None)
+    if isinstance(prompts, list) and not all(isinstance(p, str) for p in prompts):
+        used.append("token_prompts")
     return used
 
 
@@ -182,8 +266,10 @@ def _param(location: tuple) -> str:
     return ".".join(parts)
 
 
-def _validate(cls: type[Sampling], body: Any, settings: ServerSettings) -> tuple[Sampling, list[str]]:
-    """The body as `cls`, and the unknown fields dropped (only with COHORT_DROP_PARAMS)."""
+def _validate(cls: type[Strict], body: Any, settings: ServerSettings
+              ) -> tuple[Any, dict[str, Any], list[str]]:
+    """The body as `cls`, the body to pass on, and the unknown fields dropped (only with
+    COHORT_DROP_PARAMS)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     dropped: list[str] = []
@@ -192,7 +278,7 @@ def _validate(cls: type[Sampling], body: Any, settings: ServerSettings) -> tuple
         dropped = sorted(str(key) for key in body if key not in known)
         body = {key: value for key, value in body.items() if key in known}
     try:
-        return cls.model_validate(body), dropped
+        return cls.model_validate(body), body, dropped
     except ValidationError as error:
         first = error.errors(include_url=False)[0]
         where = _param(first["loc"])
@@ -208,42 +294,35 @@ def _stops(request: Sampling) -> list[str]:
     return [request.stop] if isinstance(request.stop, str) else request.stop or []
 
 
-def _check_limits(request: Sampling, settings: ServerSettings, max_tokens: int | None) -> None:
+def _prompts(prompts: Any) -> list[Any]:
+    """A `prompt` or `input` as a list of prompts, each a text or a list of token ids."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
+
+
+def _check_sampling(request: Sampling, settings: ServerSettings, max_tokens: int | None,
+                    seqs: int) -> None:
     if max_tokens is not None and max_tokens > settings.max_tokens_limit:
         raise BadRequest(f"max_tokens must be at most {settings.max_tokens_limit} "
                          f"(got {max_tokens}; COHORT_MAX_TOKENS_LIMIT)", param="max_tokens")
-    if request.n > settings.max_n:
-        raise BadRequest(f"n must be between 1 and {settings.max_n} (got {request.n}; COHORT_MAX_N)",
-                         param="n")
+    if seqs > settings.max_n:
+        raise BadRequest(f"n times the prompts must be at most {settings.max_n} (got {seqs}; "
+                         "COHORT_MAX_N)", param="n")
     if not all(_stops(request)):
-        raise BadRequest("stop must be a non-empty string or a list of up to 4 of them", param="stop")
+        raise BadRequest("stop must be a non-empty string or a list of them", param="stop")
     if request.stream_options is not None and not request.stream:
         raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
-    if isinstance(getattr(request, "tool_choice", None), ToolChoice) and not request.tools:
-        raise BadRequest("tool_choice names a function but no tools are given", param="tool_choice")
     format_ = request.response_format
     if format_ is not None and format_.type == "json_schema" and format_.json_schema is None:
         raise BadRequest("response_format of type json_schema needs json_schema",
                          param="response_format")
 
 
-def _params(request: Sampling, max_tokens: int | None, features: list[str]) -> dict[str, Any]:
-    """What the worker needs to run the request: the sampling and the features it uses."""
-    params: dict[str, Any] = {
-        "max_tokens": max_tokens, "temperature": float(request.temperature),
-        "top_p": float(request.top_p), "n": request.n, "stop": _stops(request), "seed": request.seed,
-        "presence_penalty": float(request.presence_penalty),
-        "frequency_penalty": float(request.frequency_penalty),
-        "include_usage": bool(request.stream_options and request.stream_options.include_usage),
-        "ignore_eos": request.ignore_eos,
-    }
-    for name in features:
-        if name not in type(request).model_fields:
-            continue  # tool_messages, continuous_usage_stats: refused, nothing to pass on
-        value = getattr(request, name)
-        params[name] = value.model_dump(by_alias=True, exclude_none=True) if isinstance(
-            value, BaseModel) else value
-    return params
+def _check_size(size: int, settings: ServerSettings, param: str) -> None:
+    if size > settings.max_prompt_chars:
+        raise BadRequest(f"the {param} hold {size} characters; the limit is "
+                         f"{settings.max_prompt_chars} (COHORT_MAX_PROMPT_CHARS)", param=param)
 
 
 def _text_of(content: str | list[TextPart] | None) -> str:
@@ -252,36 +331,57 @@ def _text_of(content: str | list[TextPart] | None) -> str:
     return "".join(part.text for part in content)
 
 
+def chat_prompt_text(messages: list[Message]) -> str:
+    """The text a chat's prefix is read from: the messages with their roles, in order."""
+    return "".join(f"\x1e{m.role}\x1f{_text_of(m.content)}" for m in messages)
+
+
 def parse_chat(body: Any, settings: ServerSettings, trace_id: str = "") -> JobSpec:
     """A `/v1/chat/completions` body as a JobSpec."""
-    request, dropped = _validate(ChatRequest, body, settings)
-    max_tokens = request.max_completion_tokens or request.max_tokens
-    _check_limits(request, settings, max_tokens)
-    messages = [{"role": m.role, "content": _text_of(m.content)} for m in request.messages]
-    size = sum(len(m["content"]) for m in messages)
-    if size > settings.max_prompt_chars:
-        raise BadRequest(f"the messages hold {size} characters; the limit is "
-                         f"{settings.max_prompt_chars} (COHORT_MAX_PROMPT_CHARS)", param="messages")
-    features = features_used(request)
-    if any(m.tool_calls or m.tool_call_id or m.name for m in request.messages):
-        features.append("tool_messages")
-    return JobSpec(request.model, "chat", _params(request, max_tokens, features), messages=messages,
-                   stream=request.stream, trace_id=trace_id, features=features, dropped=dropped)
+    request, body, dropped = _validate(ChatRequest, body, settings)
+    _check_sampling(request, settings, request.max_completion_tokens or request.max_tokens,
+                    request.n)
+    if isinstance(request.tool_choice, ToolChoice) and not request.tools:
+        raise BadRequest("tool_choice names a function but no tools are given", param="tool_choice")
+    _check_size(sum(len(_text_of(m.content)) for m in request.messages), settings, "messages")
+    return JobSpec(request.model, "chat", body, stream=bool(request.stream), trace_id=trace_id,
+                   features=features_used(request), dropped=dropped, seqs=request.n,
+                   prompt_text=chat_prompt_text(request.messages))
 
 
 def parse_completion(body: Any, settings: ServerSettings, trace_id: str = "") -> JobSpec:
-    """A `/v1/completions` body as a JobSpec (max_tokens defaults to 16, as OpenAI's does)."""
-    if isinstance(body, dict) and isinstance(body.get("prompt"), list) and len(body["prompt"]) > 1:
-        raise BadRequest("prompt: one prompt per request here (for many prompts at once, use "
-                         "POST /inference/batch)", param="prompt")
-    request, dropped = _validate(CompletionRequest, body, settings)
-    max_tokens = 16 if request.max_tokens is None else request.max_tokens
-    _check_limits(request, settings, max_tokens)
-    prompt = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
-    if len(prompt) > settings.max_prompt_chars:
-        raise BadRequest(f"the prompt holds {len(prompt)} characters; the limit is "
-                         f"{settings.max_prompt_chars} (COHORT_MAX_PROMPT_CHARS)", param="prompt")
-    features = features_used(request)
-    return JobSpec(request.model, "completion", _params(request, max_tokens, features),
-                   prompt=prompt, stream=request.stream, trace_id=trace_id, features=features,
+    """A `/v1/completions` body as a JobSpec (vLLM's max_tokens default, 16, is the worker's)."""
+    request, body, dropped = _validate(CompletionRequest, body, settings)
+    prompts = _prompts(request.prompt)
+    _check_sampling(request, settings, request.max_tokens, request.n * len(prompts))
+    _check_size(sum(len(p) if isinstance(p, str) else 4 * len(p) for p in prompts), settings,
+                "prompt")
+    first = prompts[0] if isinstance(prompts[0], str) else ""
+    return JobSpec(request.model, "completions", body, stream=bool(request.stream),
+                   trace_id=trace_id, features=features_used(request), dropped=dropped,
+                   seqs=request.n * len(prompts), prompt_text=first)
+
+
+def parse_embeddings(body: Any, settings: ServerSettings, trace_id: str = "") -> JobSpec:
+    """A `/v1/embeddings` body as a JobSpec."""
+    request, body, dropped = _validate(EmbeddingRequest, body, settings)
+    inputs = _prompts(request.input)
+    if len(inputs) > settings.max_n * 64:
+        raise BadRequest(f"input holds {len(inputs)} items; the limit is {settings.max_n * 64} "
+                         "(64 x COHORT_MAX_N)", param="input")
+    _check_size(sum(len(p) if isinstance(p, str) else 4 * len(p) for p in inputs), settings, "input")
+    return JobSpec(request.model, "embeddings", body, trace_id=trace_id,
+                   features=features_used(request), dropped=dropped, seqs=len(inputs))
+
+
+def parse_tokens(route: str, body: Any, settings: ServerSettings, trace_id: str = "") -> JobSpec:
+    """A `/tokenize` or `/detokenize` body as a JobSpec."""
+    cls = TokenizeRequest if route == "tokenize" else DetokenizeRequest
+    request, body, dropped = _validate(cls, body, settings)
+    if route == "tokenize":
+        if (request.prompt is None) == (request.messages is None):
+            raise BadRequest("give either prompt or messages", param="prompt")
+        _check_size(len(request.prompt or "") + len(chat_prompt_text(request.messages or [])),
+                    settings, "prompt")
+    return JobSpec(request.model, route, body, trace_id=trace_id, features=features_used(request),
                    dropped=dropped)

@@ -6,6 +6,7 @@ the next start re-runs every task that had not finished (up to `MAX_TASK_ATTEMPT
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from typing import Any
@@ -14,7 +15,6 @@ import trio
 
 from server.errors import BadRequest, CohortError, NoWorkers, NotFound, QueueFull
 from server.jobs import JobSpec
-from server.openai_format import completion_body
 from server.openai_schema import parse_chat, parse_completion
 
 log = logging.getLogger("cohort.tasks")
@@ -111,8 +111,7 @@ class TaskRunner:
                 except trio.TooSlowError:
                     raise NoWorkers(f"no worker took model {spec.model!r} within "
                                     f"{self.settings.request_timeout_s:g} s") from None
-                collected = await self.gateway.complete(job, "task")
-                body = completion_body(spec, job.id, collected)
+                body = json.loads(await self.gateway.complete(job, "task"))
                 await self.store.run(self.store.task_finished, task_id, "completed", body, None)
             except CohortError as error:
                 await self.store.run(self.store.task_finished, task_id, "failed", None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.protocol import ROUTES
 from server.errors import BadRequest, NoWorkers, NotFound
 from server.jobs import Job
 from server.metrics import Metrics
@@ -72,9 +73,15 @@ class WorkerRegistry:
 
     def check_features(self, model: str, used: list[str]) -> None:
         """A 400 naming the first feature the model's engines cannot honour: never a silent drop."""
-        missing = [name for name in used if name not in self.features(model)]
+        honoured = self.features(model)
+        missing = [name for name in used if name not in honoured]
         if missing:
             engines = sorted({w.engine for w in self.ready(model)})
+            if missing[0] in ROUTES:
+                served = ", ".join(r for r in ROUTES if r in honoured) or "nothing"
+                raise BadRequest(f"model {model!r} does not serve {missing[0]} (its "
+                                 f"{'/'.join(engines)} workers serve: {served})", param="model",
+                                 code="unsupported_route")
             raise BadRequest(f"{missing[0]} is not supported by the {'/'.join(engines)} engine "
                              f"serving model {model!r}" + (f" (nor {', '.join(missing[1:])})"
                                                            if missing[1:] else ""),
@@ -85,9 +92,12 @@ class WorkerRegistry:
         cards = []
         for model in self.models():
             ready = self.ready(model)
-            cards.append({"id": model, "max_model_len": min(w.max_model_len for w in ready) or None,
+            honoured = self.features(model)
+            cards.append({"id": model, "root": model,
+                          "max_model_len": min(w.max_model_len for w in ready) or None,
                           "engines": sorted({w.engine for w in ready}),
-                          "features": sorted(self.features(model))})
+                          "routes": [route for route in ROUTES if route in honoured],
+                          "features": sorted(honoured - set(ROUTES))})
         return cards
 
     def check_model(self, model: str, endpoint: str) -> None:

@@ -8,6 +8,7 @@ shows why. SIGINT/SIGTERM (honcho stopping) say bye and free the engine.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -19,31 +20,10 @@ import trio
 from common import protocol
 from common.config import WorkerSettings, load
 from common.logs import setup_logging
-from worker.engines import Engine, EngineError, make_engine
+from worker.engines import Engine, EngineError, InvalidRequest, make_engine
 from worker.link import FrontLink
 
 log = logging.getLogger("cohort.worker")
-
-
-class WholeChoices:
-    """An emit for a request that does not stream: each choice leaves once, whole, at its end
-    (one message instead of one per token; the client sees nothing before the end anyway)."""
-
-    def __init__(self, emit) -> None:
-        self.emit = emit
-        self.pending: dict[int, dict] = {}
-
-    def __call__(self, item: dict) -> None:
-        held = self.pending.get(item["index"])
-        if held is None:
-            held = self.pending[item["index"]] = dict(item)
-        else:
-            held["text"] += item["text"]
-            held["tokens"] += item["tokens"]
-            held["finish"] = item["finish"]
-            held["prompt_tokens"] = max(held["prompt_tokens"], item["prompt_tokens"])
-        if held["finish"] is not None:
-            self.emit(self.pending.pop(item["index"]))
 
 
 class Worker:
@@ -64,7 +44,8 @@ class Worker:
     def hello(self) -> protocol.Hello:
         return protocol.Hello(self.worker_id, self.engine.name, self.engine.model,
                               self.engine.capacity, self.engine.device, self.state, os.getpid(),
-                              self.load_time_s, self.error, sorted(self.engine.features),
+                              self.load_time_s, self.error,
+                              sorted(self.engine.routes | self.engine.features),
                               self.settings.max_model_len)
 
     async def serve(self) -> None:
@@ -97,7 +78,8 @@ class Worker:
         log.info("%s engine ready with %s in %.1f s", self.engine.name, self.engine.model,
                  self.load_time_s)
         for link in self.links:
-            await link.send(protocol.Ready(self.load_time_s, self.engine.model))
+            await link.send(protocol.Ready(self.load_time_s, self.engine.model,
+                                           sorted(self.engine.routes | self.engine.features)))
 
     def load(self, received: int) -> dict:
         """The engine's load for a link's report; what it has not seen yet counts as waiting."""
@@ -125,15 +107,17 @@ class Worker:
                 nursery.start_soon(self._run_request, link, request, scope)
 
     async def _run_request(self, link: FrontLink, request: dict, scope: trio.CancelScope) -> None:
-        emit = link.emit if request.get("stream", True) else WholeChoices(link.emit)
         log.debug("request_id=%s job=%s batch=%s starts", request.get("trace_id"), request["id"],
                   request.get("batch_id"))
         self.pending -= 1
         try:
             with scope:
-                await self.engine.generate(request, emit)
+                await self.engine.generate(request, link.emit)
             if scope.cancelled_caught:
                 log.debug("request_id=%s job=%s aborted", request.get("trace_id"), request["id"])
+        except InvalidRequest as error:  # the engine's own refusal is the request's answer
+            link.emit(protocol.out_item(request["id"], json.dumps(error.body()).encode(),
+                                        done=True, status=400))
         except EngineError as error:
             await link.send(protocol.Error(str(error), [request["id"]], error.kind))
         except Exception as error:  # a bug or engine crash on one request must not kill the worker

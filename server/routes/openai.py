@@ -1,64 +1,107 @@
-"""The OpenAI routes: `/v1/chat/completions`, `/v1/completions` (plain and SSE), `/v1/models`."""
+"""The OpenAI routes, and vLLM's beside them: chat and completions (plain and SSE), embeddings,
+`/tokenize` and `/detokenize`, `/v1/models`. The worker's engine writes the answer (vLLM's own
+serving layer on a vLLM worker); the front relays it as it comes and writes only `[DONE]`."""
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
-from quart import Blueprint, Response, g, make_response
+from quart import Blueprint, Response, g
 
 from server.errors import CohortError
-from server.openai_format import ChunkWriter, Collector, completion_body
-from server.openai_schema import parse_chat, parse_completion
+from server.jobs import JobSpec
+from server.openai_schema import parse_chat, parse_completion, parse_embeddings, parse_tokens
 from server.routes.context import caller, gateway, json_body
 
 blueprint = Blueprint("openai", __name__)
 
+DONE = b"data: [DONE]\n\n"
 
-async def _serve(spec, route: str):
+
+def sse_event(body: dict) -> bytes:
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _serve(spec: JobSpec) -> Response:
     cohort = gateway()
     job = cohort.submit(spec)
     if spec.stream:
-        response = _sse(job, route)
+        response = await _sse(job)
     else:
-        response = await make_response(completion_body(spec, job.id, await cohort.complete(job, route)))
+        response = Response(await cohort.complete(job, spec.route), mimetype="application/json")
     if spec.dropped:  # COHORT_DROP_PARAMS: say what was dropped, never drop it silently
         response.headers["X-Cohort-Dropped-Params"] = ",".join(spec.dropped)
     return response
 
 
-def _sse(job, route: str) -> Response:
-    cohort = gateway()
-    writer = ChunkWriter(job.spec, job.id)
-    collected = Collector(job.spec.n)
+async def _sse(job) -> Response:
+    """The stream starts once its first event is there, so a request the engine refuses is an
+    HTTP error with vLLM's status, as `vllm serve` answers it, not a 200 with an error event."""
+    events = gateway().stream(job, job.spec.route)
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
 
-    async def events():
+    async def body():
         try:
-            async for ready in cohort.stream(job, collected, route):
-                yield writer.deltas(ready)
-            if writer.include_usage:
-                yield writer.usage(collected)
+            yield first
+            async for data in events:
+                yield data
         except CohortError as error:  # headers are gone: the error travels as an event
-            yield writer.error(error.body())
-        yield writer.DONE
+            yield sse_event(error.body())
+        finally:
+            await events.aclose()  # a client that left: the job is aborted on its worker
+        yield DONE
 
-    response = Response(events(), mimetype="text/event-stream",
+    response = Response(body(), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     response.timeout = None  # the job's own deadline bounds it
     return response
 
 
+async def _body() -> Any:
+    """The JSON body; without a `model`, the one model served, as `vllm serve` takes it."""
+    body = await json_body()
+    if isinstance(body, dict) and "model" not in body:
+        served = gateway().dispatcher.models()
+        if len(served) == 1:
+            body["model"] = served[0]
+    return body
+
+
 @blueprint.post("/v1/chat/completions")
 async def chat_completions():
     await caller()
-    spec = parse_chat(await json_body(), gateway().settings, g.request_id)
-    return await _serve(spec, "chat")
+    return await _serve(parse_chat(await _body(), gateway().settings, g.request_id))
 
 
 @blueprint.post("/v1/completions")
 async def completions():
     await caller()
-    spec = parse_completion(await json_body(), gateway().settings, g.request_id)
-    return await _serve(spec, "completions")
+    return await _serve(parse_completion(await _body(), gateway().settings, g.request_id))
+
+
+@blueprint.post("/v1/embeddings")
+async def embeddings():
+    await caller()
+    return await _serve(parse_embeddings(await _body(), gateway().settings, g.request_id))
+
+
+@blueprint.post("/tokenize")
+async def tokenize():
+    await caller()
+    return await _serve(parse_tokens("tokenize", await _body(), gateway().settings, g.request_id))
+
+
+@blueprint.post("/detokenize")
+async def detokenize():
+    await caller()
+    return await _serve(parse_tokens("detokenize", await _body(), gateway().settings,
+                                     g.request_id))
 
 
 @blueprint.get("/v1/models")

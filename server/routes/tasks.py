@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import trio
 from quart import Blueprint, request
 
 from server.errors import BadRequest, CohortError, NotFound
-from server.openai_format import completion_body
 from server.routes.context import caller, gateway, json_body
 from server.store import FINAL
 from server.task_runner import parse_task_body
@@ -58,9 +58,8 @@ async def inference_batch():
         try:
             _, spec = parse_task_body(item, cohort.settings)
             job = cohort.submit(spec)
-            collected = await cohort.complete(job, "batch")
-            results[index] = {"index": index, "status": "completed",
-                              "result": completion_body(spec, job.id, collected)}
+            result = json.loads(await cohort.complete(job, "batch"))
+            results[index] = {"index": index, "status": "completed", "result": result}
         except CohortError as error:  # one item's failure is that item's answer only
             results[index] = {"index": index, "status": "failed", "error": error.body()["error"]}
 

@@ -19,13 +19,6 @@ MAX_BLOCKS = 512  # 128k characters: enough to tell prompts apart, bounded cost 
 MEMORY_BLOCKS = 262_144  # about 64M characters of recent prefixes, over all workers
 
 
-def prompt_text(kind: str, prompt: str, messages: list[dict[str, Any]]) -> str:
-    """The text a prefix is read from: the prompt, or the messages with their roles in order."""
-    if kind != "chat":
-        return prompt
-    return "".join(f"\x1e{m['role']}\x1f{m['content']}" for m in messages)
-
-
 def prefix_blocks(text: str) -> tuple[int, ...]:
     """Chained hashes of the text's full blocks (none for a text shorter than one block)."""
     return chained_hashes(text[:BLOCK_CHARS * MAX_BLOCKS], BLOCK_CHARS)

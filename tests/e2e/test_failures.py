@@ -74,7 +74,7 @@ async def test_streams_cut_by_a_dying_worker_end_with_a_clear_error(make_cluster
     assert len(results) == 10
     for status, text in results:
         assert status == 200 and text.rstrip().endswith("data: [DONE]")
-        assert '"code": "worker_died"' in text  # the error travels as an SSE event
+        assert '"code":"worker_died"' in text  # the error travels as an SSE event
 
 
 async def test_a_crashing_worker_is_retried_elsewhere(make_cluster):

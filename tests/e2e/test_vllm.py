@@ -125,9 +125,10 @@ def test_structured_output_and_sampling_extras_reach_vllm(real):
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
     value = json.loads(reply.choices[0].message.content)  # vLLM's grammar made it valid JSON
     assert set(value) == {"name", "age"} and isinstance(value["age"], int)
-    with pytest.raises(openai.BadRequestError) as refused:  # not carried yet: said, not dropped
-        client(real).chat.completions.create(model=MODEL, messages=QUESTION, logprobs=True)
-    assert refused.value.param == "logprobs"
+    scored = client(real).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3,
+                                                  logprobs=True, top_logprobs=2, temperature=0)
+    entries = scored.choices[0].logprobs.content
+    assert len(entries) == 3 and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
     with pytest.raises(openai.BadRequestError) as refused:  # vLLM's own check, as a 400
         client(real).completions.create(model=MODEL, prompt="x", max_tokens=2,
                                         extra_body={"logit_bias": {"99999999": 5}})

@@ -6,7 +6,7 @@ import pytest
 
 from common.config import ServerSettings
 from server.errors import BadRequest
-from server.openai_schema import parse_chat, parse_completion
+from server.openai_schema import parse_chat, parse_completion, parse_embeddings, parse_tokens
 
 SETTINGS = ServerSettings()
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -31,7 +31,9 @@ def refused(parse, body, settings=SETTINGS) -> BadRequest:
     ({"top_logprobs": 21}, "top_logprobs"),
     ({"messages": [{"role": ["user"], "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content.str"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop.str"),
+    ({"stop": ["a", 5]}, "stop"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {}}]}]},
+     "messages.0.tool_calls"),
     ({"ignore_eos": "yes"}, "ignore_eos"),
 ])
 def test_a_wrong_type_is_a_400_that_names_the_field(extra, param):
@@ -49,7 +51,7 @@ def test_an_unknown_field_is_a_400_that_names_it():
 def test_drop_params_drops_unknown_top_level_fields_and_says_which():
     settings = dataclasses.replace(SETTINGS, drop_params=True)
     spec = parse_chat({**CHAT, "temprature": 0.5, "frobnicate": {}}, settings)
-    assert spec.dropped == ["frobnicate", "temprature"] and spec.params["temperature"] == 1.0
+    assert spec.dropped == ["frobnicate", "temprature"] and spec.body == CHAT
     assert refused(parse_chat, {**CHAT, "temperature": "hot"}, settings).param == "temperature"
 
 
@@ -66,12 +68,12 @@ def test_features_are_what_a_request_asks_beyond_the_base():
     # vLLM's benchmark client sends these neutral values: they ask for nothing
     neutral = parse_completion({"model": "m", "prompt": "x", "logprobs": None,
                                 "repetition_penalty": 1.0, "ignore_eos": True}, SETTINGS)
-    assert neutral.features == [] and neutral.params["ignore_eos"] is True
+    assert neutral.features == [] and neutral.body["ignore_eos"] is True
     spec = parse_chat({**CHAT, "logprobs": True, "top_k": 5, "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}, SETTINGS)
     assert spec.features == ["logprobs", "response_format", "top_k"]
-    assert spec.params["response_format"] == {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "object"}}}
+    assert spec.body["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object"}}}  # passed on as given
     assert parse_chat({**CHAT, "response_format": {"type": "text"}}, SETTINGS).features == []
 
 
@@ -87,8 +89,24 @@ def test_limits_and_combinations(body, param):
     assert refused(parse_chat, body).param == param
 
 
-def test_completions_take_one_prompt_and_default_to_16_tokens():
-    spec = parse_completion({"model": "m", "prompt": ["only one"]}, SETTINGS)
-    assert spec.prompt == "only one" and spec.params["max_tokens"] == 16
-    assert refused(parse_completion, {"model": "m", "prompt": ["a", "b"]}).param == "prompt"
-    assert refused(parse_completion, {"model": "m", "prompt": [1, 2]}).param.startswith("prompt")
+def test_completions_take_texts_or_token_ids_as_prompts_and_count_every_sequence():
+    spec = parse_completion({"model": "m", "prompt": ["a", "b"], "n": 3}, SETTINGS)
+    assert spec.seqs == 6 and spec.route == "completions" and spec.prompt_text == "a"
+    ids = parse_completion({"model": "m", "prompt": [[1, 2], [3]]}, SETTINGS)
+    assert ids.seqs == 2 and ids.features == ["token_prompts"]
+    assert parse_completion({"model": "m", "prompt": [1, 2]}, SETTINGS).seqs == 1
+    for bad in ([], [[]], [1, "a"], [[1], "a"], [True]):
+        assert refused(parse_completion, {"model": "m", "prompt": bad}).param.startswith("prompt")
+    assert refused(parse_completion, {"model": "m", "prompt": ["x"] * 5, "n": 4}).param == "n"
+
+
+def test_embeddings_and_tokens_are_declared_too():
+    spec = parse_embeddings({"model": "m", "input": ["a", "b"], "dimensions": 8}, SETTINGS)
+    assert spec.route == "embeddings" and spec.seqs == 2 and spec.features == ["dimensions"]
+    assert refused(parse_embeddings, {"model": "m", "input": "a", "encoding_format": "hex"}
+                   ).param == "encoding_format"
+    tokens = parse_tokens("tokenize", {"model": "m", "messages": CHAT["messages"]}, SETTINGS)
+    assert tokens.route == "tokenize" and not tokens.stream
+    assert refused(lambda b, s: parse_tokens("tokenize", b, s), {"model": "m"}).param == "prompt"
+    assert refused(lambda b, s: parse_tokens("detokenize", b, s),
+                   {"model": "m", "tokens": ["x"]}).param.startswith("tokens")

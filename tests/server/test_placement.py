@@ -7,13 +7,15 @@ from common.protocol import EngineLoad
 from server.jobs import Job, JobSpec
 from server.scheduler import Scheduler
 from server.scheduling.placement import KV_FULL, Placement, WorkerLoad
-from server.scheduling.prefix import BLOCK_CHARS, PrefixOwners, prefix_blocks, prompt_text
+from server.openai_schema import Message, chat_prompt_text
+from server.scheduling.prefix import BLOCK_CHARS, PrefixOwners, prefix_blocks
 
 SYSTEM = "You are a careful assistant. " * 40  # about 1,100 characters: four blocks
 
 
 def job(prompt: str = "hi", n: int = 1) -> Job:
-    made = Job(JobSpec("m", "completion", {"n": n}, prompt=prompt), 0.0, 60.0)
+    made = Job(JobSpec("m", "completions", {"prompt": prompt, "n": n}, seqs=n, prompt_text=prompt),
+               0.0, 60.0)
     made.prefix = prefix_blocks(prompt)
     return made
 
@@ -120,8 +122,8 @@ def test_prefix_blocks_chain_and_chat_roles_count():
     blocks = prefix_blocks(text)
     assert len(blocks) == 3 and prefix_blocks(text[:2 * BLOCK_CHARS]) == blocks[:2]
     assert prefix_blocks("y" + text[1:])[0] != blocks[0]
-    as_system = prompt_text("chat", "", [{"role": "system", "content": text}])
-    as_user = prompt_text("chat", "", [{"role": "user", "content": text}])
+    as_system = chat_prompt_text([Message(role="system", content=text)])
+    as_user = chat_prompt_text([Message(role="user", content=text)])
     assert prefix_blocks(as_system)[0] != prefix_blocks(as_user)[0]
     owners = PrefixOwners(max_blocks=2)
     owners.remember(blocks, "a")

@@ -42,7 +42,7 @@ class RecordingSink:
 
 def job(model: str = "m", **state) -> Job:
     now = trio.current_time()
-    made = Job(JobSpec(model, "completion", {"n": 1}, prompt="hi"), now, now + 60)
+    made = Job(JobSpec(model, "completions", {"prompt": "hi"}), now, now + 60)
     for key, value in state.items():
         setattr(made, key, value)
     return made
@@ -179,7 +179,7 @@ async def test_requeued_jobs_go_first_and_fail_queued_fails_all(autojump_clock, 
 
 def test_model_queue_take_skips_finished_and_respects_the_limit():
     queue = ModelQueue(max_size=10)
-    jobs = [Job(JobSpec("m", "completion", {}), 0.0, 1.0) for _ in range(5)]
+    jobs = [Job(JobSpec("m", "completions", {}), 0.0, 1.0) for _ in range(5)]
     for item in jobs:
         queue.push(item)
     jobs[1].state = "cancelled"

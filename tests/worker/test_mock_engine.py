@@ -1,11 +1,13 @@
 """The mock engine's cost model and output, exactly, in virtual time."""
 
+import json
+
 import pytest
 import trio
 
 from common.config import WorkerSettings, load
-from worker.__main__ import WholeChoices
-from worker.engines.mock import MockEngine, tokenize
+from worker.engines.mock import MockEngine
+from worker.engines.mock_answers import tokenize
 
 PREFILL, TOKEN, GROWTH = 0.001, 0.01, 0.5
 
@@ -16,9 +18,14 @@ def engine(**env) -> MockEngine:
                                             "MOCK_BATCH_GROWTH": str(GROWTH), **env}))
 
 
-def request(i: int, prompt: str = "hi", **params) -> dict:
-    return {"id": f"r{i}", "kind": "completion", "prompt": prompt, "batch_id": "b7",
-            "params": {"n": 1, **params}}
+def request(i: int, prompt: str = "hi", stream: bool = True, **body) -> dict:
+    return {"id": f"r{i}", "route": "completions", "batch_id": "b7", "stream": stream,
+            "body": {"model": "m", "prompt": prompt, **body}}
+
+
+def chat(i: int, content: str = "hi", stream: bool = False, **body) -> dict:
+    return {"id": f"r{i}", "route": "chat", "batch_id": "b7", "stream": stream,
+            "body": {"model": "m", "messages": [{"role": "user", "content": content}], **body}}
 
 
 async def run(mock: MockEngine, requests: list[dict], *, gap_s: float = 0.0
@@ -43,19 +50,39 @@ async def run(mock: MockEngine, requests: list[dict], *, gap_s: float = 0.0
     return seen
 
 
+def chunks(seen, request_id: str) -> list[tuple[float, dict]]:
+    """Each streamed choice delta, with the time its event came out."""
+    found = []
+    for t, item in seen[request_id]:
+        for event in item["data"].split(b"\n\n"):
+            if event.startswith(b"data: "):
+                found.extend((t, choice) for choice in json.loads(event[6:])["choices"])
+    return found
+
+
 def times(seen, request_id: str) -> list[float]:
-    return [t for t, _ in seen[request_id]]
+    return [t for t, _ in chunks(seen, request_id)]
+
+
+def text(seen, request_id: str) -> str:
+    return "".join(choice["text"] for _, choice in chunks(seen, request_id))
+
+
+def finish(seen, request_id: str) -> str:
+    return chunks(seen, request_id)[-1][1]["finish_reason"]
 
 
 async def test_one_request_prefills_then_streams_token_by_token(autojump_clock):
-    seen = (await run(engine(), [request(1)]))["r1"]
-    text = "[Batched mock response b7] Mock response to: hi"
-    assert "".join(item["text"] for _, item in seen) == text
+    seen = await run(engine(), [request(1)])
+    reply = "[Batched mock response b7] Mock response to: hi"
+    assert text(seen, "r1") == reply
     # the prefill pass (one prompt token) samples the first token, then a decode step per token
-    assert [t for t, _ in seen] == [round(PREFILL + TOKEN * (k + 1), 9)
-                                    for k in range(len(tokenize(text)))]
-    assert seen[-1][1]["finish"] == "stop" and sum(i["tokens"] for _, i in seen) == len(tokenize(text))
-    assert seen[0][1]["prompt_tokens"] == 1
+    assert times(seen, "r1") == [round(PREFILL + TOKEN * (k + 1), 9)
+                                 for k in range(len(tokenize(reply)))]
+    assert finish(seen, "r1") == "stop"
+    last = seen["r1"][-1][1]
+    assert last["done"] and last["usage"] == {"prompt_tokens": 1,
+                                              "completion_tokens": len(tokenize(reply))}
 
 
 async def test_a_step_costs_more_with_more_sequences(autojump_clock):
@@ -105,27 +132,30 @@ async def test_the_prefix_cache_skips_the_prefill_of_a_shared_prompt(autojump_cl
 
 async def test_reply_length_follows_max_tokens_when_asked(autojump_clock):
     seen = await run(engine(MOCK_REPLY_LENGTH="max_tokens"), [request(1, max_tokens=40)])
-    assert len(seen["r1"]) == 40 and seen["r1"][-1][1]["finish"] == "length"
+    assert len(chunks(seen, "r1")) == 40 and finish(seen, "r1") == "length"
     seen = await run(engine(), [request(1, max_tokens=40, ignore_eos=True), request(2, max_tokens=40)])
-    assert len(seen["r1"]) == 40 and len(seen["r2"]) == 8 and seen["r2"][-1][1]["finish"] == "stop"
+    assert len(chunks(seen, "r1")) == 40 and len(chunks(seen, "r2")) == 8
+    assert finish(seen, "r2") == "stop"
 
 
 async def test_the_kv_budget_makes_requests_wait_and_refuses_what_never_fits(autojump_clock):
     from worker.engines import InvalidRequest
     mock = engine(MOCK_KV_TOKENS="30")
     seen = await run(mock, [request(1, max_tokens=20), request(2, max_tokens=20)])
-    first, second = sorted(seen.values(), key=lambda items: items[0][0])
-    assert second[0][0] > first[-1][0]  # 21 + 21 tokens do not fit 30: one waits for the other
+    first, second = sorted((times(seen, "r1"), times(seen, "r2")))
+    assert second[0] > first[-1]  # 21 + 21 tokens do not fit 30: one waits for the other
     with pytest.raises(InvalidRequest, match="MOCK_KV_TOKENS"):
         await mock.generate(request(3, max_tokens=40), lambda item: None)
 
 
 async def test_max_tokens_stop_and_n(autojump_clock):
     seen = await run(engine(), [request(1, max_tokens=3), request(2, stop=["Mock"]),
-                                request(3, n=2)])
-    assert [i["finish"] for _, i in seen["r1"]][-1] == "length" and len(seen["r1"]) == 3
-    assert "".join(i["text"] for _, i in seen["r2"]) == "[Batched mock response b7] "
-    assert {i["index"] for _, i in seen["r3"]} == {0, 1}
+                                request(3, n=2), request(4, stop="Mock", include_stop_str_in_output=True)])
+    assert finish(seen, "r1") == "length" and len(chunks(seen, "r1")) == 3
+    assert text(seen, "r2") == "[Batched mock response b7] "
+    assert chunks(seen, "r2")[-1][1]["finish_reason"] == "stop"
+    assert text(seen, "r4") == "[Batched mock response b7] Mock"
+    assert {choice["index"] for _, choice in chunks(seen, "r3")} == {0, 1}
 
 
 async def test_cancelling_a_request_stops_its_sequences(autojump_clock):
@@ -136,7 +166,8 @@ async def test_cancelling_a_request_stops_its_sequences(autojump_clock):
         with trio.move_on_after(PREFILL + 2.5 * TOKEN):
             await mock.generate(request(1), emitted.append)
         await trio.sleep(1)
-        assert len(emitted) == 2 and mock.unfinished() == 0 and mock.stats().running == 0
+        assert len(emitted) == 2 and not emitted[-1]["done"]
+        assert mock.unfinished() == 0 and mock.stats().running == 0
         nursery.cancel_scope.cancel()
 
 
@@ -146,12 +177,3 @@ async def test_injected_errors():
         await engine(MOCK_ERROR_RATE="1").generate(request(1), lambda item: None)
 
 
-def test_whole_choices_sends_each_choice_once_at_its_end():
-    sent = []
-    buffer = WholeChoices(sent.append)
-    for index, text, finish in [(0, "a", None), (1, "x", None), (0, "b", None), (1, "y", "stop"),
-                                (0, "c", "length")]:
-        buffer({"id": "r", "index": index, "text": text, "tokens": 1, "finish": finish,
-                "prompt_tokens": 4})
-    assert [(s["index"], s["text"], s["tokens"], s["finish"]) for s in sent] == [
-        (1, "xy", 2, "stop"), (0, "abc", 3, "length")]

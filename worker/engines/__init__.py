@@ -10,11 +10,19 @@ from common.config import WorkerSettings
 
 Emit = Callable[[dict[str, Any]], None]
 
-# Request features (server.openai_schema.FEATURES) an engine that samples real tokens takes as
-# they are: vLLM's SamplingParams names, which the http engine forwards to its upstream too.
-SAMPLING_EXTRAS = frozenset({"min_tokens", "top_k", "min_p", "repetition_penalty",
-                             "stop_token_ids", "skip_special_tokens", "logit_bias",
-                             "response_format"})
+GENERATE_ROUTES = frozenset({"chat", "completions", "tokenize", "detokenize"})
+# Request features (server.openai_schema.FEATURES) that vLLM's OpenAI layer honours: a vLLM worker
+# runs that layer, and the http engine forwards to `vllm serve`. Left out, so refused by the front:
+# OpenAI's fields vLLM reads but ignores (best_of, store, metadata, service_tier, ...).
+VLLM_FEATURES = frozenset({
+    "logprobs", "top_logprobs", "logit_bias", "response_format", "tools", "tool_choice",
+    "parallel_tool_calls", "echo", "suffix", "min_tokens", "top_k", "min_p", "repetition_penalty",
+    "stop_token_ids", "skip_special_tokens", "spaces_between_special_tokens",
+    "include_stop_str_in_output", "truncate_prompt_tokens", "prompt_logprobs",
+    "allowed_token_ids", "bad_words", "structured_outputs", "return_tokens_as_token_ids",
+    "return_token_ids", "use_beam_search", "length_penalty", "priority", "cache_salt",
+    "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "dimensions",
+    "return_token_strs", "continuous_usage_stats", "token_prompts"})
 
 
 class EngineError(Exception):
@@ -24,15 +32,25 @@ class EngineError(Exception):
 
 
 class InvalidRequest(EngineError):
-    """The engine cannot take this request as given (too long a prompt): the client's fault, a 400."""
+    """The engine cannot take this request as given (too long a prompt): the client's fault, a 400
+    in vLLM's error shape, which the worker sends as the request's answer."""
 
     kind = "invalid"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": "BadRequestError", "param": self.param,
+                          "code": 400}}
 
 
 class Engine:
     """Base of the engines: `generate` runs one request, calling `emit` with protocol out items."""
 
     name = "base"
+    routes: frozenset[str] = GENERATE_ROUTES  # of common.protocol.ROUTES
     # Request features past the base (see server.openai_schema.FEATURES) this engine honours; the
     # front refuses the others with a 400 that names them, rather than have them dropped here.
     features: frozenset[str] = frozenset()
@@ -52,7 +70,8 @@ class Engine:
         """Called once per batch before its requests start (the mock's per-batch cost)."""
 
     async def generate(self, request: dict[str, Any], emit: Emit) -> None:
-        """Run one request to its end; cancellation (an abort) must stop it in the engine."""
+        """Run one request (see protocol.request_item) to its end, emitting protocol out items (the
+        last one `done`); cancellation (an abort) must stop it in the engine."""
         raise NotImplementedError
 
     def unfinished(self) -> int:

@@ -1,7 +1,7 @@
 """The http engine: forward each request to an existing OpenAI-compatible server (`REAL_VLLM_URL`).
 
-Streaming upstream, always, so deltas flow on as they come and an abort (closing the stream) reaches
-the upstream. Connections are pooled. When the upstream is down the request fails with a clear
+The client's body goes upstream as it came (the front validated it), and the upstream's answer comes
+back as it came: streams event by event, so an abort (closing the stream) reaches the upstream. Connections are pooled. When the upstream is down the request fails with a clear
 503-class error, unless COHORT_UPSTREAM_FALLBACK_TO_MOCK is set: then the mock answers, and both
 the reply and the worker's engine name (shown in `/health`) say so.
 """
@@ -15,11 +15,14 @@ from typing import Any
 import httpx
 
 from common import protocol
-from worker.engines import SAMPLING_EXTRAS, Emit, Engine, EngineError
+from worker.engines import VLLM_FEATURES, Emit, Engine, EngineError
+from worker.engines.usage_tap import UsageTap, counts
 from worker.engines.mock import MockEngine
 
 log = logging.getLogger("cohort.worker.http")
 FALLBACK_NOTE = "[upstream unavailable: mock fallback] "
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
+         "embeddings": "/v1/embeddings", "tokenize": "/tokenize", "detokenize": "/detokenize"}
 
 
 class UpstreamUnavailable(EngineError):
@@ -32,8 +35,9 @@ class HttpEngine(Engine):
     """A client of another OpenAI-compatible server, behind Cohort's batching front."""
 
     name = "http"
-    # what it forwards to the upstream as it stands (it reads back text only: no logprobs, no tools)
-    features = SAMPLING_EXTRAS
+    # It forwards every request as the client sent it, so it honours what `vllm serve` honours.
+    routes = frozenset({"chat", "completions", "embeddings", "tokenize", "detokenize"})
+    features = VLLM_FEATURES
 
     def __init__(self, settings) -> None:
         super().__init__(settings)
@@ -66,25 +70,6 @@ class HttpEngine(Engine):
         if self.fallback is not None:
             await self.fallback.run()
 
-    def _body(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        params = request["params"]
-        body: dict[str, Any] = {
-            "model": self.model, "stream": True, "stream_options": {"include_usage": True},
-            "n": params.get("n", 1), "temperature": params.get("temperature", 1.0),
-            "top_p": params.get("top_p", 1.0), "presence_penalty": params.get("presence_penalty", 0.0),
-            "frequency_penalty": params.get("frequency_penalty", 0.0)}
-        for name in ("max_tokens", "seed"):
-            if params.get(name) is not None:
-                body[name] = params[name]
-        if params.get("stop"):
-            body["stop"] = params["stop"]
-        if params.get("ignore_eos"):
-            body["ignore_eos"] = True
-        body.update((name, params[name]) for name in self.features if name in params)
-        if request["kind"] == "chat":
-            return "/v1/chat/completions", dict(body, messages=request["messages"])
-        return "/v1/completions", dict(body, prompt=request["prompt"])
-
     async def generate(self, request: dict[str, Any], emit: Emit) -> None:
         self.active += 1
         try:
@@ -94,53 +79,37 @@ class HttpEngine(Engine):
                 raise UpstreamUnavailable(f"the upstream {self.url} is unreachable ({error})") from None
             log.warning("upstream %s down (%s): answering %s from the mock", self.url, error,
                         request["id"])
-            noted: set[int] = set()
-
-            def emit_noted(item: dict[str, Any]) -> None:  # every fallback reply says what it is
-                if item["index"] not in noted:
-                    noted.add(item["index"])
-                    item = dict(item, text=FALLBACK_NOTE + item["text"])
-                emit(item)
-
-            await self.fallback.generate(request, emit_noted)
+            # every fallback reply says what it is
+            await self.fallback.generate(dict(request, note=FALLBACK_NOTE), emit)
         finally:
             self.active -= 1
 
     async def _forward(self, request: dict[str, Any], emit: Emit) -> None:
-        path, body = self._body(request)
-        held: dict[int, dict[str, Any]] = {}  # each choice's last delta, until usage tells the count
-        counted: dict[int, int] = {}
-        async with self.client.stream("POST", path, json=body) as response:
-            if response.status_code >= 400:
+        """The body as the client sent it, to the same route upstream; its answer relayed as it
+        comes, status and all (a 5xx is the engine failing: retried elsewhere or a 502)."""
+        tap = UsageTap(request["body"], request["stream"])
+        async with self.client.stream("POST", PATHS[request["route"]], json=tap.body) as response:
+            if response.status_code >= 500:
                 detail = (await response.aread()).decode(errors="replace")[:500]
                 raise EngineError(f"the upstream answered {response.status_code}: {detail}")
+            if not request["stream"] or response.status_code >= 400:
+                data = await response.aread()
+                usage = None
+                if response.status_code < 400:
+                    try:
+                        usage = counts(json.loads(data).get("usage"))
+                    except (ValueError, AttributeError):
+                        raise EngineError(f"the upstream answered with no JSON: {data[:200]!r}") \
+                            from None
+                emit(protocol.out_item(request["id"], data, done=True,
+                                       status=response.status_code, usage=usage))
+                return
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                chunk = json.loads(line[6:])
-                if chunk.get("error"):
-                    raise EngineError(f"the upstream failed: {chunk['error']}")
-                usage = chunk.get("usage")
-                for choice in chunk.get("choices") or []:
-                    index = choice["index"]
-                    text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-                    if index in held:
-                        emit(held.pop(index))
-                    counted[index] = counted.get(index, 0) + (1 if text else 0)
-                    held[index] = protocol.out_item(request["id"], index, text, 1 if text else 0,
-                                                    choice.get("finish_reason"))
-                if usage:
-                    # Chunk counts are a guess (a chunk may hold several tokens): the upstream's
-                    # usage is the truth, so the last delta carries the difference.
-                    extra = usage["completion_tokens"] - sum(counted.values())
-                    for index, item in sorted(held.items()):
-                        item["tokens"] += extra
-                        item["prompt_tokens"] = usage["prompt_tokens"]
-                        extra = 0
-                        emit(item)
-                    held.clear()
-        for item in held.values():  # an upstream that sent no usage
-            emit(item)
+                if tap.passes(line):
+                    emit(protocol.out_item(request["id"], line.encode() + b"\n\n"))
+        emit(protocol.out_item(request["id"], b"", done=True, usage=tap.usage))
 
     async def close(self) -> None:
         await self.client.aclose()

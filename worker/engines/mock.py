@@ -21,7 +21,6 @@ import collections
 import json
 import os
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,30 +29,11 @@ import trio
 from common import protocol
 from common.prefix import chained_hashes
 from worker.engines import Emit, Engine, EngineError, InvalidRequest
-from worker.engines.schema_sample import sample
+from worker.engines.mock_answers import (FILLER, PromptPlan, Vocabulary, echo_logprobs,
+                                         embeddings_body, logprob, plan, tokenize_body)
+from worker.engines.openai_output import Reply
 
-TOKEN = re.compile(r"\s*\S+")
 BLOCK_TOKENS = 16  # vLLM's default KV block size: the prefix cache's unit
-FILLER = (" and", " so", " the", " mock", " goes", " on")
-
-
-def tokenize(text: str) -> list[str]:
-    """Whitespace-led word pieces: joining them gives back the text (bar trailing spaces)."""
-    return TOKEN.findall(text)
-
-
-def render_chat(messages: list[dict[str, Any]]) -> str:
-    """A plain chat template: what the mock counts as prompt tokens for a chat request."""
-    return "".join(f"<|{m['role']}|> {m['content']}\n" for m in messages) + "<|assistant|>"
-
-
-def reply_text(batch_id: str, prompt: str, response_format: dict[str, Any] | None) -> str:
-    """What the mock says: the old system's echo, or JSON that satisfies the format asked for."""
-    if response_format is None or response_format["type"] == "text":
-        return f"[Batched mock response {batch_id}] Mock response to: {prompt}"
-    if response_format["type"] == "json_object":
-        return json.dumps({"response": f"Mock response to: {prompt}"})
-    return json.dumps(sample(response_format["json_schema"].get("schema") or {"type": "object"}))
 
 
 class PrefixCache:
@@ -92,9 +72,10 @@ class PrefixCache:
 
 @dataclass
 class Choice:
-    """One sequence: a choice of a request."""
+    """One sequence: a choice of a request, and what it will say."""
 
     index: int
+    reply: list[str]
     position: int = 0
     text: str = ""
     done: bool = False
@@ -105,15 +86,16 @@ class MockRequest:
     """A request as the step loop sees it: waiting, prefilling, then decoding its choices."""
 
     id: str
-    reply: list[str]
     fill: bool
     max_tokens: int
     stop: list[str]
-    emit: Emit
+    output: Reply
     prompt_tokens: int
     blocks: tuple[int, ...]
     choices: list[Choice]
     min_tokens: int = 0
+    include_stop: bool = False  # include_stop_str_in_output
+    end_reason: str = "stop"  # a call of a required tool ends with "tool_calls", as in vLLM
     prefill_left: int = 0
     last_chunk: int = 0
     kv_tokens: int = 0  # reserved while running
@@ -128,10 +110,15 @@ class MockEngine(Engine):
     """A faithful stand-in for vLLM where scheduling is concerned; fault injection beside."""
 
     name = "mock"
-    # Its output is deterministic, so top_k, min_p and repetition_penalty change nothing a greedy
-    # engine would not; it has no token ids, so logit_bias and stop_token_ids it cannot honour.
-    features = frozenset({"min_tokens", "top_k", "min_p", "repetition_penalty",
-                          "skip_special_tokens", "response_format"})
+    routes = frozenset({"chat", "completions", "embeddings", "tokenize", "detokenize"})
+    # Its words are the most likely tokens, so top_k, min_p and repetition_penalty change nothing
+    # it says; it has no special tokens to skip or space. Its ids are hashes of words, not a
+    # vocabulary, so logit_bias, stop_token_ids, token-id prompts and the like it cannot honour.
+    features = frozenset({
+        "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
+        "parallel_tool_calls", "echo", "min_tokens", "top_k", "min_p", "repetition_penalty",
+        "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+        "add_generation_prompt", "return_token_strs", "dimensions"})
 
     def __init__(self, settings) -> None:
         super().__init__(settings)
@@ -146,6 +133,7 @@ class MockEngine(Engine):
         self._batch_lock = trio.Lock()
         self._requests_seen = 0
         self._random = random.Random(0)
+        self.vocabulary = Vocabulary()
 
     async def load(self) -> None:
         await trio.sleep(self.settings.mock_load_s)
@@ -195,6 +183,7 @@ class MockEngine(Engine):
                 if not request.prefill_left and not request.finished.is_set():
                     for choice in request.live:
                         self._step(request, choice)
+                    request.output.flush()
                     if not request.live:
                         request.finished.set()
 
@@ -242,29 +231,31 @@ class MockEngine(Engine):
             self._kv_reserved -= request.kv_tokens
 
     def _step(self, request: MockRequest, choice: Choice) -> None:
-        if choice.position < len(request.reply):
-            token = request.reply[choice.position]
+        if choice.position < len(choice.reply):
+            token = choice.reply[choice.position]
         elif request.fill or choice.position < request.min_tokens:
             token = FILLER[choice.position % len(FILLER)]
         else:
             token = ""
         choice.position += 1
-        finish = None
+        finish = stop_reason = None
         candidate = choice.text + token
         for stop in request.stop:
             cut = candidate.find(stop)
             if cut != -1:
-                token, finish = candidate[:cut][len(choice.text):], "stop"
+                kept = cut + len(stop) if request.include_stop else cut
+                token, finish, stop_reason = candidate[:kept][len(choice.text):], "stop", stop
                 break
-        if (finish is None and not request.fill and choice.position >= len(request.reply)
+        if (finish is None and not request.fill and choice.position >= len(choice.reply)
                 and choice.position >= request.min_tokens):
-            finish = "stop"
+            finish = request.end_reason
         if finish is None and choice.position >= request.max_tokens:
             finish = "length"
         choice.text += token
-        first = choice.position == 1
-        request.emit(protocol.out_item(request.id, choice.index, token, 1, finish,
-                                       request.prompt_tokens if first or finish else 0))
+        output = request.output
+        output.add(choice.index, token, finish,
+                   logprob(token, output.top_logprobs) if output.wants_logprobs else None,
+                   stop_reason)
         choice.done = finish is not None
 
     # --- requests --------------------------------------------------------------------------------
@@ -276,35 +267,77 @@ class MockEngine(Engine):
             os._exit(3)  # fault injection: die like a crashed GPU process, mid-batch
         if s.mock_error_rate and self._random.random() < s.mock_error_rate:
             raise EngineError("injected failure (MOCK_ERROR_RATE)")
-        params = request["params"]
-        if request["kind"] == "chat":
-            users = [m["content"] for m in request["messages"] if m["role"] == "user"]
-            prompt, counted = (users[-1] if users else ""), render_chat(request["messages"])
+        route, body = request["route"], request["body"]
+        if route == "tokenize":
+            answer = tokenize_body(body, self.vocabulary, s.max_model_len)
+            emit(protocol.out_item(request["id"], json_bytes(answer), done=True))
+        elif route == "detokenize":
+            answer = {"prompt": self.vocabulary.text(body["tokens"])}
+            emit(protocol.out_item(request["id"], json_bytes(answer), done=True))
+        elif route == "embeddings":
+            answer, tokens = embeddings_body(request, self.model)
+            await trio.sleep(tokens * s.mock_prefill_token_s)  # one prefill, no decoding
+            emit(protocol.out_item(request["id"], json_bytes(answer), done=True,
+                                   usage={"prompt_tokens": tokens, "completion_tokens": 0}))
         else:
-            prompt = counted = request["prompt"]
-        prompt_tokens = tokenize(counted) or [""]
-        reply = tokenize(reply_text(request.get("batch_id", "?"), prompt,
-                                    params.get("response_format")))
-        n = params.get("n", 1)
-        max_tokens = min(params.get("max_tokens") or s.mock_max_tokens, s.max_model_len)
+            await self._generate(request, emit)
+
+    def _max_tokens(self, request: dict[str, Any]) -> int:
+        body, s = request["body"], self.settings
+        if request["route"] == "chat":
+            asked = body.get("max_completion_tokens") or body.get("max_tokens")
+        else:
+            asked = body.get("max_tokens", 16)  # vLLM's completions default
+        return min(asked or s.mock_max_tokens, s.max_model_len)
+
+    def _admit(self, request: dict[str, Any], prompt: PromptPlan, output: Reply) -> MockRequest:
+        s, body = self.settings, request["body"]
+        stop = body.get("stop") or []
+        max_tokens = self._max_tokens(request)
+        choices = [Choice(c.index, c.reply) for c in prompt.choices]
         mock_request = MockRequest(
-            request["id"], reply, s.mock_reply_length == "max_tokens" or bool(params.get("ignore_eos")),
-            max_tokens, params.get("stop") or [], emit, len(prompt_tokens),
-            chained_hashes(prompt_tokens, BLOCK_TOKENS), [Choice(index) for index in range(n)],
-            params.get("min_tokens", 0))
-        mock_request.kv_tokens = len(prompt_tokens) + n * max_tokens
-        if n > self.max_num_seqs:
-            raise InvalidRequest(f"n={n} is more than the {self.max_num_seqs} sequences this engine "
-                                 "runs at once (COHORT_MAX_NUM_SEQS)")
+            request["id"], s.mock_reply_length == "max_tokens" or bool(body.get("ignore_eos")),
+            max_tokens, [stop] if isinstance(stop, str) else stop, output, len(prompt.tokens),
+            chained_hashes(prompt.tokens, BLOCK_TOKENS), choices, body.get("min_tokens") or 0,
+            bool(body.get("include_stop_str_in_output")),
+            "tool_calls" if prompt.choices[0].tool and body.get("tool_choice") in (
+                "required", "auto", None) else "stop")
+        mock_request.kv_tokens = len(prompt.tokens) + len(choices) * max_tokens
+        if len(choices) > self.max_num_seqs:
+            raise InvalidRequest(f"n={len(choices)} is more than the {self.max_num_seqs} sequences "
+                                 "this engine runs at once (COHORT_MAX_NUM_SEQS)", param="n")
         if mock_request.kv_tokens > s.mock_kv_tokens:
-            raise InvalidRequest(f"the prompt ({len(prompt_tokens)} tokens) and {n} x max_tokens "
-                                 f"({max_tokens}) do not fit the KV cache of {s.mock_kv_tokens} "
-                                 "tokens (MOCK_KV_TOKENS)")
-        self._waiting.append(mock_request)
+            raise InvalidRequest(f"the prompt ({len(prompt.tokens)} tokens) and {len(choices)} x "
+                                 f"max_tokens ({max_tokens}) do not fit the KV cache of "
+                                 f"{s.mock_kv_tokens} tokens (MOCK_KV_TOKENS)", param="max_tokens")
+        return mock_request
+
+    async def _generate(self, request: dict[str, Any], emit: Emit) -> None:
+        """Chat and completions: every prompt of the request runs as its own engine request,
+        their choices numbered prompt by prompt, as vLLM does."""
+        plans = plan(request)
+        output = Reply(request, emit, sum(len(p.choices) for p in plans))
+        requests = [self._admit(request, prompt, output) for prompt in plans]
+        for prompt in plans:
+            output.prompt_tokens += len(prompt.tokens)
+            for choice in prompt.choices:
+                if prompt.echo:
+                    output.prefix(choice.index, prompt.echo, echo_logprobs(
+                        prompt.echo, output.top_logprobs) if output.wants_logprobs else [])
+                if choice.tool:
+                    output.call_tool(choice.index, choice.tool)
+        output.flush()  # a streamed chat's role chunks go at once, as vLLM's do
+        self._waiting.extend(requests)
         self._wake.set()
         try:
-            await mock_request.finished.wait()
-        finally:  # an abort cancels us: the step loop must stop spending on this request
-            mock_request.finished.set()
-            for choice in mock_request.choices:
-                choice.done = True
+            for mock_request in requests:
+                await mock_request.finished.wait()
+        finally:  # an abort cancels us: the step loop must stop spending on these requests
+            for mock_request in requests:
+                mock_request.finished.set()
+                for choice in mock_request.choices:
+                    choice.done = True
+
+
+def json_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

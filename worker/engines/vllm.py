@@ -1,9 +1,10 @@
 """The vLLM engine: vLLM's v1 `AsyncLLM` hosted in the worker process.
 
 AsyncLLM lives on asyncio, the worker on trio, so the engine gets an asyncio loop of its own on one
-thread. Every request of a batch is submitted at once, so vLLM's continuous batching spans
-batches; each engine step's deltas cross back to trio through `run_sync_soon` (thread-safe, never
-blocking), where the worker's link sends all deltas that arrived together as one `out` message.
+thread. Requests run through vLLM's own OpenAI serving layer (see vllm_serving), so the answer is
+`vllm serve`'s, byte for byte. Every request of a batch is submitted at once, so vLLM's continuous
+batching spans batches; each SSE event crosses back to trio through `run_sync_soon` (thread-safe,
+never blocking), where the worker's link sends all events that arrived together as one `out`.
 Cancelling a request in trio cancels its asyncio task, and vLLM aborts it on that cancellation.
 The engine's load comes from vLLM's own scheduler statistics, through a stat logger of ours.
 """
@@ -19,7 +20,9 @@ from typing import Any
 import trio
 
 from common import protocol
-from worker.engines import SAMPLING_EXTRAS, Emit, Engine, EngineError, InvalidRequest
+from worker.engines import VLLM_FEATURES, Emit, Engine, EngineError
+from worker.engines.usage_tap import UsageTap
+from worker.engines.vllm_serving import Serving, build_serving, handle
 
 log = logging.getLogger("cohort.worker.vllm")
 
@@ -32,22 +35,6 @@ def pick_device(wanted: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     except ImportError:
         return "cpu"
-
-
-def structured_outputs(response_format: dict[str, Any]):
-    """OpenAI's response_format as vLLM's structured-output constraint (what vllm serve does)."""
-    from vllm.sampling_params import StructuredOutputsParams
-
-    if response_format["type"] == "json_object":
-        return StructuredOutputsParams(json_object=True)
-    schema = response_format["json_schema"].get("schema") or {"type": "object"}
-    return StructuredOutputsParams(json=schema)
-
-
-async def _chain(first, rest):
-    yield first
-    async for item in rest:
-        yield item
 
 
 class SchedulerFigures:
@@ -91,7 +78,7 @@ class VllmEngine(Engine):
     """AsyncLLM on a private asyncio thread, driven from trio."""
 
     name = "vllm"
-    features = SAMPLING_EXTRAS
+    features = VLLM_FEATURES
 
     def __init__(self, settings) -> None:
         super().__init__(settings)
@@ -104,7 +91,9 @@ class VllmEngine(Engine):
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-asyncio",
                                         daemon=True)
         self._engine: Any = None
-        self._tokenizer: Any = None
+        self._serving: Serving | None = None
+        if settings.runner == "pooling":
+            self.routes = frozenset({"embeddings", "tokenize", "detokenize"})
         self._figures = SchedulerFigures()
         self._token: trio.lowlevel.TrioToken | None = None
 
@@ -127,7 +116,8 @@ class VllmEngine(Engine):
             model=self.path, served_model_name=[self.model], max_model_len=s.max_model_len,
             quantization=quantization, trust_remote_code=s.trust_remote_code,
             gpu_memory_utilization=share, enforce_eager=s.enforce_eager,
-            dtype="float32" if self.device == "cpu" else "auto", disable_log_stats=True, **limits)
+            dtype="float32" if self.device == "cpu" else "auto", disable_log_stats=True,
+            runner=s.runner, convert=s.convert, **limits)
 
     async def load(self) -> None:
         if self.settings.hf_token:
@@ -143,9 +133,14 @@ class VllmEngine(Engine):
             engine = AsyncLLM.from_engine_args(self.engine_args(),
                                                usage_context=UsageContext.OPENAI_API_SERVER,
                                                stat_loggers=[self._figures.logger_factory()])
-            return engine, engine.get_tokenizer()
+            s = self.settings
+            return engine, await build_serving(
+                engine, self.model, self.path, chat_template=s.chat_template,
+                tool_call_parser=s.tool_call_parser,
+                enable_auto_tool_choice=s.enable_auto_tool_choice)
 
-        self._engine, self._tokenizer = await self._on_loop(create())
+        self._engine, self._serving = await self._on_loop(create())
+        self.routes = self._serving.routes
 
     def unfinished(self) -> int:
         """Requests vLLM itself still runs (what heartbeats report: proof an abort landed)."""
@@ -167,68 +162,34 @@ class VllmEngine(Engine):
             prefix_hit_rate=figures.hits / figures.queries if figures.queries else 0.0,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens)
 
-    def _prompt_ids(self, request: dict[str, Any]) -> list[int]:
-        if request["kind"] == "chat":
-            text = self._tokenizer.apply_chat_template(request["messages"], tokenize=False,
-                                                       add_generation_prompt=True)
-            return self._tokenizer.encode(text, add_special_tokens=False)
-        return self._tokenizer.encode(request["prompt"])
+    async def _produce(self, request: dict[str, Any], emit_soon) -> None:
+        """The asyncio side of one request: vLLM's answer, its SSE events passed on as they come.
 
-    def _sampling(self, params: dict[str, Any], prompt_len: int, stream: bool):
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        room = self.settings.max_model_len - prompt_len
-        if room < 1:
-            raise InvalidRequest(f"the prompt has {prompt_len} tokens; this model takes at most "
-                              f"{self.settings.max_model_len} (COHORT_MAX_MODEL_LEN)")
-        max_tokens = min(params.get("max_tokens") or room, room)
-        extras: dict[str, Any] = {name: params[name] for name in self.features if name in params}
-        if "logit_bias" in extras:  # JSON keys are strings; vLLM's are token ids
-            extras["logit_bias"] = {int(token): bias for token, bias in extras["logit_bias"].items()}
-        if "response_format" in extras:
-            extras["structured_outputs"] = structured_outputs(extras.pop("response_format"))
-        return SamplingParams(**extras,
-            n=params.get("n", 1), temperature=params.get("temperature", 1.0),
-            top_p=params.get("top_p", 1.0), max_tokens=max_tokens, stop=params.get("stop") or None,
-            seed=params.get("seed"), presence_penalty=params.get("presence_penalty", 0.0),
-            frequency_penalty=params.get("frequency_penalty", 0.0),
-            ignore_eos=bool(params.get("ignore_eos")),
-            # not streaming: vLLM sends only the final output, sparing its per-step work too
-            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
-
-    async def _produce(self, request: dict[str, Any], emit_many) -> None:
-        """The asyncio side of one request: feed vLLM's deltas to trio as they come."""
-        from vllm.exceptions import VLLMClientError
-
-        ids = self._prompt_ids(request)
-        try:
-            sampling = self._sampling(request["params"], len(ids), request.get("stream", True))
-            outputs = self._engine.generate({"prompt_token_ids": ids}, sampling,
-                                            request_id=request["id"])
-            first = await anext(outputs)
-        except (ValueError, TypeError, VLLMClientError) as error:  # vLLM refuses the request
-            raise InvalidRequest(str(error)) from None
-        async for output in _chain(first, outputs):
-            items = []
-            for choice in output.outputs:
-                finish = choice.finish_reason
-                if finish == "abort":
-                    raise EngineError("vLLM aborted the request")
-                items.append(protocol.out_item(request["id"], choice.index, choice.text,
-                                               len(choice.token_ids),
-                                               finish if finish in ("stop", "length") else None,
-                                               len(ids)))
-            self._token.run_sync_soon(emit_many, items)
+        Streams always ask vLLM for the usage chunk: see UsageTap."""
+        body = dict(request["body"], request_id=request["id"].removeprefix("job-"))
+        tap = UsageTap(body, request["stream"])
+        answer = await handle(self._serving, request["route"], tap.body)
+        if answer.status >= 500:
+            raise EngineError(f"vLLM failed the request ({answer.status}): "
+                              f"{answer.json_bytes().decode(errors='replace')[:500]}")
+        if answer.stream is None:
+            emit_soon(protocol.out_item(request["id"], answer.json_bytes(), done=True,
+                                        status=answer.status, usage=answer.usage()))
+            return
+        async for event in answer.stream:
+            if event.startswith("data: [DONE]"):
+                break
+            if tap.passes(event):
+                emit_soon(protocol.out_item(request["id"], event.encode()))
+        emit_soon(protocol.out_item(request["id"], b"", done=True, usage=tap.usage))
 
     async def generate(self, request: dict[str, Any], emit: Emit) -> None:
         self.active += 1
 
-        def emit_many(items: list[dict[str, Any]]) -> None:
-            for item in items:
-                emit(item)
+        def emit_soon(item: dict[str, Any]) -> None:
+            self._token.run_sync_soon(emit, item)
 
-        future = asyncio.run_coroutine_threadsafe(self._produce(request, emit_many), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._produce(request, emit_soon), self._loop)
         done = trio.Event()
         future.add_done_callback(lambda _: self._token.run_sync_soon(done.set))
         try:
