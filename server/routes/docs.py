@@ -7,14 +7,17 @@ import html
 from pydantic.json_schema import models_json_schema
 from quart import Blueprint, Response
 
-from server.openai_schema import ChatRequest, CompletionRequest
+from server.openai_schema import (ChatRequest, CompletionRequest, DetokenizeRequest,
+                                  EmbeddingRequest, TokenizeRequest)
 
 blueprint = Blueprint("docs", __name__)
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"], "properties": {
         "message": {"type": "string"}, "type": {"type": "string"},
-        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+        "param": {"type": ["string", "null"]},
+        # vLLM's own refusals, relayed as vLLM gives them, carry the status as the code
+        "code": {"type": ["string", "integer", "null"]}}}}}
 BEARER = [{"bearer": []}]
 
 
@@ -33,7 +36,8 @@ def _operation(summary: str, body: str | None = None, *, secured: bool = True) -
 
 def openapi() -> dict:
     """The OpenAPI 3.1 document: the request models' JSON schemas under components."""
-    _, schemas = models_json_schema([(ChatRequest, "validation"), (CompletionRequest, "validation")],
+    models = (ChatRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest)
+    _, schemas = models_json_schema([(model, "validation") for model in models],
                                     ref_template="#/components/schemas/{model}")
     components = {**schemas["$defs"], "Error": ERROR}
     return {
@@ -46,7 +50,14 @@ def openapi() -> dict:
                                                         "ChatRequest")},
             "/v1/completions": {"post": _operation("Text completion (SSE with stream)",
                                                    "CompletionRequest")},
-            "/v1/models": {"get": _operation("Served models, with context length and features")},
+            "/v1/embeddings": {"post": _operation("Embeddings (a worker with COHORT_RUNNER=pooling, "
+                                                  "or the mock)", "EmbeddingRequest")},
+            "/tokenize": {"post": _operation("vLLM's: a prompt or chat as the model's token ids",
+                                             "TokenizeRequest")},
+            "/detokenize": {"post": _operation("vLLM's: token ids back to text",
+                                               "DetokenizeRequest")},
+            "/v1/models": {"get": _operation("Served models, with context length, routes and "
+                                             "features")},
             "/tasks": {"get": {**_operation("Your async tasks, newest first"), "parameters": [
                 {"name": "status", "in": "query", "schema": {"type": "string"}},
                 {"name": "limit", "in": "query", "schema": {"type": "integer"}},

@@ -36,8 +36,16 @@ def tokenize(text: str) -> list[str]:
     return TOKEN.findall(text)
 
 
+SHORT = 6  # bytes: a word this short is its own id, so any worker reads it back
+
+
 def token_id(token: str) -> int:
-    return zlib.crc32(token.encode()) & 0x7FFFFFFF
+    """A word's id: its UTF-8 bytes as a number when it has at most 6 (below 2**48, safe in
+    JSON), else 2**48 plus a CRC of it."""
+    data = token.encode()
+    if len(data) <= SHORT:
+        return int.from_bytes(data, "big")
+    return (1 << 8 * SHORT) + zlib.crc32(data)
 
 
 def render_chat(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
@@ -174,7 +182,8 @@ def echo_logprobs(text: str, top: int) -> list[tuple[str, Logprob | None]]:
 
 
 class Vocabulary:
-    """Token ids of the words the mock has seen, so `/detokenize` reads back what it made."""
+    """Token ids back to words: short words from the id itself, longer ones from what this worker
+    has seen (another worker may not have seen them: a 400 that says so)."""
 
     LIMIT = 1 << 20
 
@@ -185,15 +194,22 @@ class Vocabulary:
         words = tokenize(text)
         ids = [token_id(word) for word in words]
         if len(self.words) < self.LIMIT:
-            self.words.update(zip(ids, words))
+            self.words.update((i, w) for i, w in zip(ids, words) if i >> 8 * SHORT)
         return ids, words
 
+    def word(self, token: int) -> str:
+        if 0 < token < 1 << 8 * SHORT:
+            try:
+                return token.to_bytes(SHORT, "big").lstrip(b"\0").decode()
+            except UnicodeDecodeError:
+                pass
+        elif token in self.words:
+            return self.words[token]
+        raise InvalidRequest(f"token id {token} is not one the mock can read back (ids of words "
+                             "over 6 bytes only on the worker that made them)", param="tokens")
+
     def text(self, ids: list[int]) -> str:
-        unknown = [token for token in ids if token not in self.words]
-        if unknown:
-            raise InvalidRequest(f"token id {unknown[0]} is not one the mock has made (it reads "
-                                 "back only ids it gave out)", param="tokens")
-        return "".join(self.words[token] for token in ids)
+        return "".join(self.word(token) for token in ids)
 
 
 def tokenize_body(body: dict[str, Any], vocabulary: Vocabulary, max_model_len: int) -> dict:
