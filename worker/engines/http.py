@@ -16,7 +16,7 @@ import httpx
 
 from common import protocol
 from worker.engines import VLLM_FEATURES, Emit, Engine, EngineError
-from worker.engines.usage_tap import UsageTap, counts
+from worker.engines.usage_tap import UsageTap, counts, sse
 from worker.engines.mock import MockEngine
 
 log = logging.getLogger("cohort.worker.http")
@@ -107,9 +107,10 @@ class HttpEngine(Engine):
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                if tap.passes(line):
-                    emit(protocol.out_item(request["id"], line.encode() + b"\n\n"))
-        emit(protocol.out_item(request["id"], b"", done=True, usage=tap.usage))
+                relayed = tap.relay(line[6:])
+                if relayed:
+                    emit(protocol.out_item(request["id"], sse(relayed)))
+        emit(protocol.out_item(request["id"], sse(tap.rest()), done=True, usage=tap.usage))
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -21,7 +21,7 @@ import trio
 
 from common import protocol
 from worker.engines import VLLM_FEATURES, Emit, Engine, EngineError
-from worker.engines.usage_tap import UsageTap
+from worker.engines.usage_tap import UsageTap, sse
 from worker.engines.vllm_serving import Serving, build_serving, handle
 
 log = logging.getLogger("cohort.worker.vllm")
@@ -167,7 +167,8 @@ class VllmEngine(Engine):
 
         Streams always ask vLLM for the usage chunk: see UsageTap."""
         body = dict(request["body"], request_id=request["id"].removeprefix("job-"))
-        tap = UsageTap(body, request["stream"])
+        serving = self._serving.chat or self._serving.completion
+        tap = UsageTap(body, request["stream"], getattr(serving, "system_fingerprint", None))
         answer = await handle(self._serving, request["route"], tap.body)
         if answer.status >= 500:
             raise EngineError(f"vLLM failed the request ({answer.status}): "
@@ -179,9 +180,10 @@ class VllmEngine(Engine):
         async for event in answer.stream:
             if event.startswith("data: [DONE]"):
                 break
-            if tap.passes(event):
-                emit_soon(protocol.out_item(request["id"], event.encode()))
-        emit_soon(protocol.out_item(request["id"], b"", done=True, usage=tap.usage))
+            relayed = tap.relay(event[6:].rstrip("\n"))
+            if relayed:
+                emit_soon(protocol.out_item(request["id"], sse(relayed)))
+        emit_soon(protocol.out_item(request["id"], sse(tap.rest()), done=True, usage=tap.usage))
 
     async def generate(self, request: dict[str, Any], emit: Emit) -> None:
         self.active += 1
