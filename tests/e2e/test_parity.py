@@ -95,11 +95,15 @@ def pair(tmp_path_factory):
                      COHORT_WORKER_TIMEOUT_S="10")
     cohort.start_front()
     cohort.start_worker("worker1")
+    # and an embedding model: SmolLM2 through vLLM's conversion, as `--runner pooling --convert
+    # embed` makes it, under a name of its own
+    cohort.start_worker("embedder", COHORT_RUNNER="pooling", COHORT_CONVERT="embed",
+                        COHORT_SERVED_MODEL_NAME="smol-embed", COHORT_GPU_MEMORY_UTILIZATION="0.1")
 
     async def both_up():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve.wait_up)
-            nursery.start_soon(cohort.wait_ready, 1, 600)
+            nursery.start_soon(cohort.wait_ready, 2, 600)
 
     try:
         cohort.api_key = cohort.add_user("alice")
@@ -191,3 +195,27 @@ def test_the_http_engine_relays_vllm_serve(pair, make_cluster):
         ours_status, ours = answer(cluster.url, path, body, cluster.headers())
         assert ours_status == theirs_status == 200
         same(ours, theirs, name)
+
+
+def test_a_pooling_worker_serves_embeddings_and_only_them(pair):
+    _, cohort = pair
+    api = openai.OpenAI(base_url=cohort.url + "/v1", api_key=cohort.api_key, max_retries=0,
+                        timeout=180)
+    reply = api.embeddings.create(model="smol-embed", input=["a cat", "a dog", "a cat"],
+                                  encoding_format="float")
+    vectors = [item.embedding for item in reply.data]
+    assert len(vectors[0]) == 576 and vectors[0] == vectors[2] and vectors[0] != vectors[1]
+    assert abs(sum(v * v for v in vectors[0]) - 1) < 1e-4  # vLLM normalizes embeddings
+    counted = httpx.post(cohort.url + "/tokenize", headers=cohort.headers(), json={
+        "model": "smol-embed", "prompt": "a cat"}).json()["count"]
+    assert reply.usage.prompt_tokens == 3 * counted
+    with pytest.raises(openai.BadRequestError) as refused:  # routes follow what a worker serves
+        api.chat.completions.create(model="smol-embed", messages=HELLO)
+    assert refused.value.code == "unsupported_route"
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.embeddings.create(model="smol", input="a cat")
+    assert refused.value.code == "unsupported_route"
+    cards = {card.id: card.model_extra for card in api.models.list().data}
+    assert cards["smol-embed"]["routes"] == ["embeddings", "tokenize", "detokenize"]
+    assert cards["smol"]["routes"] == ["chat", "completions", "tokenize", "detokenize"]
+    assert cards["smol"]["max_model_len"] == 2048
