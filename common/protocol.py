@@ -11,11 +11,12 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Literal, Union
 
 import msgpack
 
 VERSION = 2  # 2: requests carry the OpenAI body, outputs the OpenAI bytes
+WorkerState = Literal["loading", "ready", "failed"]
 MAX_MESSAGE_BYTES = 64 << 20
 
 
@@ -50,7 +51,7 @@ class Hello(Message):
     model: str
     capacity: int
     device: str
-    state: str = "loading"
+    state: WorkerState = "loading"
     pid: int = 0
     load_time_s: float = 0.0
     error: str = ""
@@ -76,7 +77,7 @@ class Heartbeat(Message):
 
     type: ClassVar[str] = "heartbeat"
     active: int = 0
-    state: str = "ready"
+    state: WorkerState = "ready"
     load: dict[str, Any] = field(default_factory=dict)
 
 
@@ -252,11 +253,22 @@ def check_items(items: Any, shape: dict[str, Any], what: str) -> None:
 
 
 def _accepts(hint: Any, value: Any) -> bool:
+    """Whether `value` has the type `hint` says, down to the elements of lists and the keys of
+    maps: a list of maps where strings belong must not reach the code that reads it."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         return any(_accepts(arg, value) for arg in typing.get_args(hint))
+    if origin is Literal:
+        return isinstance(value, str) and value in typing.get_args(hint)
     if hint is Any:
         return True
+    if origin is list:
+        [item] = typing.get_args(hint)
+        return isinstance(value, list) and all(_accepts(item, v) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(
+            _accepts(key, k) and _accepts(item, v) for k, v in value.items())
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:

@@ -7,6 +7,7 @@ many apps as they like with other settings.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 
 import trio
@@ -52,11 +53,19 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
         await cohort.store.run(cohort.store.create_schema)
 
         async def run_services(task_status=trio.TASK_STATUS_IGNORED):
-            with services:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(cohort.run)
-                    await nursery.start(cohort.tasks.run)
-                    task_status.started()
+            try:
+                with services:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(cohort.run)
+                        await nursery.start(cohort.tasks.run)
+                        cohort.services_up = True
+                        task_status.started()
+            except Exception:  # a service died: a front without it only seems to serve
+                cohort.services_up = False
+                log.critical("a service of the front failed; exiting so that its keeper restarts "
+                             "it", exc_info=True)
+                logging.shutdown()
+                os._exit(70)  # EX_SOFTWARE; not a cancellation (stop_services) or a shutdown
 
         await app.nursery.start(run_services)
         log.info("serving on http://%s:%s", settings.host, settings.port)

@@ -35,6 +35,7 @@ class Gateway:
         self.store: Any = None
         self.auth: Any = None
         self.tasks: Any = None
+        self.services_up = False  # set once dispatcher, scheduler and task runner all run
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Start every service; report started only once workers can connect and jobs queue."""

@@ -24,8 +24,11 @@ async def health():
 
 @blueprint.get("/ready")
 async def ready():
-    models = gateway().dispatcher.models()
-    return {"ready": bool(models), "models": models}, 200 if models else 503
+    """Ready when the front's services run and some model has a ready worker."""
+    cohort = gateway()
+    models = cohort.dispatcher.models()
+    up = cohort.services_up and bool(models)
+    return {"ready": up, "models": models}, 200 if up else 503
 
 
 @blueprint.get("/stats")

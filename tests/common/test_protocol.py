@@ -57,7 +57,11 @@ def test_unknown_extra_fields_are_ignored():
     (msgpack.packb({"v": protocol.VERSION, "type": "batch", "batch_id": "b",
                     "requests": [{"id": "j", "body": "x"}]}), "wrong type"),
     (msgpack.packb({"v": protocol.VERSION, "type": "batch", "batch_id": "b",
-                    "requests": ["x"]}), "expected maps"),
+                    "requests": ["x"]}), "wrong type"),
+    (msgpack.packb({"v": protocol.VERSION, "type": "error", "message": "boom",
+                    "ids": [{"a": 1}]}), "wrong type"),  # once a TypeError deep in the front
+    (msgpack.packb({"v": protocol.VERSION, "type": "heartbeat", "state": "bogus"}),
+     "wrong type"),  # once a 500 on /metrics
     (msgpack.packb({"v": protocol.VERSION, "type": "out", "load": {"running": "1"}}), "load field"),
     (msgpack.packb({"v": protocol.VERSION, "type": "heartbeat", "load": {"waiting": -1}}),
      "load field"),
@@ -79,3 +83,47 @@ def test_booleans_are_not_numbers():
 def test_a_load_from_a_newer_peer_keeps_what_we_know():
     load = protocol.EngineLoad.from_item({"running": 4, "kv_usage": 1, "future_figure": "x"})
     assert (load.running, load.kv_usage, load.waiting) == (4, 1, 0)
+
+
+# --- fuzzing: any field of any message with any value is a clean refusal or a typed message -------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8)
+SAMPLES = {message.type: message for message in [
+    protocol.Hello("w1", "mock", "m", 8, "cpu", "ready", 42, 1.5, "", ["chat"], 2048),
+    protocol.Ready(1.0, "m", ["chat"]), protocol.Heartbeat(1, "ready", {"running": 1}),
+    protocol.Out([protocol.out_item("j", b"x", done=True, usage={"prompt_tokens": 1})],
+                 {"waiting": 1}),
+    protocol.Error("boom", ["j1"], "engine"), protocol.Bye("x"), protocol.Welcome("f"),
+    protocol.HelloAgain(), protocol.Abort(["j"]), protocol.Shutdown(),
+    protocol.Batch("b", [protocol.request_item("j", "chat", {"model": "m"})])]}
+
+
+def _fields(message) -> list[str]:
+    return [f.name for f in __import__("dataclasses").fields(message)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(kind=st.sampled_from(sorted(SAMPLES)), data=st.data(), value=VALUES)
+def test_a_wrong_value_anywhere_is_refused_or_typed(kind, data, value):
+    sample = SAMPLES[kind]
+    body = msgpack.unpackb(sample.encode())
+    names = _fields(sample)
+    if names:
+        name = data.draw(st.sampled_from(names))
+        if isinstance(body[name], list) and body[name] and data.draw(st.booleans()):
+            body[name] = [value] + body[name][1:]  # a wrong element, the rest right
+        else:
+            body[name] = value
+    try:
+        message = protocol.decode(msgpack.packb(body, use_bin_type=True))
+    except protocol.ProtocolError:
+        return
+    hints = protocol._HINTS[kind]
+    for name in names:  # what got through has exactly the declared types
+        assert protocol._accepts(hints[name], getattr(message, name)), name
