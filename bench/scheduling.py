@@ -180,8 +180,9 @@ async def engine_alone(env: dict[str, str], prompts: list[str], max_tokens: int
         for i, prompt in enumerate(prompts):
             seen: list[float] = []
             began = trio.current_time()
-            request = protocol.request_item(f"alone-{i}", "completion", {"max_tokens": max_tokens},
-                                            prompt=prompt)
+            request = protocol.request_item(
+                f"alone-{i}", "completions",
+                {"model": "cohort-mock", "prompt": prompt, "max_tokens": max_tokens}, stream=True)
             await engine.generate(request, lambda item: seen.append(trio.current_time()))
             firsts.append(seen[0] - began if seen else 0.0)
             wholes.append(trio.current_time() - began)

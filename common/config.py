@@ -203,6 +203,14 @@ class WorkerSettings:
     )
     chat_template: str = env_field("", "COHORT_CHAT_TEMPLATE", doc="vLLM's --chat-template: a file or the template")
     heartbeat_interval_s: float = env_field(0.5, "COHORT_HEARTBEAT_INTERVAL_S")
+    engine_stall_s: float = env_field(
+        120.0, "COHORT_ENGINE_STALL_S",
+        doc="an engine with requests and no output this long is dead: its host restarts (0: never)",
+    )
+    restart_backoff_s: float = env_field(
+        1.0, "COHORT_RESTART_BACKOFF_S",
+        doc="first wait before the supervisor restarts a dead engine host; doubles to 60 s",
+    )
     mock_ttft_s: float = env_field(0.0, "MOCK_TTFT_S", doc="mock: fixed extra cost of a step that prefills")
     mock_prefill_token_s: float = env_field(
         0.00005, "MOCK_PREFILL_TOKEN_S", doc="mock: prefill time per prompt token not in the prefix cache"

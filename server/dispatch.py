@@ -60,6 +60,8 @@ class Dispatcher:
         context = zmq.Context.instance()
         raw = context.socket(zmq.ROUTER)
         raw.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable batch must fail, not vanish
+        # a restarted engine host (or its supervisor) reconnects under the same worker id
+        raw.setsockopt(zmq.ROUTER_HANDOVER, 1)
         raw.setsockopt(zmq.SNDHWM, 100_000)
         raw.setsockopt(zmq.RCVHWM, 100_000)
         raw.setsockopt(zmq.LINGER, 0)

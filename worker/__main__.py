@@ -1,167 +1,142 @@
-"""`python -m worker`: connect to the front(s), register, load the engine, serve batches, heartbeat.
+"""`python -m worker`: the supervisor, a small process that keeps one engine host running.
 
-The worker registers as `loading` at once and says `ready` with its load time when the model is up;
-a load failure is reported with its cause and the worker stays up (state `failed`) so `/health`
-shows why. SIGINT/SIGTERM (honcho stopping) say bye and free the engine.
+It starts the engine host (`python -m worker.host`, the part that loads the model) as its child
+and starts it again when it dies, after a wait that doubles from `COHORT_RESTART_BACKOFF_S` up
+to a minute (back to the start once a host has lived a minute). It exits only on SIGTERM/SIGINT,
+which it passes on and waits out, or on a configuration error: so honcho, systemd or Kubernetes
+see an engine crash as a restart, not as the end of the deployment. The host keeps the worker id
+across restarts, and when it dies without a word the supervisor says bye for it, so the front
+re-runs its requests elsewhere at once instead of after a timeout. Processes the host leaves
+behind (vLLM's EngineCore) are re-parented here, as a Linux child subreaper, and killed.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import ctypes
 import logging
 import os
 import signal
-import socket
-import time
+import sys
 
 import trio
+import zmq
 
 from common import protocol
-from common.config import WorkerSettings, load
+from common.config import SettingError, WorkerSettings, load
 from common.logs import setup_logging
-from worker.engines import Engine, EngineError, InvalidRequest, make_engine
-from worker.link import FrontLink
+from worker import host
 
-log = logging.getLogger("cohort.worker")
+log = logging.getLogger("cohort.worker.supervisor")
+MAX_BACKOFF_S = 60.0
+CONFIG_ERROR = 2  # the host's exit status for settings it cannot use: restarting will not help
+PR_SET_CHILD_SUBREAPER = 36
 
 
-class Worker:
-    """One engine shared by the links to every front."""
-
-    def __init__(self, settings: WorkerSettings, engine: Engine) -> None:
+class Supervisor:
+    def __init__(self, settings: WorkerSettings, argv: list[str]) -> None:
         self.settings = settings
-        self.engine = engine
-        self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.state = "loading"
-        self.error = ""
-        self.load_time_s = 0.0
-        self.links: list[FrontLink] = []
-        self.pending = 0  # requests received whose engine has not seen them yet
-        self._scopes: dict[str, trio.CancelScope] = {}
-        self._stop = trio.CancelScope()
+        self.worker_id = settings.worker_id or host.default_worker_id()
+        self.command = [sys.executable, "-m", "worker.host", *argv, "--worker-id", self.worker_id]
+        self.stopping = False
+        self.proc: trio.Process | None = None
+        self.restarts = 0
 
-    def hello(self) -> protocol.Hello:
-        return protocol.Hello(self.worker_id, self.engine.name, self.engine.model,
-                              self.engine.capacity, self.engine.device, self.state, os.getpid(),
-                              self.load_time_s, self.error,
-                              sorted(self.engine.routes | self.engine.features),
-                              self.settings.max_model_len)
-
-    async def serve(self) -> None:
-        with self._stop:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_signals)
-                for endpoint in self.settings.connect:
-                    link = FrontLink(endpoint, self)
-                    await nursery.start(link.run)
-                    self.links.append(link)
-                await self._load()
-                if hasattr(self.engine, "run"):
-                    nursery.start_soon(self.engine.run)
-        # the links said bye on their way out; now free the engine (and its processes)
-        with trio.CancelScope(shield=True):
-            await self.engine.close()
-
-    async def _load(self) -> None:
-        started = time.monotonic()
-        try:
-            await self.engine.load()
-        except Exception as error:  # any load failure: report its cause, stay up to show it
-            self.state, self.error = "failed", f"model load failed: {type(error).__name__}: {error}"
-            log.exception("model load failed")
-            for link in self.links:
-                await link.send(protocol.Error(self.error, [], "load"))
-            return
-        self.load_time_s = time.monotonic() - started
-        self.state = "ready"
-        log.info("%s engine ready with %s in %.1f s", self.engine.name, self.engine.model,
-                 self.load_time_s)
-        for link in self.links:
-            await link.send(protocol.Ready(self.load_time_s, self.engine.model,
-                                           sorted(self.engine.routes | self.engine.features)))
-
-    def load(self, received: int) -> dict:
-        """The engine's load for a link's report; what it has not seen yet counts as waiting."""
-        stats = self.engine.stats()
-        stats.waiting += self.pending
-        stats.received = received
-        return stats.as_item()
-
-    async def run_batch(self, link: FrontLink, batch: protocol.Batch) -> None:
-        """Run a batch the link has just counted as received (`pending` includes it)."""
-        if self.state != "ready":
-            self.pending -= len(batch.requests)
-            await link.send(protocol.Error(f"worker is {self.state}", [r["id"] for r in batch.requests]))
-            return
-        try:
-            await self.engine.admit(len(batch.requests))
-        except BaseException:
-            self.pending -= len(batch.requests)
-            raise
-        async with trio.open_nursery() as nursery:
-            for request in batch.requests:
-                request["batch_id"] = batch.batch_id
-                scope = trio.CancelScope()
-                self._scopes[request["id"]] = scope
-                nursery.start_soon(self._run_request, link, request, scope)
-
-    async def _run_request(self, link: FrontLink, request: dict, scope: trio.CancelScope) -> None:
-        log.debug("request_id=%s job=%s batch=%s starts", request.get("trace_id"), request["id"],
-                  request.get("batch_id"))
-        self.pending -= 1
-        try:
-            with scope:
-                await self.engine.generate(request, link.emit)
-            if scope.cancelled_caught:
-                log.debug("request_id=%s job=%s aborted", request.get("trace_id"), request["id"])
-        except InvalidRequest as error:  # the engine's own refusal is the request's answer
-            link.emit(protocol.out_item(request["id"], json.dumps(error.body()).encode(),
-                                        done=True, status=400))
-        except EngineError as error:
-            await link.send(protocol.Error(str(error), [request["id"]], error.kind))
-        except Exception as error:  # a bug or engine crash on one request must not kill the worker
-            log.exception("request_id=%s job=%s failed", request.get("trace_id"), request["id"])
-            await link.send(protocol.Error(f"{type(error).__name__}: {error}", [request["id"]]))
-        finally:
-            self._scopes.pop(request["id"], None)
-
-    def abort(self, ids: list[str]) -> None:
-        for request_id in ids:
-            scope = self._scopes.get(request_id)
-            if scope is not None:
-                scope.cancel()
-
-    def stop(self, reason: str) -> None:
-        log.info("stopping: %s", reason)
-        self._stop.cancel()
-
-    async def _watch_signals(self) -> None:
+    async def run(self) -> int:
+        _become_subreaper()
+        backoff = self.settings.restart_backoff_s
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                self.stop(f"signal {signal.Signals(signum).name}")
-                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pass_on, signals)
+                while True:
+                    started = trio.current_time()
+                    self.proc = await trio.lowlevel.open_process(self.command)
+                    code = await self.proc.wait()
+                    _kill_orphans()
+                    if self.stopping or code in (0, CONFIG_ERROR):
+                        nursery.cancel_scope.cancel()
+                        return code
+                    if trio.current_time() - started > MAX_BACKOFF_S:
+                        backoff = self.settings.restart_backoff_s
+                    self.restarts += 1
+                    reason = (f"engine host exited with status {code}; restart {self.restarts} "
+                              f"in {backoff:g} s")
+                    log.error("worker %s: %s", self.worker_id, reason)
+                    await trio.to_thread.run_sync(self._say_bye, reason)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+        return 0
+
+    async def _pass_on(self, signals) -> None:
+        """SIGTERM or SIGINT: stop restarting, and let the host finish (honcho signals the whole
+        group, so it may have the signal already; it takes a second one calmly)."""
+        async for signum in signals:
+            self.stopping = True
+            log.info("supervisor: %s, stopping the engine host", signal.Signals(signum).name)
+            if self.proc is not None and self.proc.returncode is None:
+                self.proc.send_signal(signum)
+
+    def _say_bye(self, reason: str) -> None:
+        """Speak for a host that died without a word, under its id, to every front."""
+        context = zmq.Context.instance()
+        for endpoint in self.settings.connect:
+            with context.socket(zmq.DEALER) as sock:
+                sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+                sock.setsockopt(zmq.LINGER, 1000)
+                sock.connect(endpoint)
+                sock.send(protocol.Bye(reason).encode())
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--connect", help="front endpoint(s), comma-separated (COHORT_CONNECT)")
-    parser.add_argument("--engine", choices=["mock", "vllm", "http"], help="(COHORT_ENGINE)")
-    parser.add_argument("--model", help="model folder or name (COHORT_MODEL)")
-    parser.add_argument("--worker-id", help="(COHORT_WORKER_ID)")
-    return parser.parse_args(argv)
+def _become_subreaper() -> None:
+    """Orphans of the host (vLLM's engine processes) become our children, so we can end them."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the engine's own parent checks must do
+        pass
+
+
+def _kill_orphans() -> None:
+    """End and reap what the dead host left behind (it is all ours: we start nothing else)."""
+    me = os.getpid()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == me:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    settings = load(WorkerSettings, engine=args.engine, model=args.model, worker_id=args.worker_id,
-                    connect=tuple(args.connect.split(",")) if args.connect else None)
+    argv = sys.argv[1:] if argv is None else argv
+    args = host.parse_args(argv)
+    if args.no_supervisor:
+        host.main([a for a in argv if a != "--no-supervisor"])
+        return
+    try:
+        settings = load(WorkerSettings, engine=args.engine, model=args.model,
+                        worker_id=args.worker_id,
+                        connect=tuple(args.connect.split(",")) if args.connect else None)
+    except SettingError as error:
+        print(f"worker: {error}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR)
     setup_logging(settings.log_level)
-    worker = Worker(settings, make_engine(settings))
-    log.info("worker %s: engine %s, model %s, fronts %s", worker.worker_id, worker.engine.name,
-             worker.engine.model, ", ".join(settings.connect))
-    trio.run(worker.serve)
+    passed = [word for name in ("connect", "engine", "model") if getattr(args, name)
+              for word in (f"--{name}", getattr(args, name))]
+    sys.exit(trio.run(Supervisor(settings, passed).run))
 
 
-if __name__ == "__main__":  # vLLM spawns processes that re-import this module
+if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ from common import protocol
 from common.zmqtrio import TrioSocket
 
 if TYPE_CHECKING:
-    from worker.__main__ import Worker
+    from worker.host import Worker
 
 log = logging.getLogger("cohort.worker.link")
 
@@ -53,13 +53,14 @@ class FrontLink:
                     task_status.started()
                     await self._receive_loop(nursery)
             finally:  # leaving (stopped, or failed): tell the front while the socket is open
-                await self._say_bye("worker stopping")
+                await self._say_bye(self.worker.stop_reason or "worker stopping")
 
     async def send(self, message: protocol.Message) -> None:
         assert self._sock is not None
         await self._sock.send_multipart([message.encode()])
 
     def emit(self, item: dict[str, Any]) -> None:
+        self.worker.last_progress = trio.current_time()
         self._out_send.send_nowait(item)
 
     async def _say_bye(self, reason: str) -> None:

@@ -129,3 +129,34 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def engine_host(pid: int, worker_id: str) -> int:
+    """The engine host (`python -m worker.host`) of worker `worker_id`, somewhere under pid."""
+    for child in sorted(descendants(pid)):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                words = cmdline.read().split(b"\0")
+        except OSError:
+            continue
+        if b"worker.host" in words and worker_id.encode() in words:
+            return child
+    raise LookupError(f"no engine host under {pid}")

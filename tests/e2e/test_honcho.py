@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import trio
 
-from tests.e2e.cluster import ROOT, Cluster
+from tests.e2e.cluster import ROOT, Cluster, engine_host
 
 
 def test_honcho_start_serves_64_concurrent_openai_clients_without_a_window_wait(tmp_path):
@@ -41,3 +41,40 @@ def test_honcho_start_serves_64_concurrent_openai_clients_without_a_window_wait(
         honcho.wait(30)
     text = (tmp_path / "honcho.log").read_text()
     assert "said bye" in text or "stopping" in text
+
+
+def test_a_killed_engine_host_is_restarted_and_300_requests_all_succeed(tmp_path):
+    """SIGKILL of an engine host mid-load under `honcho start`: its supervisor says bye for it
+    (the front re-runs its requests on the other worker), starts a fresh host, and honcho, which
+    stops everything when one of its processes exits, keeps running."""
+    cluster = Cluster(tmp_path, MOCK_TOKEN_S="0.01", MOCK_TTFT_S="0.01",
+                      COHORT_RESTART_BACKOFF_S="0.2", COHORT_WORKER_TIMEOUT_S="10")
+    cluster.api_key = cluster.add_user("alice")
+    log = open(tmp_path / "honcho.log", "wb")
+    honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start"], cwd=ROOT, env=cluster.env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        trio.run(cluster.wait_ready, 2)
+        api = openai.OpenAI(base_url=cluster.url + "/v1", api_key=cluster.api_key, max_retries=0,
+                            timeout=60)
+        first_host = engine_host(honcho.pid, "worker1")
+
+        def ask(i: int) -> int:
+            if i == 100:  # a third of the way in, with requests in flight on both workers
+                os.kill(first_host, signal.SIGKILL)
+            reply = api.completions.create(model="cohort-mock", prompt=f"question {i}",
+                                           max_tokens=16)
+            return reply.usage.completion_tokens
+
+        with ThreadPoolExecutor(32) as pool:
+            tokens = list(pool.map(ask, range(300), timeout=180))
+        assert len(tokens) == 300 and all(tokens)  # every one answered
+        assert honcho.poll() is None  # the deployment lives on
+        health = trio.run(cluster.wait_ready, 2, 30)  # the killed worker is back, same id
+        assert sorted(w["id"] for w in health["workers"] if w["state"] == "ready") == [
+            "worker1", "worker2"]
+        assert engine_host(honcho.pid, "worker1") != first_host
+    finally:
+        os.killpg(honcho.pid, signal.SIGINT)
+        honcho.wait(30)
+    assert "restart 1" in (tmp_path / "honcho.log").read_text()

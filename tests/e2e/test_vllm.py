@@ -13,7 +13,7 @@ import openai
 import pytest
 import trio
 
-from tests.e2e.cluster import Cluster, ROOT, free_port
+from tests.e2e.cluster import Cluster, ROOT, descendants, free_port
 from worker.models import default_model_path
 
 pytestmark = pytest.mark.vllm
@@ -168,24 +168,6 @@ async def test_an_abort_reaches_vllm(real):
                 await trio.sleep(0.1)
         stats = (await http.get(real.url + "/stats")).json()
     assert stats["aborts"] >= 1
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 def alive(pid: int) -> bool:

@@ -74,6 +74,10 @@ class Engine:
         last one `done`); cancellation (an abort) must stop it in the engine."""
         raise NotImplementedError
 
+    def dead(self) -> str:
+        """Why the engine can serve no more (its process died), or "" while it can."""
+        return ""
+
     def unfinished(self) -> int:
         """How many requests the engine is running (heartbeats report it)."""
         return self.active

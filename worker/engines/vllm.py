@@ -142,6 +142,12 @@ class VllmEngine(Engine):
         self._engine, self._serving = await self._on_loop(create())
         self.routes = self._serving.routes
 
+    def dead(self) -> str:
+        """vLLM marks its client errored once its EngineCore process is gone (EngineDeadError)."""
+        if self._engine is not None and self._engine.errored:
+            return "vLLM's EngineCore is gone (EngineDeadError)"
+        return ""
+
     def unfinished(self) -> int:
         """Requests vLLM itself still runs (what heartbeats report: proof an abort landed)."""
         try:

@@ -1,0 +1,220 @@
+"""`python -m worker.host`: the engine host, which `python -m worker` (the supervisor) starts and
+restarts. It connects to the front(s), registers, loads the engine, serves batches, heartbeats.
+
+It registers as `loading` at once and says `ready` with its load time when the model is up; a load
+failure is reported with its cause and the host stays up (state `failed`) so `/health` shows why.
+An engine that dies (vLLM's EngineCore gone) or stops making progress while requests run ends the
+host: it says bye, so the front re-runs what it can elsewhere at once, and exits with
+ENGINE_DIED for the supervisor to start a fresh one. SIGINT/SIGTERM say bye and free the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import trio
+
+from common import protocol
+from common.config import SettingError, WorkerSettings, load
+from common.logs import setup_logging
+from worker.engines import Engine, EngineError, InvalidRequest, make_engine
+from worker.link import FrontLink
+
+log = logging.getLogger("cohort.worker")
+
+
+ENGINE_DIED = 75  # exit status: the engine died; the supervisor restarts the host
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Worker:
+    """One engine shared by the links to every front."""
+
+    def __init__(self, settings: WorkerSettings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.worker_id = settings.worker_id or default_worker_id()
+        self.state = "loading"
+        self.error = ""
+        self.load_time_s = 0.0
+        self.links: list[FrontLink] = []
+        self.pending = 0  # requests received whose engine has not seen them yet
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._stop = trio.CancelScope()
+        self.stop_reason = ""  # what the links' bye says
+        self.exit_code = 0
+        self.last_progress = 0.0  # when the engine last emitted, or a batch last came in
+
+    def hello(self) -> protocol.Hello:
+        return protocol.Hello(self.worker_id, self.engine.name, self.engine.model,
+                              self.engine.capacity, self.engine.device, self.state, os.getpid(),
+                              self.load_time_s, self.error,
+                              sorted(self.engine.routes | self.engine.features),
+                              self.settings.max_model_len)
+
+    async def serve(self) -> None:
+        with self._stop:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals)
+                for endpoint in self.settings.connect:
+                    link = FrontLink(endpoint, self)
+                    await nursery.start(link.run)
+                    self.links.append(link)
+                await self._load()
+                if hasattr(self.engine, "run"):
+                    nursery.start_soon(self.engine.run)
+                nursery.start_soon(self._watchdog)
+        # the links said bye on their way out; now free the engine (and its processes), bounded:
+        # a dead engine may not answer, and the supervisor kills what is left
+        with trio.move_on_after(30) as bounded:
+            bounded.shield = True
+            await self.engine.close()
+
+    async def _watchdog(self) -> None:
+        """An engine that died, or that makes no progress while it has requests, ends the host."""
+        stall_s = self.settings.engine_stall_s
+        while True:
+            await trio.sleep(self.settings.heartbeat_interval_s)
+            if self.state != "ready":
+                continue
+            reason = self.engine.dead()
+            if not reason and stall_s and self.engine.unfinished() and \
+                    trio.current_time() - self.last_progress > stall_s:
+                reason = f"no output for {stall_s:g} s with requests running (COHORT_ENGINE_STALL_S)"
+            if reason:
+                self.engine_died(reason)
+
+    def engine_died(self, reason: str) -> None:
+        """Say bye (the front re-runs elsewhere what has streamed nothing) and exit for a restart."""
+        if not self.exit_code:
+            log.error("the engine died: %s; this host exits for a fresh one", reason)
+            self.stop(f"engine died: {reason}", ENGINE_DIED)
+
+    async def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            await self.engine.load()
+        except Exception as error:  # any load failure: report its cause, stay up to show it
+            self.state, self.error = "failed", f"model load failed: {type(error).__name__}: {error}"
+            log.exception("model load failed")
+            for link in self.links:
+                await link.send(protocol.Error(self.error, [], "load"))
+            return
+        self.load_time_s = time.monotonic() - started
+        self.state = "ready"
+        log.info("%s engine ready with %s in %.1f s", self.engine.name, self.engine.model,
+                 self.load_time_s)
+        for link in self.links:
+            await link.send(protocol.Ready(self.load_time_s, self.engine.model,
+                                           sorted(self.engine.routes | self.engine.features)))
+
+    def load(self, received: int) -> dict:
+        """The engine's load for a link's report; what it has not seen yet counts as waiting."""
+        stats = self.engine.stats()
+        stats.waiting += self.pending
+        stats.received = received
+        return stats.as_item()
+
+    async def run_batch(self, link: FrontLink, batch: protocol.Batch) -> None:
+        """Run a batch the link has just counted as received (`pending` includes it)."""
+        if self.state != "ready":
+            self.pending -= len(batch.requests)
+            await link.send(protocol.Error(f"worker is {self.state}", [r["id"] for r in batch.requests]))
+            return
+        self.last_progress = trio.current_time()
+        try:
+            await self.engine.admit(len(batch.requests))
+        except BaseException:
+            self.pending -= len(batch.requests)
+            raise
+        async with trio.open_nursery() as nursery:
+            for request in batch.requests:
+                request["batch_id"] = batch.batch_id
+                scope = trio.CancelScope()
+                self._scopes[request["id"]] = scope
+                nursery.start_soon(self._run_request, link, request, scope)
+
+    async def _run_request(self, link: FrontLink, request: dict, scope: trio.CancelScope) -> None:
+        log.debug("request_id=%s job=%s batch=%s starts", request.get("trace_id"), request["id"],
+                  request.get("batch_id"))
+        self.pending -= 1
+        try:
+            with scope:
+                await self.engine.generate(request, link.emit)
+            if scope.cancelled_caught:
+                log.debug("request_id=%s job=%s aborted", request.get("trace_id"), request["id"])
+        except InvalidRequest as error:  # the engine's own refusal is the request's answer
+            link.emit(protocol.out_item(request["id"], json.dumps(error.body()).encode(),
+                                        done=True, status=400))
+        except EngineError as error:
+            dead = self.engine.dead()
+            if dead:  # not this request's fault: the bye sends it elsewhere
+                self.engine_died(dead)
+                return
+            await link.send(protocol.Error(str(error), [request["id"]], error.kind))
+        except Exception as error:  # a bug or engine crash on one request must not kill the worker
+            log.exception("request_id=%s job=%s failed", request.get("trace_id"), request["id"])
+            await link.send(protocol.Error(f"{type(error).__name__}: {error}", [request["id"]]))
+        finally:
+            self._scopes.pop(request["id"], None)
+
+    def abort(self, ids: list[str]) -> None:
+        for request_id in ids:
+            scope = self._scopes.get(request_id)
+            if scope is not None:
+                scope.cancel()
+
+    def stop(self, reason: str, exit_code: int = 0) -> None:
+        log.info("stopping: %s", reason)
+        self.stop_reason, self.exit_code = reason, exit_code
+        self._stop.cancel()
+
+    async def _watch_signals(self) -> None:
+        """The first SIGINT/SIGTERM stops the host; later ones (the supervisor passes on what
+        honcho sent the whole group) change nothing."""
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if not self.stop_reason:
+                    self.stop(f"signal {signal.Signals(signum).name}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--no-supervisor", action="store_true",
+                        help="run the engine host in this process, without restarts")
+    parser.add_argument("--connect", help="front endpoint(s), comma-separated (COHORT_CONNECT)")
+    parser.add_argument("--engine", choices=["mock", "vllm", "http"], help="(COHORT_ENGINE)")
+    parser.add_argument("--model", help="model folder or name (COHORT_MODEL)")
+    parser.add_argument("--worker-id", help="(COHORT_WORKER_ID)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        settings = load(WorkerSettings, engine=args.engine, model=args.model,
+                        worker_id=args.worker_id,
+                        connect=tuple(args.connect.split(",")) if args.connect else None)
+    except SettingError as error:
+        print(f"worker: {error}", file=sys.stderr)
+        sys.exit(2)  # restarting will not help
+    setup_logging(settings.log_level)
+    worker = Worker(settings, make_engine(settings))
+    log.info("worker %s: engine %s, model %s, fronts %s", worker.worker_id, worker.engine.name,
+             worker.engine.model, ", ".join(settings.connect))
+    trio.run(worker.serve)
+    sys.exit(worker.exit_code)
+
+
+if __name__ == "__main__":  # vLLM spawns processes that re-import this module
+    main()
