@@ -110,6 +110,11 @@ class ServerSettings:
     )
     max_queue: int = env_field(1024, "COHORT_MAX_QUEUE", doc="queued requests per model before 429")
     request_timeout_s: float = env_field(600.0, "COHORT_REQUEST_TIMEOUT_S")
+    drain_timeout_s: float = env_field(
+        30.0, "COHORT_DRAIN_TIMEOUT_S",
+        doc="on SIGTERM/SIGINT the front takes no new requests and lets those in flight finish this long",
+    )
+    keep_alive_s: float = env_field(5.0, "COHORT_KEEP_ALIVE_S", doc="idle keep-alive connections close after this")
     worker_timeout_s: float = env_field(
         3.0, "COHORT_WORKER_TIMEOUT_S", doc="a worker silent this long is dead"
     )
@@ -203,6 +208,7 @@ class WorkerSettings:
     )
     chat_template: str = env_field("", "COHORT_CHAT_TEMPLATE", doc="vLLM's --chat-template: a file or the template")
     heartbeat_interval_s: float = env_field(0.5, "COHORT_HEARTBEAT_INTERVAL_S")
+    drain_timeout_s: float = env_field(30.0, "COHORT_DRAIN_TIMEOUT_S")
     engine_stall_s: float = env_field(
         120.0, "COHORT_ENGINE_STALL_S",
         doc="an engine with requests and no output this long is dead: its host restarts (0: never)",

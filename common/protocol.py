@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal, Union
 import msgpack
 
 VERSION = 2  # 2: requests carry the OpenAI body, outputs the OpenAI bytes
-WorkerState = Literal["loading", "ready", "failed"]
+WorkerState = Literal["loading", "ready", "draining", "failed"]
 MAX_MESSAGE_BYTES = 64 << 20
 
 

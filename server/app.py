@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 from common.config import ServerSettings, load
 from common.logs import setup_logging
 from server.auth import Auth
-from server.errors import BadRequest, BodyTooLarge, CohortError, NotFound
+from server.errors import BadRequest, BodyTooLarge, CohortError, Draining, NotFound
 from server.gateway import Gateway
 from server.routes import docs, ops, openai, tasks, tokens
 from server.store import Store
@@ -58,6 +58,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(cohort.run)
                         await nursery.start(cohort.tasks.run)
+                        nursery.start_soon(cohort.drain_on_signal)
                         cohort.services_up = True
                         task_status.started()
             except Exception:  # a service died: a front without it only seems to serve
@@ -75,8 +76,13 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
         services.cancel()
 
     @app.before_request
-    async def tag_request() -> None:
+    async def tag_request():
         g.request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
+        if cohort.draining and request.path not in ("/health", "/ready"):
+            error = Draining("the front is shutting down and takes no new request; retry on "
+                             "another front")
+            return error.body(), error.status, {**error.headers, "Connection": "close"}
+        return None
 
     @app.after_request
     async def count_request(response):

@@ -135,6 +135,10 @@ class Dispatcher:
             self._take_load(worker, message.load)
         elif isinstance(message, protocol.Heartbeat):
             worker.active = message.active
+            if message.state == "draining" and worker.state == "ready":
+                worker.state = "draining"  # it finishes what it has; nothing new goes to it
+                log.info("worker %s is draining", worker.worker_id)
+                self._notify()
             self._take_load(worker, message.load)
         elif isinstance(message, protocol.Ready):
             worker.state, worker.load_time_s = "ready", message.load_time_s
@@ -291,6 +295,22 @@ class Dispatcher:
                 self._outbox_send.send_nowait((worker.identity, protocol.Abort([job.id])))
             except trio.WouldBlock:
                 log.warning("abort outbox full; %s runs on until its worker finishes it", job.id)
+
+    def fail_all(self, error: CohortError) -> int:
+        """End every job on every worker with `error` (and abort it there); how many there were."""
+        ended = 0
+        for worker in self.workers.values():
+            ids = [job.id for job in worker.jobs.values() if not job.finished]
+            for job in list(worker.jobs.values()):
+                job.fail(error)
+            worker.jobs.clear()
+            ended += len(ids)
+            if ids and worker.state != "dead":
+                try:
+                    self._outbox_send.send_nowait((worker.identity, protocol.Abort(ids)))
+                except trio.WouldBlock:
+                    pass
+        return ended
 
     def _release(self, job: Job) -> None:
         """Forget a finished job (the worker's next load report tells what it freed)."""

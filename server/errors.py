@@ -77,6 +77,16 @@ class NoWorkers(CohortError):
     retry_after_s = 5
 
 
+class Draining(CohortError):
+    """The front is shutting down: it takes no new request (a 503), and cuts, with this error,
+    what is still running when its drain time is up."""
+
+    status = 503
+    error_type = "service_unavailable"
+    code = "draining"
+    retry_after_s = 1
+
+
 class EngineFailed(CohortError):
     """The worker or its engine failed this request; the message says how."""
 

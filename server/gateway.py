@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import trio
 
 from common.config import ServerSettings
 from server.dispatch import Dispatcher
-from server.errors import CohortError, DeadlineExceeded, EngineRefused
+from server.errors import CohortError, DeadlineExceeded, Draining, EngineRefused
 from server.jobs import Job, JobSpec, Restart
 from server.metrics import Metrics
 from server.scheduler import Scheduler
@@ -36,6 +37,31 @@ class Gateway:
         self.auth: Any = None
         self.tasks: Any = None
         self.services_up = False  # set once dispatcher, scheduler and task runner all run
+        self.draining = False  # set by SIGTERM/SIGINT: no new requests, those in flight finish
+
+    async def drain_on_signal(self) -> None:
+        """SIGTERM or SIGINT (honcho, systemd, Kubernetes, Ctrl-C): take no new request (503,
+        `/ready` false), let those in flight finish for COHORT_DRAIN_TIMEOUT_S, then end what is
+        left with a clear error, so a stream ends with an error event and `[DONE]`, never a bare
+        cut. hypercorn, told by the same signal, stops accepting and waits a little longer."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if self.draining:
+                    continue
+                self.draining = True
+                log.info("%s: draining for up to %g s (COHORT_DRAIN_TIMEOUT_S)",
+                         signal.Signals(signum).name, self.settings.drain_timeout_s)
+                assert self.nursery is not None
+                self.nursery.start_soon(self._end_drain)
+
+    async def _end_drain(self) -> None:
+        await trio.sleep(self.settings.drain_timeout_s)
+        error = Draining(f"the front shut down; this request ran past its drain time of "
+                         f"{self.settings.drain_timeout_s:g} s (COHORT_DRAIN_TIMEOUT_S)")
+        self.scheduler.fail_all_queued(error)
+        cut = self.dispatcher.fail_all(error)
+        if cut:
+            log.warning("drain time up: %d request(s) cut with an error", cut)
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Start every service; report started only once workers can connect and jobs queue."""

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import trio
 
-from server.errors import NoWorkers
+from server.errors import CohortError, NoWorkers
 from server.jobs import Job
 from server.scheduling.queue import ModelQueue
 
@@ -69,7 +69,11 @@ class Scheduler:
         for job in jobs:
             self.queues[job.spec.model].push_front([job])
 
-    def fail_queued(self, model: str, error: NoWorkers) -> None:
+    def fail_all_queued(self, error: CohortError) -> None:
+        for model in list(self.queues):
+            self.fail_queued(model, error)
+
+    def fail_queued(self, model: str, error: CohortError) -> None:
         """The model lost its last ready worker: fail what waits for it now, not at its deadline."""
         queue = self.queues.get(model)
         if queue is not None:

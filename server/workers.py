@@ -11,7 +11,7 @@ from server.jobs import Job
 from server.metrics import Metrics
 from server.scheduling.placement import Placement, WorkerLoad
 
-STATES = ("loading", "ready", "busy", "failed", "dead")
+STATES = ("loading", "ready", "busy", "draining", "failed", "dead")
 
 
 @dataclass
@@ -25,7 +25,7 @@ class WorkerHandle:
     capacity: int
     device: str
     pid: int
-    state: str  # loading | ready | failed | dead
+    state: str  # loading | ready | draining | failed | dead
     last_seen: float
     load_time_s: float = 0.0
     active: int = 0

@@ -22,13 +22,12 @@ import trio
 import zmq
 
 from common import protocol
-from common.config import SettingError, WorkerSettings, load
+from common.config import WorkerSettings
 from common.logs import setup_logging
 from worker import host
 
 log = logging.getLogger("cohort.worker.supervisor")
 MAX_BACKOFF_S = 60.0
-CONFIG_ERROR = 2  # the host's exit status for settings it cannot use: restarting will not help
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -52,7 +51,7 @@ class Supervisor:
                     self.proc = await trio.lowlevel.open_process(self.command)
                     code = await self.proc.wait()
                     _kill_orphans()
-                    if self.stopping or code in (0, CONFIG_ERROR):
+                    if self.stopping or code in (0, host.CONFIG_ERROR):
                         nursery.cancel_scope.cancel()
                         return code
                     if trio.current_time() - started > MAX_BACKOFF_S:
@@ -125,13 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_supervisor:
         host.main([a for a in argv if a != "--no-supervisor"])
         return
-    try:
-        settings = load(WorkerSettings, engine=args.engine, model=args.model,
-                        worker_id=args.worker_id,
-                        connect=tuple(args.connect.split(",")) if args.connect else None)
-    except SettingError as error:
-        print(f"worker: {error}", file=sys.stderr)
-        sys.exit(CONFIG_ERROR)
+    settings = host.settings_from(args)
     setup_logging(settings.log_level)
     passed = [word for name in ("connect", "engine", "model") if getattr(args, name)
               for word in (f"--{name}", getattr(args, name))]

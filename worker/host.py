@@ -54,6 +54,7 @@ class Worker:
         self.stop_reason = ""  # what the links' bye says
         self.exit_code = 0
         self.last_progress = 0.0  # when the engine last emitted, or a batch last came in
+        self._request_ended = trio.Event()
 
     def hello(self) -> protocol.Hello:
         return protocol.Hello(self.worker_id, self.engine.name, self.engine.model,
@@ -127,7 +128,7 @@ class Worker:
 
     async def run_batch(self, link: FrontLink, batch: protocol.Batch) -> None:
         """Run a batch the link has just counted as received (`pending` includes it)."""
-        if self.state != "ready":
+        if self.state not in ("ready", "draining"):  # draining: sent before the front knew
             self.pending -= len(batch.requests)
             await link.send(protocol.Error(f"worker is {self.state}", [r["id"] for r in batch.requests]))
             return
@@ -167,6 +168,7 @@ class Worker:
             await link.send(protocol.Error(f"{type(error).__name__}: {error}", [request["id"]]))
         finally:
             self._scopes.pop(request["id"], None)
+            self._request_ended.set()
 
     def abort(self, ids: list[str]) -> None:
         for request_id in ids:
@@ -180,12 +182,27 @@ class Worker:
         self._stop.cancel()
 
     async def _watch_signals(self) -> None:
-        """The first SIGINT/SIGTERM stops the host; later ones (the supervisor passes on what
-        honcho sent the whole group) change nothing."""
+        """The first SIGINT/SIGTERM drains the host: it tells the fronts (which send it nothing
+        new), finishes what it has for up to COHORT_DRAIN_TIMEOUT_S, then stops. Later signals
+        (the supervisor passes on what honcho sent the whole group) change nothing."""
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                if not self.stop_reason:
-                    self.stop(f"signal {signal.Signals(signum).name}")
+                if self.state == "draining" or self.stop_reason:
+                    continue
+                name = signal.Signals(signum).name
+                if self.state != "ready":
+                    self.stop(f"signal {name}")
+                    continue
+                self.state = "draining"
+                log.info("%s: draining for up to %g s", name, self.settings.drain_timeout_s)
+                for link in self.links:
+                    await link.send(protocol.Heartbeat(self.engine.unfinished(), self.state,
+                                                       self.load(link.received)))
+                with trio.move_on_after(self.settings.drain_timeout_s):
+                    while self.pending or self._scopes:
+                        self._request_ended = trio.Event()
+                        await self._request_ended.wait()
+                self.stop(f"signal {name}, drained")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -199,15 +216,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+CONFIG_ERROR = 2  # exit status for settings that cannot work: restarting will not help
+
+
+def settings_from(args: argparse.Namespace) -> WorkerSettings:
+    """The settings, command line over environment; a configuration error ends the process."""
     try:
-        settings = load(WorkerSettings, engine=args.engine, model=args.model,
-                        worker_id=args.worker_id,
-                        connect=tuple(args.connect.split(",")) if args.connect else None)
+        return load(WorkerSettings, engine=args.engine, model=args.model, worker_id=args.worker_id,
+                    connect=tuple(args.connect.split(",")) if args.connect else None)
     except SettingError as error:
         print(f"worker: {error}", file=sys.stderr)
-        sys.exit(2)  # restarting will not help
+        sys.exit(CONFIG_ERROR)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = settings_from(args)
     setup_logging(settings.log_level)
     worker = Worker(settings, make_engine(settings))
     log.info("worker %s: engine %s, model %s, fronts %s", worker.worker_id, worker.engine.name,

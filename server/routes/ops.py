@@ -27,7 +27,7 @@ async def ready():
     """Ready when the front's services run and some model has a ready worker."""
     cohort = gateway()
     models = cohort.dispatcher.models()
-    up = cohort.services_up and bool(models)
+    up = cohort.services_up and not cohort.draining and bool(models)
     return {"ready": up, "models": models}, 200 if up else 503
 
 

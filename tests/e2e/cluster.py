@@ -63,6 +63,14 @@ class Cluster:
         self.procs[name] = proc
         return proc
 
+    def start_honcho(self) -> subprocess.Popen:
+        """`honcho start` on the Procfile, as the README runs it, with a user `alice` whose key
+        is `api_key`; its log is honcho.log."""
+        self.api_key = self.add_user("alice")
+        log = open(self.tmp / "honcho.log", "wb")
+        return subprocess.Popen([sys.executable, "-m", "honcho", "start"], cwd=ROOT, env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
     def start_front(self, **env: str) -> None:
         self._spawn("front", procfile()["front"], **env)
 

@@ -2,22 +2,17 @@
 
 import os
 import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import trio
 
-from tests.e2e.cluster import ROOT, Cluster, engine_host
+from tests.e2e.cluster import Cluster, engine_host
 
 
 def test_honcho_start_serves_64_concurrent_openai_clients_without_a_window_wait(tmp_path):
     cluster = Cluster(tmp_path, MOCK_TOKEN_S="0.01", MOCK_TTFT_S="0.01")
-    cluster.api_key = cluster.add_user("alice")
-    log = open(tmp_path / "honcho.log", "wb")
-    honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start"], cwd=ROOT, env=cluster.env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    honcho = cluster.start_honcho()
     try:
         trio.run(cluster.wait_ready, 2)
         api = openai.OpenAI(base_url=cluster.url + "/v1", api_key=cluster.api_key, max_retries=0)
@@ -49,10 +44,7 @@ def test_a_killed_engine_host_is_restarted_and_300_requests_all_succeed(tmp_path
     stops everything when one of its processes exits, keeps running."""
     cluster = Cluster(tmp_path, MOCK_TOKEN_S="0.01", MOCK_TTFT_S="0.01",
                       COHORT_RESTART_BACKOFF_S="0.2", COHORT_WORKER_TIMEOUT_S="10")
-    cluster.api_key = cluster.add_user("alice")
-    log = open(tmp_path / "honcho.log", "wb")
-    honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start"], cwd=ROOT, env=cluster.env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    honcho = cluster.start_honcho()
     try:
         trio.run(cluster.wait_ready, 2)
         api = openai.OpenAI(base_url=cluster.url + "/v1", api_key=cluster.api_key, max_retries=0,

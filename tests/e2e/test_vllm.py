@@ -178,6 +178,46 @@ def alive(pid: int) -> bool:
         return False
 
 
+def engine_core(pid: int) -> int:
+    """vLLM's EngineCore process under a worker (vLLM names it `VLLM::EngineCore`)."""
+    for child in sorted(descendants(pid)):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                if b"EngineCore" in cmdline.read():
+                    return child
+        except OSError:
+            continue
+    raise LookupError(f"no EngineCore under {pid}")
+
+
+async def test_a_dead_engine_core_is_noticed_its_requests_rerun_and_the_worker_restarted(real):
+    """SIGKILL of vLLM's EngineCore: the host notices (vLLM's EngineDeadError), says bye, the
+    front re-runs what it had on the other worker, and the supervisor starts a fresh host."""
+    core = engine_core(real.procs["worker1"].pid)
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 8, "temperature": 0}
+    async with httpx.AsyncClient(timeout=120, headers=real.headers()) as http:
+        answers = []
+
+        async def ask():
+            answers.append((await http.post(real.url + "/v1/chat/completions", json=body)).status_code)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(ask)
+            await trio.sleep(0)
+            os.kill(core, signal.SIGKILL)
+        assert answers == [200] * 6  # none lost to the dead engine
+        gone = await real.wait_for(lambda h: any(w["id"] == "worker1" and w["state"] != "ready"
+                                                 for w in h["workers"]), "worker1 out", 30)
+        assert "EngineCore is gone" in str(gone) or "engine host" in str(gone)
+        after = [(await http.post(real.url + "/v1/chat/completions", json=body)).status_code
+                 for _ in range(4)]  # while worker1 restarts: all to worker2
+        assert after == [200] * 4
+    # back within its load time plus 10 s (and the supervisor's first wait, 1 s)
+    await real.wait_ready(2, max(real.load_times) + 11)
+    assert "engine died" in real.log("worker1")
+
+
 def test_stopping_a_worker_leaves_no_engine_process(real):
     """honcho stops a line with SIGTERM to its process group; vLLM's processes must go with it."""
     proc = real.procs["worker2"]
