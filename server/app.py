@@ -99,9 +99,10 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException):
-        if error.code == 413:
+        if error.code == 413:  # the body is left unread: the connection cannot serve another
             mapped: CohortError = BodyTooLarge(
-                f"the body is over {settings.max_body_bytes} bytes (COHORT_MAX_BODY_BYTES)")
+                f"the body is over {settings.max_body_bytes} bytes (COHORT_MAX_BODY_BYTES)",
+                headers={"Connection": "close"})
         elif error.code == 404:
             mapped = NotFound(f"no route {request.method} {request.path}")
         elif error.code == 405:

@@ -217,3 +217,11 @@ def test_request_id_is_honoured_and_returned(shared):
                         "X-Request-Id": "trace-123"}, json={"model": MODEL, "prompt": "x"})
     assert answer.headers["X-Request-Id"] == "trace-123"
     assert httpx.get(shared.url + "/health").headers["X-Request-Id"]
+
+
+def test_a_413_closes_its_connection_so_the_next_request_is_not_stuck_behind_its_body(shared):
+    with httpx.Client(timeout=10, headers=shared.headers()) as http:
+        big = http.post(shared.url + "/v1/completions", content=b'{"model": "' + b"x" * (2 << 20))
+        assert big.status_code == 413 and big.headers["connection"] == "close"
+        after = http.post(shared.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"})
+        assert after.status_code == 200
