@@ -202,6 +202,8 @@ class Worker:
                     while self.pending or self._scopes:
                         self._request_ended = trio.Event()
                         await self._request_ended.wait()
+                for link in self.links:  # the last outputs leave before the bye
+                    await link.flush()
                 self.stop(f"signal {name}, drained")
 
 

@@ -34,7 +34,7 @@ class FrontLink:
         # Unbounded: emit() is called from the engine's step and must never wait; the flush task
         # drains it as fast as the socket takes messages.
         # `None` asks for a load report alone (a batch just arrived).
-        self._out_send, self._out_receive = trio.open_memory_channel[dict[str, Any] | None](math.inf)
+        self._out_send, self._out_receive = trio.open_memory_channel[Any](math.inf)
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         raw = zmq.Context.instance().socket(zmq.DEALER)
@@ -59,6 +59,13 @@ class FrontLink:
         assert self._sock is not None
         await self._sock.send_multipart([message.encode()])
 
+    async def flush(self) -> None:
+        """Return once everything emitted so far has been sent (a drain's last step)."""
+        sent = trio.Event()
+        self._out_send.send_nowait(sent)
+        with trio.move_on_after(5):
+            await sent.wait()
+
     def emit(self, item: dict[str, Any]) -> None:
         self.worker.last_progress = trio.current_time()
         self._out_send.send_nowait(item)
@@ -81,8 +88,11 @@ class FrontLink:
                     items.append(self._out_receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            await self.send(protocol.Out([i for i in items if i is not None],
+            await self.send(protocol.Out([i for i in items if isinstance(i, dict)],
                                          self.worker.load(self.received)))
+            for item in items:
+                if isinstance(item, trio.Event):
+                    item.set()
 
     async def _heartbeat_loop(self) -> None:
         while True:

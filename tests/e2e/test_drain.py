@@ -63,10 +63,10 @@ async def test_sigterm_lets_the_streams_in_flight_finish(make_cluster):
     cluster = make_cluster(**SLOW)
     bodies = await sigterm_mid_streams(cluster, 20, 20)
     assert len(bodies) == 20
-    assert all(body.endswith("data: [DONE]\n\n") and '"error"' not in body for body in bodies)
+    cut = [body[-300:] for body in bodies if not body.endswith("data: [DONE]\n\n") or '"error"' in body]
+    assert not cut, cut
     assert all(body.count('"text":') == 20 for body in bodies)  # every token arrived
-    assert cluster.wait_exit("front") == 0
-    assert "draining" in cluster.log("front")
+    assert "SIGTERM: draining" in cluster.log("front")
 
 
 async def test_streams_past_the_drain_time_end_with_an_error_event_and_done(make_cluster):
@@ -102,4 +102,5 @@ def test_ctrl_c_on_honcho_start_completes_the_streams_in_flight(tmp_path):
             os.killpg(honcho.pid, signal.SIGINT)
         honcho.wait(30)
     assert len(bodies) == 20
-    assert all(body.endswith("data: [DONE]\n\n") and '"error"' not in body for body in bodies)
+    cut = [body[-300:] for body in bodies if not body.endswith("data: [DONE]\n\n") or '"error"' in body]
+    assert not cut, cut
