@@ -264,20 +264,41 @@ class Dispatcher:
     async def _send_batch_to(self, worker: WorkerHandle, jobs: list[Job]) -> None:
         batch_id = f"{self.front_id}-b{next(self._batch_ids)}"
         now = trio.current_time()
-        requests = []
+        jobs, data = self._encode_batch(batch_id, jobs)
+        if not jobs:
+            return
         for job in jobs:
             job.state, job.worker_id, job.batch_id, job.started_at = "running", worker.worker_id, batch_id, now
             worker.jobs[job.id] = job
             if job.attempts == 0:
                 self.metrics.queue_wait.observe(now - job.enqueued_at)
-            spec = job.spec
-            requests.append(protocol.request_item(job.id, spec.route, spec.body,
-                                                  trace_id=spec.trace_id, stream=spec.stream))
         self.placement.sent(worker.identity, worker.load, jobs)
         worker.batches_sent += 1
         self.metrics.batch_sent(len(jobs))
-        if not await self._send(worker.identity, protocol.Batch(batch_id, requests)):
+        if not await self._send_data(worker.identity, "batch", data):
             self._mark_dead(worker, "unreachable")
+
+    def _encode_batch(self, batch_id: str, jobs: list[Job]) -> tuple[list[Job], bytes]:
+        """The batch's bytes, and the jobs in it: one the wire cannot carry (its body passed the
+        routes' checks, yet msgpack refuses it) fails alone with a 400, never the whole loop."""
+        def item(job: Job) -> dict:
+            spec = job.spec
+            return protocol.request_item(job.id, spec.route, spec.body, trace_id=spec.trace_id,
+                                         stream=spec.stream)
+        try:
+            return jobs, protocol.Batch(batch_id, [item(job) for job in jobs]).encode()
+        except (ValueError, TypeError, OverflowError):
+            carried = []
+            for job in jobs:
+                try:
+                    protocol.Batch(batch_id, [item(job)]).encode()
+                    carried.append(job)
+                except (ValueError, TypeError, OverflowError) as error:
+                    log.warning("job %s cannot go on the wire: %s", job.id, error)
+                    job.fail(BadRequest(f"the request cannot be sent to a worker ({error})"))
+            if not carried:
+                return [], b""
+            return carried, protocol.Batch(batch_id, [item(job) for job in carried]).encode()
 
     def abort(self, job: Job) -> None:
         """Stop a job: dropped from its queue, or aborted on its worker. Safe to call twice."""
@@ -319,11 +340,14 @@ class Dispatcher:
             worker.jobs_done += 1
 
     async def _send(self, identity: bytes, message: protocol.Message) -> bool:
+        return await self._send_data(identity, message.type, message.encode())
+
+    async def _send_data(self, identity: bytes, what: str, data: bytes) -> bool:
         assert self._sock is not None
         try:
-            await self._sock.send_multipart([identity, message.encode()])
+            await self._sock.send_multipart([identity, data])
         except zmq.ZMQError as error:  # EHOSTUNREACH: that worker has disconnected
-            log.warning("could not send %s to %r: %s", message.type, identity, error)
+            log.warning("could not send %s to %r: %s", what, identity, error)
             return False
         return True
 

@@ -25,18 +25,27 @@ async def caller() -> Principal:
 
 
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+INT_RANGE = (-(2**63), 2**64 - 1)  # what msgpack, and so the wire to the workers, carries
+
+
+def _int(text: str) -> int:
+    value = int(text)
+    if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        raise BadRequest(f"the request body holds the integer {text[:40]}, outside 64 bits")
+    return value
 
 
 async def json_body() -> Any:
     """The parsed JSON body, or a 400 that says why not: not UTF-8, not JSON, nested too deep,
-    or a string with a lone surrogate (valid JSON that no UTF-8 wire can carry on)."""
+    a string with a lone surrogate or an integer beyond 64 bits (valid JSON that the wire to the
+    workers cannot carry on)."""
     raw = await request.get_data()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("the request body is not UTF-8") from None
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_int=_int)
     except RecursionError:
         raise BadRequest("the request body is nested too deeply") from None
     except ValueError:

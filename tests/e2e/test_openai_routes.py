@@ -146,6 +146,9 @@ BAD_BODIES = [
                  "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model"),
     (b'{"model": "' + b"x" * (2 << 20) + b'"}', 413, None),
     (b'{"model": "cohort-mock", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),
+    # an integer msgpack cannot carry, where any value is allowed: once it killed the scheduler
+    (b'{"model": "cohort-mock", "messages": [{"role": "user", "content": "x"}], '
+     b'"chat_template_kwargs": {"x": 1180591620717411303424}}', 400, None),
     ("{}".encode("utf-16"), 400, None),
     (b"\xff\xfe{", 400, None),
     (b"[" * 100_000 + b"]" * 100_000, 400, None),
