@@ -44,6 +44,8 @@ class Gateway:
         `/ready` false), let those in flight finish for COHORT_DRAIN_TIMEOUT_S, then end what is
         left with a clear error, so a stream ends with an error event and `[DONE]`, never a bare
         cut. hypercorn, told by the same signal, stops accepting and waits a little longer."""
+        for signum in (signal.SIGTERM, signal.SIGINT):  # a late one must not kill our last moments
+            signal.signal(signum, signal.SIG_IGN)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 if self.draining:

@@ -43,6 +43,7 @@ class Supervisor:
     async def run(self) -> int:
         _become_subreaper()
         backoff = self.settings.restart_backoff_s
+        host.ignore_after_receiving()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pass_on, signals)

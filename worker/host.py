@@ -185,6 +185,7 @@ class Worker:
         """The first SIGINT/SIGTERM drains the host: it tells the fronts (which send it nothing
         new), finishes what it has for up to COHORT_DRAIN_TIMEOUT_S, then stops. Later signals
         (the supervisor passes on what honcho sent the whole group) change nothing."""
+        ignore_after_receiving()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 if self.state == "draining" or self.stop_reason:
@@ -205,6 +206,14 @@ class Worker:
                 for link in self.links:  # the last outputs leave before the bye
                     await link.flush()
                 self.stop(f"signal {name}, drained")
+
+
+def ignore_after_receiving() -> None:
+    """Make SIGINT and SIGTERM ignored once trio's receiver for them closes: trio hands a signal
+    that came after the last one we read to the handler it found, and the default handler would
+    kill the process in its last moments, before its sockets send the bye and the last outputs."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -86,13 +86,14 @@ TOLERANCE = 1e-3  # logprobs: the same forward pass, but batches may differ in s
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """`vllm serve` and Cohort (front + one vLLM worker), loading side by side."""
+    """`vllm serve` and Cohort (front + one vLLM worker, and an embedding worker), loading side by
+    side: three engines, so each takes a fifth of the memory (vLLM reserves its KV cache at start)."""
     serve = VllmServe(tmp_path_factory.mktemp("serve"), MODEL_PATH, "--served-model-name", "smol",
                       "--enable-auto-tool-choice", "--tool-call-parser", "hermes").start()
     cohort = Cluster(tmp_path_factory.mktemp("cohort"), COHORT_ENGINE="vllm",
                      COHORT_MODEL=MODEL_PATH, COHORT_SERVED_MODEL_NAME="smol",
                      COHORT_TOOL_CALL_PARSER="hermes", COHORT_ENABLE_AUTO_TOOL_CHOICE="1",
-                     COHORT_WORKER_TIMEOUT_S="10")
+                     COHORT_WORKER_TIMEOUT_S="10", COHORT_GPU_MEMORY_UTILIZATION="0.2")
     cohort.start_front()
     cohort.start_worker("worker1")
     # and an embedding model: SmolLM2 through vLLM's conversion, as `--runner pooling --convert

@@ -25,7 +25,7 @@ class VllmServe:
         self.command = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
             "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "2048",
-            "--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.3", *args]
+            "--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.2", *args]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "VllmServe":
