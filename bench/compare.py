@@ -91,6 +91,10 @@ class Bench:
                                 stream=stream, headers=headers, progress=bar)
         if bar is not None:
             bar.close()
+        if result.requests and result.errors == result.requests:
+            # a ratio of failures looks like a throughput: once every request was a 404 (the
+            # mock served under COHORT_MODEL's name) and the table still read 0.86
+            raise RuntimeError(f"{name}: all {result.requests} requests failed; no figure")
         self.raw[name] = result
         return result
 
