@@ -220,6 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
     parser.add_argument("--no-supervisor", action="store_true",
                         help="run the engine host in this process, without restarts")
+    parser.add_argument("--gpus", help="one engine host per GPU: a list (0,1) or auto")
     parser.add_argument("--connect", help="front endpoint(s), comma-separated (COHORT_CONNECT)")
     parser.add_argument("--engine", choices=["mock", "vllm", "http"], help="(COHORT_ENGINE)")
     parser.add_argument("--model", help="model folder or name (COHORT_MODEL)")

@@ -1,10 +1,13 @@
 """Workers that die, vanish or never come; clients that leave; queues that fill. Nothing hangs."""
 
+import os
 import signal
 
 import httpx
 import pytest
 import trio
+
+from tests.e2e.cluster import engine_host
 
 MODEL = "cohort-mock"
 SLOW = {"MOCK_TOKEN_S": "0.02", "MOCK_TTFT_S": "0.02"}  # replies take ~0.3 s: kills land mid-load
@@ -159,3 +162,24 @@ async def test_a_full_queue_answers_429_with_retry_after(make_cluster):
     assert 429 in codes and 200 in codes and set(codes) == {200, 429}
     refused = next(text for status, text in results if status == 429)
     assert "COHORT_MAX_QUEUE" in refused
+
+
+async def test_one_supervisor_keeps_one_engine_host_per_gpu(make_cluster):
+    """`--gpus 0,1`: two hosts, each a worker of its own, each restarted alone when it dies."""
+    cluster = make_cluster(COHORT_RESTART_BACKOFF_S="0.1")
+    cluster.start_front()
+    machine = cluster._spawn("machine", "python -m worker --worker-id box --gpus 0,1")
+    cluster.api_key = cluster.add_user("ops")
+    health = await cluster.wait_ready(2)
+    assert sorted(w["id"] for w in health["workers"]) == ["box-gpu0", "box-gpu1"]
+    first = engine_host(machine.pid, "box-gpu1")
+    with open(f"/proc/{first}/environ", "rb") as environ:
+        assert b"CUDA_VISIBLE_DEVICES=1" in environ.read().split(b"\0")
+    os.kill(first, signal.SIGKILL)
+    await cluster.wait_for(lambda h: any(w["id"] == "box-gpu1" and w["state"] == "dead"
+                                         for w in h["workers"]), "box-gpu1 gone", 10)
+    results = await post_all(cluster, 10)  # box-gpu0 serves on meanwhile
+    assert [status for status, _ in results] == [200] * 10
+    await cluster.wait_ready(2)
+    assert engine_host(machine.pid, "box-gpu1") != first
+    assert engine_host(machine.pid, "box-gpu0")
