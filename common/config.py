@@ -114,7 +114,6 @@ class ServerSettings:
         30.0, "COHORT_DRAIN_TIMEOUT_S",
         doc="on SIGTERM/SIGINT the front takes no new requests and lets those in flight finish this long",
     )
-    keep_alive_s: float = env_field(5.0, "COHORT_KEEP_ALIVE_S", doc="idle keep-alive connections close after this")
     worker_timeout_s: float = env_field(
         3.0, "COHORT_WORKER_TIMEOUT_S", doc="a worker silent this long is dead"
     )
