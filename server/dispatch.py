@@ -19,7 +19,8 @@ import zmq
 from common import protocol
 from common.config import ServerSettings
 from common.zmqtrio import TrioSocket
-from server.errors import BadRequest, EngineFailed, NoWorkers, UpstreamUnavailable, WorkerDied
+from server.errors import (BadRequest, CohortError, EngineFailed, NoWorkers, UpstreamUnavailable,
+                           WorkerDied)
 from server.jobs import Job
 from server.metrics import Metrics
 from server.scheduling.placement import Placement

@@ -135,11 +135,7 @@ class Gateway:
                         break
                     if isinstance(more, CohortError):
                         raise more
-                    ready = [] if isinstance(more, Restart) else ready + [more]
-                    if not ready:
-                        break
-                if not ready:
-                    continue
+                    ready.append(more)  # no Restart here: the job has sent output, so it stays
                 yield b"".join(item["data"] for item in ready)
                 if ready[-1]["done"]:
                     break

@@ -59,9 +59,12 @@ class Worker:
     def hello(self) -> protocol.Hello:
         return protocol.Hello(self.worker_id, self.engine.name, self.engine.model,
                               self.engine.capacity, self.engine.device, self.state, os.getpid(),
-                              self.load_time_s, self.error,
-                              sorted(self.engine.routes | self.engine.features),
+                              self.load_time_s, self.error, self.capabilities(),
                               self.settings.max_model_len)
+
+    def capabilities(self) -> list[str]:
+        """The routes and request features the engine serves (loading may settle them)."""
+        return sorted(self.engine.routes | self.engine.features)
 
     async def serve(self) -> None:
         with self._stop:
@@ -117,7 +120,7 @@ class Worker:
                  self.load_time_s)
         for link in self.links:
             await link.send(protocol.Ready(self.load_time_s, self.engine.model,
-                                           sorted(self.engine.routes | self.engine.features)))
+                                           self.capabilities()))
 
     def load(self, received: int) -> dict:
         """The engine's load for a link's report; what it has not seen yet counts as waiting."""

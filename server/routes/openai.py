@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from typing import Any
 
 from quart import Blueprint, Response, g
@@ -73,35 +74,35 @@ async def _body() -> Any:
     return body
 
 
+async def _answer(parse) -> Response:
+    """A POST route: the caller checked, the body parsed into a job, the job served."""
+    await caller()
+    return await _serve(parse(await _body(), gateway().settings, g.request_id))
+
+
 @blueprint.post("/v1/chat/completions")
 async def chat_completions():
-    await caller()
-    return await _serve(parse_chat(await _body(), gateway().settings, g.request_id))
+    return await _answer(parse_chat)
 
 
 @blueprint.post("/v1/completions")
 async def completions():
-    await caller()
-    return await _serve(parse_completion(await _body(), gateway().settings, g.request_id))
+    return await _answer(parse_completion)
 
 
 @blueprint.post("/v1/embeddings")
 async def embeddings():
-    await caller()
-    return await _serve(parse_embeddings(await _body(), gateway().settings, g.request_id))
+    return await _answer(parse_embeddings)
 
 
 @blueprint.post("/tokenize")
 async def tokenize():
-    await caller()
-    return await _serve(parse_tokens("tokenize", await _body(), gateway().settings, g.request_id))
+    return await _answer(partial(parse_tokens, "tokenize"))
 
 
 @blueprint.post("/detokenize")
 async def detokenize():
-    await caller()
-    return await _serve(parse_tokens("detokenize", await _body(), gateway().settings,
-                                     g.request_id))
+    return await _answer(partial(parse_tokens, "detokenize"))
 
 
 @blueprint.get("/v1/models")

@@ -18,7 +18,6 @@ on to exactly `max_tokens` tokens. A token is a whitespace-led word. All costs 0
 from __future__ import annotations
 
 import collections
-import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from common.prefix import chained_hashes
 from worker.engines import Emit, Engine, EngineError, InvalidRequest
 from worker.engines.mock_answers import (FILLER, PromptPlan, Vocabulary, echo_logprobs,
                                          embeddings_body, logprob, plan, tokenize_body)
-from worker.engines.openai_output import Reply
+from worker.engines.openai_output import Reply, json_bytes
 
 BLOCK_TOKENS = 16  # vLLM's default KV block size: the prefix cache's unit
 
@@ -299,9 +298,7 @@ class MockEngine(Engine):
             request["id"], s.mock_reply_length == "max_tokens" or bool(body.get("ignore_eos")),
             max_tokens, [stop] if isinstance(stop, str) else stop, output, len(prompt.tokens),
             chained_hashes(prompt.tokens, BLOCK_TOKENS), choices, body.get("min_tokens") or 0,
-            bool(body.get("include_stop_str_in_output")),
-            "tool_calls" if prompt.choices[0].tool and body.get("tool_choice") in (
-                "required", "auto", None) else "stop")
+            bool(body.get("include_stop_str_in_output")), prompt.end_reason)
         mock_request.kv_tokens = len(prompt.tokens) + len(choices) * max_tokens
         if len(choices) > self.max_num_seqs:
             raise InvalidRequest(f"n={len(choices)} is more than the {self.max_num_seqs} sequences "
@@ -338,6 +335,3 @@ class MockEngine(Engine):
                 for choice in mock_request.choices:
                     choice.done = True
 
-
-def json_bytes(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

@@ -96,6 +96,7 @@ class PromptPlan:
     tokens: list[str]
     choices: list[ChoicePlan] = field(default_factory=list)
     echo: str = ""  # what the choices start with, not generated (completions' echo)
+    end_reason: str = "stop"  # a call of a required or auto-chosen tool ends with "tool_calls"
 
 
 def _tool_called(body: dict[str, Any], prompt: str) -> str:
@@ -155,6 +156,8 @@ def plan(request: dict[str, Any]) -> list[PromptPlan]:
             batch_id, shown, body.get("response_format"))
         words = tokenize(text)
         prompt = PromptPlan(shown, tokenize(counted) or [""])
+        if tool and not isinstance(body.get("tool_choice"), dict):  # vLLM: a named call "stop"s
+            prompt.end_reason = "tool_calls"
         if body.get("echo"):
             prompt.echo = _echo(request["route"], body, counted)
         for j in range(n):

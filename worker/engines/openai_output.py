@@ -43,12 +43,13 @@ class ChoiceOut:
     offset: int = 0  # characters before this chunk's text (completions' text_offset)
 
 
-def _dumps(body: dict[str, Any]) -> bytes:
+def json_bytes(body: dict[str, Any]) -> bytes:
+    """JSON as vLLM writes it: compact, non-ASCII as it is."""
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _event(body: dict[str, Any]) -> bytes:
-    return b"data: " + _dumps(body) + b"\n\n"
+    return b"data: " + json_bytes(body) + b"\n\n"
 
 
 class Reply:
@@ -138,7 +139,7 @@ class Reply:
                 self.emit(protocol.out_item(self.request_id, b"", done=True,
                                             usage=counts(self._usage(False))))
         elif self.done:
-            self.emit(protocol.out_item(self.request_id, _dumps(self.body()), done=True,
+            self.emit(protocol.out_item(self.request_id, json_bytes(self.body()), done=True,
                                         usage=counts(self._usage(False))))
 
     # --- shapes --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+from worker.engines.openai_output import json_bytes
 from worker.engines.usage_tap import counts
 
 log = logging.getLogger("cohort.worker.vllm")
@@ -32,7 +33,7 @@ class Answer:
     def json_bytes(self) -> bytes:
         if hasattr(self.body, "model_dump_json"):
             return self.body.model_dump_json().encode()
-        return json.dumps(self.body, ensure_ascii=False, separators=(",", ":")).encode()
+        return json_bytes(self.body)
 
     def usage(self) -> dict[str, int] | None:
         usage = getattr(self.body, "usage", None)
