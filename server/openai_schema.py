@@ -311,6 +311,8 @@ def _check_sampling(request: Sampling, settings: ServerSettings, max_tokens: int
                          "COHORT_MAX_N)", param="n")
     if not all(_stops(request)):
         raise BadRequest("stop must be a non-empty string or a list of them", param="stop")
+    if request.length_penalty != 1.0 and not request.use_beam_search:  # vLLM would ignore it
+        raise BadRequest("length_penalty applies only with use_beam_search", param="length_penalty")
     if request.stream_options is not None and not request.stream:
         raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
     format_ = request.response_format

@@ -84,6 +84,7 @@ def test_features_are_what_a_request_asks_beyond_the_base():
     ({**CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
     ({**CHAT, "response_format": {"type": "json_schema"}}, "response_format"),
     ({**CHAT, "stop": [""]}, "stop"),
+    ({**CHAT, "length_penalty": 0.5}, "length_penalty"),  # without beam search vLLM ignores it
 ])
 def test_limits_and_combinations(body, param):
     assert refused(parse_chat, body).param == param

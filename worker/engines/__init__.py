@@ -13,14 +13,15 @@ Emit = Callable[[dict[str, Any]], None]
 GENERATE_ROUTES = frozenset({"chat", "completions", "tokenize", "detokenize"})
 # Request features (server.openai_schema.FEATURES) that vLLM's OpenAI layer honours: a vLLM worker
 # runs that layer, and the http engine forwards to `vllm serve`. Left out, so refused by the front:
-# OpenAI's fields vLLM reads but ignores (best_of, store, metadata, service_tier, ...).
+# OpenAI's fields vLLM reads but ignores (best_of, store, metadata, service_tier, ...), and
+# `priority`, which vLLM 0.32 ignores without a word under its default first-come scheduler.
 VLLM_FEATURES = frozenset({
     "logprobs", "top_logprobs", "logit_bias", "response_format", "tools", "tool_choice",
     "parallel_tool_calls", "echo", "suffix", "min_tokens", "top_k", "min_p", "repetition_penalty",
     "stop_token_ids", "skip_special_tokens", "spaces_between_special_tokens",
     "include_stop_str_in_output", "truncate_prompt_tokens", "prompt_logprobs",
     "allowed_token_ids", "bad_words", "structured_outputs", "return_tokens_as_token_ids",
-    "return_token_ids", "use_beam_search", "length_penalty", "priority", "cache_salt",
+    "return_token_ids", "use_beam_search", "length_penalty", "cache_salt",
     "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "dimensions",
     "return_token_strs", "continuous_usage_stats", "token_prompts"})
 
