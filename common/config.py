@@ -114,6 +114,14 @@ class ServerSettings:
         30.0, "COHORT_DRAIN_TIMEOUT_S",
         doc="on SIGTERM/SIGINT the front takes no new requests and lets those in flight finish this long",
     )
+    keep_alive_s: float = env_field(
+        5.0, "COHORT_KEEP_ALIVE_S",
+        doc="an idle keep-alive connection closes after this long (vllm serve's default too)",
+    )
+    max_connections: int = env_field(
+        0, "COHORT_MAX_CONNECTIONS",
+        doc="open client connections; past it the oldest idle one closes, or a new one gets 503 (0: below the descriptor limit)",
+    )
     worker_timeout_s: float = env_field(
         3.0, "COHORT_WORKER_TIMEOUT_S", doc="a worker silent this long is dead"
     )

@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from common.config import ServerSettings, load
 from common.logs import setup_logging
+from server import connections
 from server.auth import Auth
 from server.errors import BadRequest, BodyTooLarge, CohortError, Draining, NotFound
 from server.gateway import Gateway
@@ -35,6 +36,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     """A new app with its own gateway; nothing starts until hypercorn serves it."""
     settings = settings or load(ServerSettings)
     setup_logging(settings.log_level)
+    connections.install(settings.max_connections)
     app = QuartTrio("cohort")
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, RESPONSE_TIMEOUT=None,
                       BODY_TIMEOUT=60, JSON_SORT_KEYS=False)

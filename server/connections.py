@@ -1,0 +1,135 @@
+"""Connections are a bounded resource: idle keep-alive connections close, and a full front sheds
+its oldest idle connection before it refuses a new one.
+
+hypercorn 0.18's trio worker has no hook for either, so this wraps two methods of its TCPServer
+(the one place that owns a connection's socket); `install` checks that they are still there.
+- It restarts a connection's idle timer from the task that sends the response, which quart-trio
+  cancels as soon as the response is sent: the timer died with it, and an idle keep-alive
+  connection stayed open for good. The restart now runs shielded from that cancellation.
+- It accepts connections until the process runs out of descriptors, after which every new client
+  waits in the backlog behind idle ones. Here a connection past the bound closes the oldest idle
+  one to make room; if none is idle, the new one gets a 503 and is closed, and those at work keep
+  their descriptors.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+
+import trio
+from hypercorn.events import Updated
+from hypercorn.trio.tcp_server import TCPServer
+
+log = logging.getLogger("cohort.connections")
+
+DESCRIPTOR_RESERVE = 256  # the store, ZeroMQ, logs and the worker threads' files
+REFUSAL_BODY = (b'{"error":{"message":"the front has no room for another connection; retry",'
+                b'"type":"server_error","param":null,"code":"too_many_connections"}}')
+REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+           b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
+           + str(len(REFUSAL_BODY)).encode() + b"\r\n\r\n" + REFUSAL_BODY)
+
+
+def default_limit() -> int:
+    """Room below the descriptor limit for everything that is not a client connection."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, soft - DESCRIPTOR_RESERVE)
+
+
+class Connections:
+    """The open connections, in the order they last became idle (policy, apart from hypercorn)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: set[object] = set()
+        self.idle: dict[object, None] = {}  # insertion-ordered: the first is the oldest idle
+        self.shed = 0
+        self.refused = 0
+
+    def admit(self, connection: object) -> tuple[bool, object | None]:
+        """Whether `connection` may stay open, and the idle connection to close for it, if any."""
+        if len(self.open) < self.limit:
+            self._add(connection)
+            return True, None
+        if not self.idle:
+            self.refused += 1
+            return False, None
+        victim = next(iter(self.idle))
+        self.forget(victim)
+        self.shed += 1
+        self._add(connection)
+        return True, victim
+
+    def _add(self, connection: object) -> None:
+        self.open.add(connection)
+        self.idle[connection] = None  # waiting for its first request
+
+    def mark(self, connection: object, idle: bool) -> None:
+        self.idle.pop(connection, None)
+        if idle and connection in self.open:
+            self.idle[connection] = None
+
+    def forget(self, connection: object) -> None:
+        self.open.discard(connection)
+        self.idle.pop(connection, None)
+
+
+_registry: Connections | None = None
+
+
+def install(limit: int = 0) -> Connections:
+    """Wrap hypercorn's TCPServer once per process; `limit` 0 means below the descriptor limit."""
+    global _registry
+    limit = limit or default_limit()
+    if _registry is not None:
+        _registry.limit = limit
+        return _registry
+    for name in ("run", "protocol_send", "_idle_timeout"):
+        if not hasattr(TCPServer, name):
+            raise RuntimeError(f"hypercorn's TCPServer has no {name}: server/connections.py "
+                               "needs updating for this hypercorn")
+    registry = _registry = Connections(limit)
+    run, protocol_send = TCPServer.run, TCPServer.protocol_send
+
+    async def bounded_run(self: TCPServer) -> None:
+        admitted, victim = registry.admit(self)
+        if not admitted:
+            await _refuse(self.stream)
+            return
+        if victim is not None:
+            await _close(victim.stream)  # type: ignore[attr-defined]
+        try:
+            await run(self)
+        finally:
+            registry.forget(self)
+
+    async def shielded_send(self: TCPServer, event) -> None:
+        if isinstance(event, Updated):
+            registry.mark(self, event.idle)
+            with trio.CancelScope(shield=True):  # the idle timer must outlive the sending task
+                await protocol_send(self, event)
+        else:
+            await protocol_send(self, event)
+
+    TCPServer.run = bounded_run  # type: ignore[method-assign]
+    TCPServer.protocol_send = shielded_send  # type: ignore[method-assign]
+    log.info("at most %d open connections", limit)
+    return registry
+
+
+async def _close(stream) -> None:
+    with trio.CancelScope(shield=True):
+        await stream.aclose()  # the connection's reader sees it closed and its task ends
+
+
+async def _refuse(stream) -> None:
+    """A 503 the client can read: the request is read first, or closing would reset the link."""
+    with trio.move_on_after(1):
+        await stream.receive_some(65536)
+    with trio.move_on_after(1):
+        try:
+            await stream.send_all(REFUSAL)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await _close(stream)

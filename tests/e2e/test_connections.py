@@ -1,0 +1,109 @@
+"""Connections are a bounded resource: idle keep-alive connections close, and a front full of
+connections still answers a new client (the front as the Procfile runs it, over real sockets)."""
+
+import httpx
+import trio
+
+from tests.e2e.cluster import procfile
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: cohort\r\n\r\n"
+
+
+async def one_health_request(port: int) -> trio.SocketStream:
+    """A connection that made one request and was left open, as keep-alive clients leave them."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(HEALTH)
+    received = b""
+    while not _whole(received):
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"the front closed before answering: {received!r}"
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 200"), received
+    return stream
+
+
+def _whole(response: bytes) -> bool:
+    head, _, body = response.partition(b"\r\n\r\n")
+    for line in head.lower().split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return False
+
+
+async def started(cluster, front_command: str | None = None, **env: str) -> None:
+    if front_command:
+        cluster._spawn("front", front_command, **env)
+    else:
+        cluster.start_front(**env)
+    await cluster.wait_for(lambda health: True, "the front")
+
+
+async def test_an_idle_keep_alive_connection_is_closed(make_cluster):
+    cluster = make_cluster(COHORT_KEEP_ALIVE_S="0.5")
+    await started(cluster)
+    stream = await one_health_request(cluster.port)
+    with trio.fail_after(10):  # hypercorn alone kept it open for good
+        assert await stream.receive_some(100) == b""
+
+
+async def test_two_thousand_idle_connections_do_not_stop_a_new_request(make_cluster):
+    """With 1,024 descriptors (a common default) and a keep-alive longer than the test, the bound
+    alone makes room: each new connection past it closes the oldest idle one."""
+    cluster = make_cluster(COHORT_KEEP_ALIVE_S="600")
+    await started(cluster, "ulimit -n 1024; " + procfile()["front"])
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user("alice")
+    await cluster.wait_ready(1)
+    idle: list[trio.SocketStream] = []
+    limiter = trio.CapacityLimiter(64)
+
+    async def open_one() -> None:
+        async with limiter:
+            idle.append(await one_health_request(cluster.port))
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for _ in range(2000):
+                nursery.start_soon(open_one)
+    assert len(idle) == 2000
+    async with httpx.AsyncClient(timeout=10, headers=cluster.headers()) as http:
+        response = await http.post(cluster.url + "/v1/completions", json={
+            "model": "cohort-mock", "prompt": "still here", "max_tokens": 4})
+    assert response.status_code == 200, response.text
+    for stream in idle:
+        await stream.aclose()
+
+
+async def test_a_front_full_of_busy_connections_refuses_with_a_503_and_keeps_them(make_cluster):
+    cluster = make_cluster(COHORT_MAX_CONNECTIONS="3", MOCK_TOKEN_S="0.05")
+    await started(cluster)
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user("alice")
+    await cluster.wait_ready(1)
+    streaming, bodies, begun = trio.Event(), [], []
+
+    async def stream_one(http: httpx.AsyncClient) -> None:
+        async with http.stream("POST", cluster.url + "/v1/completions", json={
+                "model": "cohort-mock", "prompt": "busy", "max_tokens": 40, "ignore_eos": True,
+                "stream": True}) as response:
+            text = ""
+            async for chunk in response.aiter_text():
+                if not text:
+                    begun.append(1)
+                    if len(begun) == 3:
+                        streaming.set()
+                text += chunk
+            bodies.append(text)
+
+    async with trio.open_nursery() as nursery:
+        clients = [httpx.AsyncClient(timeout=30, headers=cluster.headers()) for _ in range(3)]
+        for http in clients:
+            nursery.start_soon(stream_one, http)
+        await streaming.wait()
+        async with httpx.AsyncClient(timeout=10) as http:
+            refused = await http.get(cluster.url + "/health")
+    for http in clients:
+        await http.aclose()
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "too_many_connections"
+    assert len(bodies) == 3 and all(body.endswith("data: [DONE]\n\n") for body in bodies)
