@@ -119,6 +119,8 @@ class Dispatcher:
             for worker in list(self.workers.values()):
                 if worker.state != "dead" and now - worker.last_seen > self.settings.worker_timeout_s:
                     self._mark_dead(worker, f"silent for over {self.settings.worker_timeout_s:g} s")
+                elif worker.state == "failing" and worker.breaker.may_resume(now):
+                    self._resume(worker)
 
     # --- messages from workers -------------------------------------------------------------
 
@@ -136,7 +138,7 @@ class Dispatcher:
             self._take_load(worker, message.load)
         elif isinstance(message, protocol.Heartbeat):
             worker.active = message.active
-            if message.state == "draining" and worker.state == "ready":
+            if message.state == "draining" and worker.state in ("ready", "failing"):
                 worker.state = "draining"  # it finishes what it has; nothing new goes to it
                 log.info("worker %s is draining", worker.worker_id)
                 self._notify()
@@ -190,6 +192,10 @@ class Dispatcher:
                 self.metrics.ttft.observe(trio.current_time() - job.enqueued_at)
             if job.deliver(item):
                 self._release(job)
+                if item["status"] >= 500:
+                    self._count_failure(worker, f"the engine answered {item['status']}")
+                else:
+                    worker.breaker.succeeded()
 
     def _handle_error(self, worker: WorkerHandle, message: protocol.Error) -> None:
         if not message.ids:
@@ -197,13 +203,50 @@ class Dispatcher:
             worker.error = message.message
             self._mark_dead(worker, message.message, state="failed")
             return
+        engine_fault = message.kind != "invalid"  # an invalid request is the client's fault
+        retry: list[Job] = []
         for job_id in message.ids:
             job = worker.jobs.get(job_id)
-            if job is not None:
+            if job is None:
+                continue
+            self._release(job)
+            if engine_fault and self._may_run_elsewhere(job, worker):
+                job.restart()
+                retry.append(job)
+            else:
                 job.fail(FAILURES.get(message.kind, EngineFailed)(
                     message.message if message.kind in FAILURES
                     else f"the engine failed this request: {message.message}"))
-                self._release(job)
+            if engine_fault:
+                self._count_failure(worker, message.message)
+        if retry and self.scheduler is not None:
+            self.metrics.retries.inc(len(retry))
+            self.scheduler.requeue(retry)
+
+    def _may_run_elsewhere(self, job: Job, worker: WorkerHandle) -> bool:
+        """A job its engine failed runs again if it streamed nothing and another worker can take it."""
+        return (job.retryable and job.attempts < self.settings.max_retries
+                and any(other is not worker for other in self.registry.ready(worker.model)))
+
+    def _count_failure(self, worker: WorkerHandle, reason: str) -> None:
+        """One more engine failure in a row; enough of them pause the worker (its breaker)."""
+        if not worker.breaker.failed(trio.current_time()) or worker.state not in ("ready", "failing"):
+            return
+        worker.state = "failing"
+        worker.error = f"{worker.breaker.failures} requests in a row failed; last: {reason}"
+        log.warning("worker %s paused for %g s: %s", worker.worker_id, worker.breaker.pause_s,
+                    worker.error)
+        self.placement.owners.forget(worker.identity)
+        if self.scheduler is not None and not self.registry.ready(worker.model):
+            self.scheduler.fail_queued(worker.model,
+                                       NoWorkers(self.registry.why_unavailable(worker.model)))
+        self._notify()
+
+    def _resume(self, worker: WorkerHandle) -> None:
+        """A paused worker's pause is over: it is tried again (one failure pauses it again)."""
+        worker.state = "ready"
+        log.info("worker %s is tried again after its pause", worker.worker_id)
+        self._notify()
 
     # --- liveness --------------------------------------------------------------------------
 

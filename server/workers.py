@@ -9,9 +9,10 @@ from common.protocol import ROUTES
 from server.errors import BadRequest, NoWorkers, NotFound
 from server.jobs import Job
 from server.metrics import Metrics
+from server.scheduling.breaker import Breaker
 from server.scheduling.placement import Placement, WorkerLoad
 
-STATES = ("loading", "ready", "busy", "draining", "failed", "dead")
+STATES = ("loading", "ready", "busy", "draining", "failing", "failed", "dead")
 
 
 @dataclass
@@ -25,7 +26,7 @@ class WorkerHandle:
     capacity: int
     device: str
     pid: int
-    state: str  # loading | ready | draining | failed | dead
+    state: str  # loading | ready | draining | failing (paused by its breaker) | failed | dead
     last_seen: float
     load_time_s: float = 0.0
     active: int = 0
@@ -33,6 +34,7 @@ class WorkerHandle:
     features: frozenset[str] = frozenset()
     max_model_len: int = 0
     load: WorkerLoad = field(default_factory=WorkerLoad)
+    breaker: Breaker = field(default_factory=Breaker)
     jobs: dict[str, Job] = field(default_factory=dict)
     batches_sent: int = 0
     jobs_done: int = 0
@@ -118,6 +120,11 @@ class WorkerRegistry:
         if "loading" in states:
             return (f"model {model!r} is still loading on {states.count('loading')} worker(s); "
                     "retry shortly (GET /ready tells when)")
+        if "failing" in states:
+            errors = sorted({w.error for w in self.workers.values()
+                             if w.model == model and w.state == "failing"})
+            return (f"no ready worker serves model {model!r}: {states.count('failing')} worker(s) "
+                    f"fail every request and are paused ({'; '.join(errors)}); retry shortly")
         return f"no ready worker serves model {model!r}: its {len(states)} worker(s) are dead or failed"
 
     def describe(self, now: float) -> list[dict[str, object]]:

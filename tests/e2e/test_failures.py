@@ -96,12 +96,37 @@ async def test_a_crashing_worker_is_retried_elsewhere(make_cluster):
 
 async def test_injected_engine_errors_fail_only_their_requests(make_cluster):
     cluster = make_cluster()
-    await start(cluster, workers=("worker1",), MOCK_ERROR_RATE="0.5")
+    await start(cluster, workers=("worker1",), MOCK_ERROR_RATE="0.3")  # seeded: none in a row
     results = await post_all(cluster, 40)
     codes = [status for status, _ in results]
     assert codes.count(502) > 0 and codes.count(200) > 0 and set(codes) == {200, 502}
     failed = next(text for status, text in results if status == 502)
     assert "injected failure" in failed and '"type": "engine_error"' in failed.replace('":"', '": "')
+
+
+async def test_a_worker_that_fails_every_request_is_paused_and_its_requests_run_elsewhere(
+        make_cluster):
+    cluster = make_cluster()
+    cluster.start_front()
+    cluster.start_worker("broken", MOCK_ERROR_RATE="1")
+    cluster.start_worker("sound")
+    cluster.api_key = cluster.add_user("ops")
+    await cluster.wait_ready(2)
+    results = await post_all(cluster, 40)
+    assert [status for status, _ in results] == [200] * 40
+    health = await cluster.health()
+    broken = next(w for w in health["workers"] if w["id"] == "broken")
+    assert broken["state"] == "failing" and "injected failure" in broken["error"]
+    assert next(w for w in health["workers"] if w["id"] == "sound")["jobs_done"] >= 40
+
+
+async def test_a_lone_worker_that_fails_every_request_gives_a_503_that_says_why(make_cluster):
+    cluster = make_cluster()
+    await start(cluster, workers=("worker1",), MOCK_ERROR_RATE="1")
+    first = [status for status, _ in await post_all(cluster, 5)]
+    assert first == [502] * 5  # the engine's own failure, as it happened
+    status, text = (await post_all(cluster, 1))[0]
+    assert status == 503 and "fail every request" in text and "injected failure" in text
 
 
 async def test_no_ready_worker_is_a_fast_503_and_a_late_worker_joins(make_cluster):

@@ -1,0 +1,39 @@
+"""A worker whose requests keep failing is taken out of placement for a while (a circuit breaker).
+
+Without it a worker that fails every request at once (its upstream down, its engine broken in a
+way that does not kill it) finishes its jobs fastest, so it looks least busy and draws the most
+traffic. After `trip_after` engine failures in a row it gets nothing for a pause that doubles
+from `first_pause_s` to `max_pause_s`; then it is tried again, and one more failure pauses it
+again, while one success closes the breaker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TRIP_AFTER = 5
+FIRST_PAUSE_S = 1.0
+MAX_PAUSE_S = 30.0
+
+
+@dataclass
+class Breaker:
+    failures: int = 0  # engine failures in a row
+    pause_s: float = 0.0
+    paused_until: float = 0.0
+
+    def failed(self, now: float) -> bool:
+        """Count one failure; True if the worker must pause now (until `paused_until`)."""
+        self.failures += 1
+        if self.failures < TRIP_AFTER:
+            return False
+        self.pause_s = min(MAX_PAUSE_S, self.pause_s * 2 if self.pause_s else FIRST_PAUSE_S)
+        self.paused_until = now + self.pause_s
+        return True
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.pause_s = 0.0
+
+    def may_resume(self, now: float) -> bool:
+        return now >= self.paused_until

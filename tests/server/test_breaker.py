@@ -1,0 +1,32 @@
+"""The circuit breaker that pauses a worker whose requests keep failing."""
+
+from server.scheduling.breaker import FIRST_PAUSE_S, MAX_PAUSE_S, TRIP_AFTER, Breaker
+
+
+def test_it_trips_only_after_enough_failures_in_a_row():
+    breaker = Breaker()
+    assert not any(breaker.failed(now=0) for _ in range(TRIP_AFTER - 1))
+    breaker.succeeded()
+    assert not any(breaker.failed(now=0) for _ in range(TRIP_AFTER - 1))
+    assert breaker.failed(now=10)
+    assert breaker.paused_until == 10 + FIRST_PAUSE_S
+    assert not breaker.may_resume(10 + FIRST_PAUSE_S / 2) and breaker.may_resume(10 + FIRST_PAUSE_S)
+
+
+def test_after_a_pause_one_failure_pauses_again_for_twice_as_long_up_to_the_cap():
+    breaker = Breaker()
+    for _ in range(TRIP_AFTER):
+        breaker.failed(now=0)
+    pauses = []
+    for _ in range(10):
+        assert breaker.failed(now=0)
+        pauses.append(breaker.pause_s)
+    assert pauses[:2] == [2 * FIRST_PAUSE_S, 4 * FIRST_PAUSE_S] and pauses[-1] == MAX_PAUSE_S
+
+
+def test_one_success_closes_the_breaker():
+    breaker = Breaker()
+    for _ in range(TRIP_AFTER):
+        breaker.failed(now=0)
+    breaker.succeeded()
+    assert breaker.failures == 0 and not breaker.failed(now=0)
