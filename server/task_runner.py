@@ -1,7 +1,9 @@
 """Durable async tasks: stored before they run, run in the app's nursery, recovered at start-up.
 
 A task accepted is never lost: its row exists before the client hears its id; when the front dies,
-the next start re-runs every task that had not finished (up to `MAX_TASK_ATTEMPTS` starts).
+the next start re-runs every task that had not finished (up to `MAX_TASK_ATTEMPTS` starts). A task
+that cannot run again (its body no longer valid under today's settings) or that broke its runner
+is quarantined: failed with the cause, never re-run, so no stored row can keep a front down.
 """
 
 from __future__ import annotations
@@ -55,7 +57,11 @@ class TaskRunner:
                         "message": f"the front stopped {attempts} times while this task ran",
                         "type": "server_error"})
                     continue
-                _, spec = parse_task_body(dict(body, kind=kind), self.settings)
+                try:
+                    _, spec = parse_task_body(dict(body, kind=kind), self.settings)
+                except CohortError as error:
+                    await self._quarantine(task_id, f"it cannot run again: {error.message}")
+                    continue
                 nursery.start_soon(self._run_task, task_id, spec)
             if recovered:
                 log.info("recovered %d unfinished task(s) after a restart", len(recovered))
@@ -116,8 +122,17 @@ class TaskRunner:
             except CohortError as error:
                 await self.store.run(self.store.task_finished, task_id, "failed", None,
                                      error.body()["error"])
+            except Exception as error:  # a bug: it must neither stop the front nor run again
+                log.exception("task %s broke its runner", task_id)
+                await self._quarantine(task_id, f"it broke the task runner ({type(error).__name__})")
             finally:
                 self._running.pop(task_id, None)
+
+    async def _quarantine(self, task_id: str, why: str) -> None:
+        log.warning("task %s quarantined: %s", task_id, why)
+        await self.store.run(self.store.task_finished, task_id, "failed", None, {
+            "message": f"this task is not run again: {why}", "type": "server_error",
+            "code": "quarantined"})
 
     async def _purge_loop(self) -> None:
         while True:

@@ -166,3 +166,26 @@ async def test_tasks_survive_a_sigkill_of_the_front(make_cluster):
     assert [t["status"] for t in finals] == ["completed"] * 12
     assert any(t["attempts"] >= 2 for t in finals)  # some were re-run after the restart
     assert "recovered" in cluster.log("front")
+
+
+async def test_a_stored_task_that_cannot_run_again_is_quarantined_not_a_crash_loop(make_cluster):
+    """A task stored under other settings (here a `max_tokens` over today's limit) fails with its
+    cause at the next start; the front keeps serving and the other tasks run."""
+    cluster = make_cluster()
+    cluster.api_key = cluster.add_user("alice")
+    store = Store(f"sqlite:///{cluster.tmp}/data/cohort.db")
+    with store.db.connection_context():
+        user_id = store.user_named("alice").id
+        store.add_tasks([
+            ("task-poison", user_id, "completion",
+             {"model": MODEL, "prompt": "x", "max_tokens": 10**6}),
+            ("task-fine", user_id, "completion", {"model": MODEL, "prompt": "y", "max_tokens": 4})])
+    cluster.start_front()
+    cluster.start_worker("worker1")
+    await cluster.wait_ready(1)
+    async with httpx.AsyncClient(timeout=30, headers=cluster.headers()) as http:
+        poison = await poll_task(http, cluster, "task-poison")
+        fine = await poll_task(http, cluster, "task-fine")
+    assert poison["status"] == "failed" and poison["error"]["code"] == "quarantined"
+    assert "max_tokens" in poison["error"]["message"]
+    assert fine["status"] == "completed"
