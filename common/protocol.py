@@ -102,10 +102,12 @@ class Error(Message):
 
 @dataclass
 class Bye(Message):
-    """The worker is leaving on purpose; its unfinished requests should go elsewhere."""
+    """The worker is leaving on purpose; its unfinished requests should go elsewhere. A
+    supervisor that speaks for its dead engine host says whether it is starting a new one."""
 
     type: ClassVar[str] = "bye"
     reason: str = ""
+    restarting: bool = False
 
 
 # --- front -> worker ---------------------------------------------------------------------------

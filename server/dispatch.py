@@ -24,12 +24,13 @@ from server.errors import (BadRequest, CohortError, EngineFailed, NoWorkers, Ups
 from server.jobs import Job
 from server.metrics import Metrics
 from server.scheduling.placement import Placement
-from server.workers import WorkerHandle, WorkerRegistry
+from server.workers import GONE, WorkerHandle, WorkerRegistry
 
 log = logging.getLogger("cohort.dispatch")
 
 # A worker's per-request error kinds, as the client sees them (anything else: EngineFailed, 502).
 FAILURES = {"invalid": BadRequest, "unavailable": UpstreamUnavailable}
+RESTART_LIMIT_S = 90.0  # the supervisor's longest wait before a restart (60 s), and a margin
 
 
 class Dispatcher:
@@ -117,10 +118,13 @@ class Dispatcher:
             await trio.sleep(period)
             now = trio.current_time()
             for worker in list(self.workers.values()):
-                if worker.state != "dead" and now - worker.last_seen > self.settings.worker_timeout_s:
+                if worker.state not in GONE and now - worker.last_seen > self.settings.worker_timeout_s:
                     self._mark_dead(worker, f"silent for over {self.settings.worker_timeout_s:g} s")
                 elif worker.state == "failing" and worker.breaker.may_resume(now):
                     self._resume(worker)
+                elif worker.state == "restarting" and now - worker.last_seen > RESTART_LIMIT_S:
+                    worker.state = "dead"  # its supervisor waits at most a minute between starts
+                    worker.error = f"said it would restart, and was not heard from again: {worker.error}"
 
     # --- messages from workers -------------------------------------------------------------
 
@@ -129,7 +133,7 @@ class Dispatcher:
         if isinstance(message, protocol.Hello):
             await self._register(identity, message)
             return
-        if worker is None or worker.state == "dead":
+        if worker is None or worker.state in GONE:
             await self._send(identity, protocol.HelloAgain())
             return
         worker.last_seen = trio.current_time()
@@ -155,14 +159,15 @@ class Dispatcher:
         elif isinstance(message, protocol.Error):
             self._handle_error(worker, message)
         elif isinstance(message, protocol.Bye):
-            self._mark_dead(worker, f"said bye: {message.reason or 'no reason given'}")
+            self._mark_dead(worker, f"said bye: {message.reason or 'no reason given'}",
+                            state="restarting" if message.restarting else "dead")
 
     async def _register(self, identity: bytes, hello: protocol.Hello) -> None:
         old = self.workers.get(identity)
-        if old is not None and old.state != "dead" and old.pid != hello.pid:
+        if old is not None and old.state not in GONE and old.pid != hello.pid:
             self._mark_dead(old, "restarted (new process under the same id)")
         now = trio.current_time()
-        if old is not None and old.state != "dead" and old.pid == hello.pid:
+        if old is not None and old.state not in GONE and old.pid == hello.pid:
             old.last_seen = now  # a repeated hello from the same process: nothing is lost
             worker = old
         else:
@@ -254,7 +259,7 @@ class Dispatcher:
         """Take a worker out of service; re-run its jobs that streamed nothing, fail the rest."""
         log.warning("worker %s is %s: %s", worker.worker_id, state, reason)
         worker.state = state
-        worker.error = worker.error or reason
+        worker.error = reason if state == "restarting" else worker.error or reason
         self.metrics.worker_deaths.inc()
         retry: list[Job] = []
         for job in list(worker.jobs.values()):
@@ -355,7 +360,7 @@ class Dispatcher:
             return
         worker = self.registry.by_id(job.worker_id)
         self._release(job)
-        if worker is not None and worker.state != "dead":
+        if worker is not None and worker.state not in GONE:
             try:
                 self._outbox_send.send_nowait((worker.identity, protocol.Abort([job.id])))
             except trio.WouldBlock:
@@ -370,7 +375,7 @@ class Dispatcher:
                 job.fail(error)
             worker.jobs.clear()
             ended += len(ids)
-            if ids and worker.state != "dead":
+            if ids and worker.state not in GONE:
                 try:
                     self._outbox_send.send_nowait((worker.identity, protocol.Abort(ids)))
                 except trio.WouldBlock:

@@ -12,7 +12,8 @@ from server.metrics import Metrics
 from server.scheduling.breaker import Breaker
 from server.scheduling.placement import Placement, WorkerLoad
 
-STATES = ("loading", "ready", "busy", "draining", "failing", "failed", "dead")
+STATES = ("loading", "ready", "busy", "draining", "failing", "restarting", "failed", "dead")
+GONE = ("dead", "restarting")  # out of service until a new process says hello
 
 
 @dataclass
@@ -26,7 +27,7 @@ class WorkerHandle:
     capacity: int
     device: str
     pid: int
-    state: str  # loading | ready | draining | failing (paused by its breaker) | failed | dead
+    state: str  # loading | ready | draining | failing (paused by its breaker) | restarting | failed | dead
     last_seen: float
     load_time_s: float = 0.0
     active: int = 0
@@ -117,6 +118,9 @@ class WorkerRegistry:
 
     def why_unavailable(self, model: str) -> str:
         states = [w.state for w in self.workers.values() if w.model == model]
+        if "restarting" in states:
+            return (f"model {model!r} has no ready worker: {states.count('restarting')} worker(s) "
+                    "are restarting their engine; retry shortly (GET /ready tells when)")
         if "loading" in states:
             return (f"model {model!r} is still loading on {states.count('loading')} worker(s); "
                     "retry shortly (GET /ready tells when)")

@@ -116,7 +116,7 @@ class Supervisor:
                 sock.setsockopt(zmq.IDENTITY, worker_id.encode())
                 sock.setsockopt(zmq.LINGER, 1000)
                 sock.connect(endpoint)
-                sock.send(protocol.Bye(reason).encode())
+                sock.send(protocol.Bye(reason, restarting=True).encode())
 
 
 def _become_subreaper() -> None:

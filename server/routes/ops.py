@@ -14,7 +14,7 @@ blueprint = Blueprint("ops", __name__)
 async def health():
     cohort = gateway()
     workers = cohort.dispatcher.describe_workers()
-    engines = sorted({w["engine"] for w in workers if w["state"] not in ("dead", "failed")})
+    engines = sorted({w["engine"] for w in workers if w["state"] not in ("dead", "restarting", "failed")})
     return {"status": "ok", "front_id": cohort.dispatcher.front_id,
             "zmq_endpoint": cohort.dispatcher.endpoint,
             "mode": "+".join(engines) or "no workers",

@@ -94,6 +94,19 @@ async def test_a_crashing_worker_is_retried_elsewhere(make_cluster):
     await cluster.wait_ready(2)
 
 
+async def test_health_says_restarting_while_the_supervisor_waits_to_restart_a_host(make_cluster):
+    cluster = make_cluster()
+    cluster.start_front()
+    cluster.start_worker("worker1", COHORT_RESTART_BACKOFF_S="3")
+    await cluster.wait_ready(1)
+    os.kill(engine_host(cluster.procs["worker1"].pid, "worker1"), signal.SIGKILL)
+    health = await cluster.wait_for(lambda h: h["workers"][0]["state"] == "restarting",
+                                    "the worker shown restarting", timeout_s=10)
+    assert "restart 1 in 3 s" in health["workers"][0]["error"]
+    assert httpx.get(cluster.url + "/ready").status_code == 503  # its only worker is out
+    await cluster.wait_ready(1, timeout_s=30)
+
+
 async def test_injected_engine_errors_fail_only_their_requests(make_cluster):
     cluster = make_cluster()
     await start(cluster, workers=("worker1",), MOCK_ERROR_RATE="0.3")  # seeded: none in a row
@@ -201,7 +214,7 @@ async def test_one_supervisor_keeps_one_engine_host_per_gpu(make_cluster):
     with open(f"/proc/{first}/environ", "rb") as environ:
         assert b"CUDA_VISIBLE_DEVICES=1" in environ.read().split(b"\0")
     os.kill(first, signal.SIGKILL)
-    await cluster.wait_for(lambda h: any(w["id"] == "box-gpu1" and w["state"] == "dead"
+    await cluster.wait_for(lambda h: any(w["id"] == "box-gpu1" and w["state"] == "restarting"
                                          for w in h["workers"]), "box-gpu1 gone", 10)
     results = await post_all(cluster, 10)  # box-gpu0 serves on meanwhile
     assert [status for status, _ in results] == [200] * 10
