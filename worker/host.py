@@ -89,7 +89,7 @@ class Worker:
         stall_s = self.settings.engine_stall_s
         while True:
             await trio.sleep(self.settings.heartbeat_interval_s)
-            if self.state != "ready":
+            if self.state not in ("ready", "draining"):  # a drain must not wait on a dead engine
                 continue
             reason = self.engine.dead()
             if not reason and stall_s and self.engine.unfinished() and \
