@@ -138,6 +138,13 @@ class ServerSettings:
         "", "DATABASE_URL", doc="peewee db URL; empty: SQLite file under data_dir"
     )
     data_dir: str = env_field("data", "COHORT_DATA_DIR")
+    zmq_insecure: bool = env_field(
+        False, "COHORT_ZMQ_INSECURE",
+        doc="no CURVE on the worker wire: anyone who reaches the port can read prompts and forge answers",
+    )
+    zmq_max_message_bytes: int = env_field(
+        64 << 20, "COHORT_ZMQ_MAX_MESSAGE_BYTES", doc="a larger wire message drops its peer",
+    )
     auth_disabled: bool = env_field(
         False, "COHORT_AUTH_DISABLED", doc="local development only: every route open"
     )
@@ -151,6 +158,9 @@ class ServerSettings:
     def check(self) -> None:
         if self.affinity_margin < 0:
             raise SettingError("COHORT_AFFINITY_MARGIN must be >= 0")
+        if self.zmq_max_message_bytes < self.max_batch_size * self.max_body_bytes + (1 << 20):
+            raise SettingError("COHORT_ZMQ_MAX_MESSAGE_BYTES must hold a whole batch: at least "
+                               "COHORT_MAX_BATCH_SIZE x COHORT_MAX_BODY_BYTES + 1 MiB")
         positive = ("max_batch_size", "max_batches_per_worker", "max_queue", "max_body_bytes",
                     "max_tokens_limit", "max_n", "zmq_port_span")
         for name in positive:
@@ -175,6 +185,18 @@ class WorkerSettings:
         doc="front endpoints, comma-separated; one link per front",
     )
     worker_id: str = env_field("", "COHORT_WORKER_ID", doc="default: host-pid")
+    data_dir: str = env_field(
+        "data", "COHORT_DATA_DIR", doc="where a worker on the front's machine finds the wire keys"
+    )
+    worker_key: str = env_field(
+        "", "COHORT_WORKER_KEY",
+        doc="this worker's CURVE secret key file (from python -m server.keys add); default: the data directory's local key",
+    )
+    front_key: str = env_field(
+        "", "COHORT_FRONT_KEY", doc="the front's public key file; default: beside COHORT_WORKER_KEY, or in the data directory",
+    )
+    zmq_insecure: bool = env_field(False, "COHORT_ZMQ_INSECURE", doc="no CURVE: only with a front that has none")
+    zmq_max_message_bytes: int = env_field(64 << 20, "COHORT_ZMQ_MAX_MESSAGE_BYTES")
     engine: str = env_field("", "COHORT_ENGINE", doc="mock | vllm | http (default: from the flags below)")
     use_real_vllm: bool = env_field(False, "USE_REAL_VLLM", "MOCK_USE_REAL_VLLM")
     upstream_url: str = env_field("", "REAL_VLLM_URL", doc="engine http: an OpenAI-compatible server")

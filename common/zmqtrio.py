@@ -76,14 +76,15 @@ class TrioSocket:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return
 
-    async def recv_multipart(self) -> list[bytes]:
-        """Receive one message, parking until one is there."""
+    async def recv_multipart(self, copy: bool = True) -> list:
+        """Receive one message, parking until one is there (zmq Frames with `copy=False`, which
+        carry the connection's metadata, such as its CURVE User-Id)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("socket closed")
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=copy)
             except zmq.Again:
                 await self._wait(zmq.POLLIN)
                 continue

@@ -18,18 +18,24 @@ import zmq
 
 from common import protocol
 from common.config import ServerSettings
+from common.keys import KeyFiles, is_local, serve_curve
 from common.zmqtrio import TrioSocket
+from server import zap
 from server.errors import (BadRequest, CohortError, EngineFailed, NoWorkers, UpstreamUnavailable,
                            WorkerDied)
 from server.jobs import Job
 from server.metrics import Metrics
 from server.scheduling.placement import Placement
+from server.scheduling.rate import TokenBucket
 from server.workers import GONE, WorkerHandle, WorkerRegistry
 
 log = logging.getLogger("cohort.dispatch")
 
 # A worker's per-request error kinds, as the client sees them (anything else: EngineFailed, 502).
 FAILURES = {"invalid": BadRequest, "unavailable": UpstreamUnavailable}
+HELLO_RATE, HELLO_BURST = 20.0, 200  # new registrations a second per key, and in one burst
+MAX_WORKERS = 1024  # live workers one front takes
+DEAD_KEPT, DEAD_KEPT_S = 64, 600.0  # gone workers /health still shows, and for how long
 RESTART_LIMIT_S = 90.0  # the supervisor's longest wait before a restart (60 s), and a margin
 
 
@@ -50,6 +56,8 @@ class Dispatcher:
         self._sock: TrioSocket | None = None
         self._changed = trio.Event()
         self._batch_ids = itertools.count(1)
+        self.refused_hellos = 0
+        self._hello_buckets: dict[str | bytes, TokenBucket] = {}
         # Aborts leave through this outbox, so `abort` never awaits: it runs in `finally` blocks of
         # cancelled handlers and of streaming generators being closed.
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[bytes, protocol.Message]](
@@ -62,11 +70,15 @@ class Dispatcher:
         context = zmq.Context.instance()
         raw = context.socket(zmq.ROUTER)
         raw.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable batch must fail, not vanish
-        # a restarted engine host (or its supervisor) reconnects under the same worker id
-        raw.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # No ROUTER_HANDOVER: a connection under a worker id in use is refused, so no peer can take
+        # over another's route; ZMTP heartbeats free the id of a connection that went silent.
+        raw.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        raw.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.settings.worker_timeout_s * 1000))
         raw.setsockopt(zmq.SNDHWM, 100_000)
         raw.setsockopt(zmq.RCVHWM, 100_000)
         raw.setsockopt(zmq.LINGER, 0)
+        raw.setsockopt(zmq.MAXMSGSIZE, self.settings.zmq_max_message_bytes)
+        self._secure(raw)
         self.endpoint = self._bind(raw)
         with TrioSocket(raw) as sock:
             self._sock = sock
@@ -75,6 +87,20 @@ class Dispatcher:
                 nursery.start_soon(self._outbox_loop)
                 task_status.started(self.endpoint)
                 await self._receive_loop()
+
+    def _secure(self, raw: zmq.Socket) -> None:
+        """CURVE with the data directory's keys, each worker checked by the ZAP handler."""
+        if self.settings.zmq_insecure:
+            where = ("this machine" if is_local(self.settings.zmq_bind)
+                     else "ANY MACHINE THAT REACHES IT")
+            log.warning("THE WORKER WIRE IS NOT AUTHENTICATED (COHORT_ZMQ_INSECURE): any process "
+                        "on %s can connect to %s, read users' prompts and forge answers",
+                        where, self.settings.zmq_bind)
+            return
+        files = KeyFiles.of(self.settings.data_dir).ensure()
+        domain = f"cohort-{os.getpid()}-{id(self)}"
+        zap.authenticator().serve(domain, files.authorized)
+        serve_curve(raw, files, domain)
 
     def _bind(self, raw: zmq.Socket) -> str:
         """Bind the configured endpoint, or with a port span the first free port of the span."""
@@ -96,17 +122,59 @@ class Dispatcher:
     async def _receive_loop(self) -> None:
         assert self._sock is not None
         while True:
-            frames = await self._sock.recv_multipart()
+            frames = await self._sock.recv_multipart(copy=False)
             if len(frames) != 2:
                 log.warning("dropped a message of %d frames", len(frames))
                 continue
-            identity, data = frames[0], bytes(frames[1])
+            identity = frames[0].bytes
             try:
-                message = protocol.decode(data)
+                message = protocol.decode(frames[1].bytes)
             except protocol.ProtocolError as error:
                 log.warning("refused a message from %r: %s", identity, error)
                 continue
+            if isinstance(message, protocol.Hello) and not self._may_register(
+                    identity, message, frames[1]):
+                continue
             await self._handle(identity, message)
+
+    def _may_register(self, identity: bytes, hello: protocol.Hello, frame: zmq.Frame) -> bool:
+        """A hello's worker id is its connection's, and one its CURVE key may use."""
+        key = "" if self.settings.zmq_insecure else frame.get("User-Id")
+        if hello.worker_id.encode() != identity or (key and not zap.may_use(key, identity)):
+            why = "a key registers only the worker ids it was made for"
+        elif self._is_new(identity, hello) and not self._new_worker_allowed(key or identity):
+            why = (f"more than {HELLO_RATE:g} new workers a second from one key, or "
+                   f"{MAX_WORKERS} workers already")
+        else:
+            return True
+        self.refused_hellos += 1
+        if self.refused_hellos == 1 or self.refused_hellos % 100 == 0:
+            log.warning("refused a hello as %r over a connection named %r with key %r: %s "
+                        "(%d refused so far)", hello.worker_id, identity, key, why,
+                        self.refused_hellos)
+        return False
+
+    def _is_new(self, identity: bytes, hello: protocol.Hello) -> bool:
+        old = self.workers.get(identity)
+        return old is None or old.pid != hello.pid or old.state in GONE
+
+    def _new_worker_allowed(self, key: str | bytes) -> bool:
+        """New registrations are rate-limited per key, and the live workers bounded."""
+        live = sum(worker.state not in GONE for worker in self.workers.values())
+        if live >= MAX_WORKERS:
+            return False
+        if len(self._hello_buckets) > 10_000:  # keys seen; without CURVE, connections
+            self._hello_buckets.clear()
+        bucket = self._hello_buckets.setdefault(key, TokenBucket(HELLO_RATE, HELLO_BURST))
+        return bucket.take(trio.current_time())
+
+    def _prune(self, now: float) -> None:
+        """Forget gone workers past the newest DEAD_KEPT or older than DEAD_KEPT_S."""
+        gone = sorted((w for w in self.workers.values() if w.state in GONE),
+                      key=lambda w: w.last_seen, reverse=True)
+        for index, worker in enumerate(gone):
+            if index >= DEAD_KEPT or now - worker.last_seen > DEAD_KEPT_S:
+                del self.workers[worker.identity]
 
     async def _outbox_loop(self) -> None:
         async for identity, message in self._outbox:
@@ -125,6 +193,7 @@ class Dispatcher:
                 elif worker.state == "restarting" and now - worker.last_seen > RESTART_LIMIT_S:
                     worker.state = "dead"  # its supervisor waits at most a minute between starts
                     worker.error = f"said it would restart, and was not heard from again: {worker.error}"
+            self._prune(now)
 
     # --- messages from workers -------------------------------------------------------------
 

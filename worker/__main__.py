@@ -28,6 +28,7 @@ from common import protocol
 from common.config import WorkerSettings
 from common.logs import setup_logging
 from worker import host
+from worker.link import dealer
 
 log = logging.getLogger("cohort.worker.supervisor")
 MAX_BACKOFF_S = 60.0
@@ -110,10 +111,8 @@ class Supervisor:
 
     def _say_bye(self, worker_id: str, reason: str) -> None:
         """Speak for a host that died without a word, under its id, to every front."""
-        context = zmq.Context.instance()
         for endpoint in self.settings.connect:
-            with context.socket(zmq.DEALER) as sock:
-                sock.setsockopt(zmq.IDENTITY, worker_id.encode())
+            with dealer(self.settings, worker_id) as sock:
                 sock.setsockopt(zmq.LINGER, 1000)
                 sock.connect(endpoint)
                 sock.send(protocol.Bye(reason, restarting=True).encode())

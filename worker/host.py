@@ -23,6 +23,7 @@ import trio
 
 from common import protocol
 from common.config import SettingError, WorkerSettings, load
+from common.keys import worker_key_files
 from common.logs import setup_logging
 from worker.engines import Engine, EngineError, InvalidRequest, make_engine
 from worker.link import FrontLink
@@ -237,8 +238,11 @@ CONFIG_ERROR = 2  # exit status for settings that cannot work: restarting will n
 def settings_from(args: argparse.Namespace) -> WorkerSettings:
     """The settings, command line over environment; a configuration error ends the process."""
     try:
-        return load(WorkerSettings, engine=args.engine, model=args.model, worker_id=args.worker_id,
-                    connect=tuple(args.connect.split(",")) if args.connect else None)
+        settings = load(WorkerSettings, engine=args.engine, model=args.model,
+                        worker_id=args.worker_id,
+                        connect=tuple(args.connect.split(",")) if args.connect else None)
+        worker_key_files(settings)  # a missing key is a configuration error, found now
+        return settings
     except SettingError as error:
         print(f"worker: {error}", file=sys.stderr)
         sys.exit(CONFIG_ERROR)

@@ -14,12 +14,27 @@ import trio
 import zmq
 
 from common import protocol
+from common.config import WorkerSettings
+from common.keys import connect_curve, worker_key_files
 from common.zmqtrio import TrioSocket
 
 if TYPE_CHECKING:
     from worker.host import Worker
 
 log = logging.getLogger("cohort.worker.link")
+
+UNWELCOME_WARNING_S = 10.0
+
+
+def dealer(settings: WorkerSettings, worker_id: str) -> zmq.Socket:
+    """A DEALER that speaks as `worker_id`, with the worker's CURVE key and a message bound."""
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.IDENTITY, worker_id.encode())
+    raw.setsockopt(zmq.MAXMSGSIZE, settings.zmq_max_message_bytes)
+    files = worker_key_files(settings)
+    if files is not None:
+        connect_curve(raw, *files)
+    return raw
 
 
 class FrontLink:
@@ -37,8 +52,7 @@ class FrontLink:
         self._out_send, self._out_receive = trio.open_memory_channel[Any](math.inf)
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        raw = zmq.Context.instance().socket(zmq.DEALER)
-        raw.setsockopt(zmq.IDENTITY, self.worker.worker_id.encode())
+        raw = dealer(self.worker.settings, self.worker.worker_id)
         raw.setsockopt(zmq.LINGER, 500)  # long enough for a last bye, no longer
         raw.setsockopt(zmq.SNDHWM, 100_000)
         raw.setsockopt(zmq.RCVHWM, 100_000)
@@ -95,10 +109,18 @@ class FrontLink:
                     item.set()
 
     async def _heartbeat_loop(self) -> None:
+        unwelcome_since, warned = trio.current_time(), False
         while True:
             await trio.sleep(self.worker.settings.heartbeat_interval_s)
-            if not self.welcomed:  # the front is not up yet, or lost our hello: say it again
+            if self.welcomed:
+                unwelcome_since, warned = trio.current_time(), False
+            else:  # the front is not up yet, or lost our hello: say it again
                 await self.send(self.worker.hello())
+                if not warned and trio.current_time() - unwelcome_since > UNWELCOME_WARNING_S:
+                    warned = True  # CURVE refusals are silent on this side: say what to check
+                    log.warning("no welcome from the front at %s after %g s: is it up, and does "
+                                "it know this worker's key (python -m server.keys list)?",
+                                self.endpoint, UNWELCOME_WARNING_S)
             await self.send(protocol.Heartbeat(self.worker.engine.unfinished(), self.worker.state,
                                                self.worker.load(self.received)))
 
