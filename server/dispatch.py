@@ -202,6 +202,10 @@ class Dispatcher:
         if isinstance(message, protocol.Hello):
             await self._register(identity, message)
             return
+        if worker is not None and worker.state == "dead" and isinstance(message, protocol.Bye) \
+                and message.restarting:  # the host said bye itself; now its supervisor speaks
+            worker.state, worker.error = "restarting", f"said bye: {message.reason}"
+            return
         if worker is None or worker.state in GONE:
             await self._send(identity, protocol.HelloAgain())
             return

@@ -1,10 +1,11 @@
 """Who may connect to the front's ZeroMQ port: the ZAP handler for CURVE (pyzmq's `zmq.auth`).
 
-pyzmq's authenticator checks a key against a folder of certificates. Cohort also binds a worker
-id to its key: ZeroMQ hands the handler the routing id the peer chose, and a key named NAME may
-only use ids NAME or NAME-* (the local key may use any), so no key can take over another
-worker's route (ROUTER_HANDOVER would let it). The folder is read again when it changes, so a
-key added or removed with `python -m server.keys` counts for the next connection.
+pyzmq's authenticator checks a key against a folder of certificates; this one also names the
+key (its file name), which ZeroMQ then attaches to every message of the connection as its
+User-Id. The dispatcher binds a worker id to that name (`may_use`): a key named NAME registers
+only ids NAME or NAME-* (the local key any). The handler cannot do it itself: the ZAP request
+carries the front's own routing id, not the peer's. The folder is read again when it changes,
+so a key added or removed with `python -m server.keys` counts for the next connection.
 
 One handler serves the whole process (it binds ZeroMQ's fixed inproc address); each front in it
 registers its key folder under a ZAP domain of its own.
@@ -33,7 +34,7 @@ def may_use(key_name: str, worker_id: bytes) -> bool:
 
 
 class WorkerAuthenticator(ThreadAuthenticator):
-    """CURVE only: a known key, and a routing id that key may use; anything else is refused."""
+    """CURVE only, and only the keys in the domain's folder; the User-Id is the key's name."""
 
     def __init__(self) -> None:
         super().__init__(zmq.Context.instance(), log=logging.getLogger("cohort.zap.pyzmq"))
@@ -67,21 +68,18 @@ class WorkerAuthenticator(ThreadAuthenticator):
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         if len(msg) != 7 or msg[5] != b"CURVE":
             return self._refuse(msg, b"CURVE required")
-        _version, _request, domain, address, identity, _mechanism, key = msg
+        domain, key = msg[2], msg[6]
         name = self.names(domain.decode("utf-8", "replace")).get(z85.encode(key))
         if name is None:
             return self._refuse(msg, b"unknown key")
-        if not may_use(name, identity):
-            return self._refuse(msg, b"worker id not bound to this key")
         self._send_zap_reply(msg[1], b"200", b"OK", name)
 
     def _refuse(self, msg: list[bytes], reason: bytes) -> None:
         self.refused += 1
         if self.refused == 1 or self.refused % 100 == 0:  # a flood must not flood the log too
             address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else "?"
-            identity = msg[4] if len(msg) > 4 else b"?"
-            log.warning("refused a worker connection from %s as %r: %s (%d refused so far)",
-                        address, identity, reason.decode(), self.refused)
+            log.warning("refused a worker connection from %s: %s (%d refused so far)",
+                        address, reason.decode(), self.refused)
         if len(msg) > 1:
             self._send_zap_reply(msg[1], b"400", reason)
 

@@ -200,9 +200,10 @@ class Worker:
                     continue
                 self.state = "draining"
                 log.info("%s: draining for up to %g s", name, self.settings.drain_timeout_s)
-                for link in self.links:
-                    await link.send(protocol.Heartbeat(self.engine.unfinished(), self.state,
-                                                       self.load(link.received)))
+                with trio.move_on_after(1):  # a front that is not connected takes nothing
+                    for link in self.links:
+                        await link.send(protocol.Heartbeat(self.engine.unfinished(), self.state,
+                                                           self.load(link.received)))
                 with trio.move_on_after(self.settings.drain_timeout_s):
                     while self.pending or self._scopes:
                         self._request_ended = trio.Event()

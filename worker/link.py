@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cohort.worker.link")
 
-UNWELCOME_WARNING_S = 10.0
+UNWELCOMED_HEARTBEATS = 20  # hellos unanswered before the link says what to check
 
 
 def dealer(settings: WorkerSettings, worker_id: str) -> zmq.Socket:
@@ -110,17 +110,18 @@ class FrontLink:
 
     async def _heartbeat_loop(self) -> None:
         unwelcome_since, warned = trio.current_time(), False
+        patience = UNWELCOMED_HEARTBEATS * self.worker.settings.heartbeat_interval_s
         while True:
             await trio.sleep(self.worker.settings.heartbeat_interval_s)
             if self.welcomed:
                 unwelcome_since, warned = trio.current_time(), False
             else:  # the front is not up yet, or lost our hello: say it again
                 await self.send(self.worker.hello())
-                if not warned and trio.current_time() - unwelcome_since > UNWELCOME_WARNING_S:
+                if not warned and trio.current_time() - unwelcome_since > patience:
                     warned = True  # CURVE refusals are silent on this side: say what to check
-                    log.warning("no welcome from the front at %s after %g s: is it up, and does "
-                                "it know this worker's key (python -m server.keys list)?",
-                                self.endpoint, UNWELCOME_WARNING_S)
+                    log.warning("no welcome from the front at %s after %g s: is it up, does it "
+                                "know this worker's key (python -m server.keys list), and is "
+                                "COHORT_FRONT_KEY its key?", self.endpoint, patience)
             await self.send(protocol.Heartbeat(self.worker.engine.unfinished(), self.worker.state,
                                                self.worker.load(self.received)))
 

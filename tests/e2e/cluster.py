@@ -127,16 +127,43 @@ class Cluster:
             f"{workers} ready worker(s)", timeout_s)
 
     def stop(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+        """SIGTERM to every process group, then SIGKILL to what is left of them after 20 s (the
+        `sh` at the head of a group may be gone while the processes it started still run)."""
+        groups = [proc.pid for proc in self.procs.values()]
+        for group in groups:
+            _signal_group(group, signal.SIGTERM)
         deadline = time.monotonic() + 20
+        while any(_group_alive(group) for group in groups) and time.monotonic() < deadline:
+            time.sleep(0.05)  # bounded: processes outside our children cannot be waited on
+        for group in groups:
+            _signal_group(group, signal.SIGKILL)
         for proc in self.procs.values():
+            proc.wait()
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(group: int) -> bool:
+    """Whether any process of the group still runs (zombies do not count)."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
             try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == group and fields[0] != "Z":
+                return True
+    return False
 
 
 def descendants(pid: int) -> set[int]:
