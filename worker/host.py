@@ -81,8 +81,8 @@ class Worker:
                 nursery.start_soon(self._watchdog)
         # the links said bye on their way out; now free the engine (and its processes), bounded:
         # a dead engine may not answer, and the supervisor kills what is left
-        with trio.move_on_after(30) as bounded:
-            bounded.shield = True
+        with trio.move_on_after(2 if self.exit_code == ENGINE_DIED else 30) as bounded:
+            bounded.shield = True  # a dead engine's teardown only delays its restart
             await self.engine.close()
 
     async def _watchdog(self) -> None:

@@ -38,6 +38,30 @@ async def started(cluster, front_command: str | None = None, **env: str) -> None
     await cluster.wait_for(lambda health: True, "the front")
 
 
+async def start_short_of_descriptors(cluster) -> None:
+    """A front with 1,024 descriptors (a common default), a worker and a user."""
+    await started(cluster, "ulimit -n 1024; " + procfile()["front"])
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user("alice")
+    await cluster.wait_ready(1)
+
+
+async def hold_idle(cluster, count: int) -> list[trio.SocketStream]:
+    """`count` connections that made one request each and are left open, 64 opening at a time."""
+    idle: list[trio.SocketStream] = []
+    limiter = trio.CapacityLimiter(64)
+
+    async def open_one() -> None:
+        async with limiter:
+            idle.append(await one_health_request(cluster.port))
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                nursery.start_soon(open_one)
+    return idle
+
+
 async def test_an_idle_keep_alive_connection_is_closed(make_cluster):
     cluster = make_cluster(COHORT_KEEP_ALIVE_S="0.5")
     await started(cluster)
@@ -50,21 +74,8 @@ async def test_two_thousand_idle_connections_do_not_stop_a_new_request(make_clus
     """With 1,024 descriptors (a common default) and a keep-alive longer than the test, the bound
     alone makes room: each new connection past it closes the oldest idle one."""
     cluster = make_cluster(COHORT_KEEP_ALIVE_S="600")
-    await started(cluster, "ulimit -n 1024; " + procfile()["front"])
-    cluster.start_worker("worker1")
-    cluster.api_key = cluster.add_user("alice")
-    await cluster.wait_ready(1)
-    idle: list[trio.SocketStream] = []
-    limiter = trio.CapacityLimiter(64)
-
-    async def open_one() -> None:
-        async with limiter:
-            idle.append(await one_health_request(cluster.port))
-
-    with trio.fail_after(120):
-        async with trio.open_nursery() as nursery:
-            for _ in range(2000):
-                nursery.start_soon(open_one)
+    await start_short_of_descriptors(cluster)
+    idle = await hold_idle(cluster, 2000)
     assert len(idle) == 2000
     async with httpx.AsyncClient(timeout=10, headers=cluster.headers()) as http:
         response = await http.post(cluster.url + "/v1/completions", json={
