@@ -18,6 +18,7 @@ import trio
 
 from common.config import ServerSettings
 from server.errors import Unauthorized
+from server.login_throttle import LoginThrottle
 from server.store import Store, utcnow
 
 log = logging.getLogger("cohort.auth")
@@ -58,18 +59,23 @@ class Auth:
         self.settings = settings
         self.store = store
         self._cache: dict[str, tuple[float, Principal]] = {}
+        self.throttle = LoginThrottle()
         if settings.auth_disabled:
             log.warning("AUTHENTICATION IS DISABLED (COHORT_AUTH_DISABLED): every route is open "
                         "to anyone who can reach this port. Never do this outside development.")
 
-    async def login(self, username: str, password: str) -> dict[str, object]:
-        """Check a password (same bcrypt work whether or not the user exists) and mint a token."""
+    async def login(self, username: str, password: str, address: str = "") -> dict[str, object]:
+        """Check a password (same bcrypt work whether or not the user exists) and mint a token;
+        repeated failures for a user or from an address lock them out for a growing time."""
+        self.throttle.check(username, address, trio.current_time())
         user = await self.store.run(self.store.user_named, username)
         stored = user.password_hash if user is not None else _DUMMY_HASH
         ok = await trio.to_thread.run_sync(
             bcrypt.checkpw, password.encode()[:72], stored.encode())
         if not ok or user is None or user.disabled:
+            self.throttle.failed(username, address, trio.current_time())
             raise Unauthorized("wrong username or password", code="invalid_credentials")
+        self.throttle.succeeded(username)
         token = secrets.token_urlsafe(32)
         expires = utcnow() + datetime.timedelta(seconds=self.settings.token_ttl_s)
         await self.store.run(self.store.add_token, user.id, digest(token), "access", expires)

@@ -1,10 +1,12 @@
-"""Operations: `/health` (open), `/ready` (a probe for orchestrators), `/stats`, `/metrics`."""
+"""Operations: `/health` (open; details for a token), `/ready` (a probe for orchestrators),
+`/stats`, `/metrics`."""
 
 from __future__ import annotations
 
 from quart import Blueprint, Response
 
 from common.config import describe
+from server.errors import Unauthorized
 from server.routes.context import caller, gateway
 
 blueprint = Blueprint("ops", __name__)
@@ -12,10 +14,17 @@ blueprint = Blueprint("ops", __name__)
 
 @blueprint.get("/health")
 async def health():
+    """Anyone may ask whether the service is up; only a caller with a token sees its workers and
+    settings (an anonymous answer must not map the deployment for a stranger)."""
     cohort = gateway()
+    status = ("failing" if not cohort.services_up else "draining" if cohort.draining else "ok")
+    try:
+        await caller()
+    except Unauthorized:
+        return {"status": status}
     workers = cohort.dispatcher.describe_workers()
     engines = sorted({w["engine"] for w in workers if w["state"] not in ("dead", "restarting", "failed")})
-    return {"status": "ok", "front_id": cohort.dispatcher.front_id,
+    return {"status": status, "front_id": cohort.dispatcher.front_id,
             "zmq_endpoint": cohort.dispatcher.endpoint,
             "mode": "+".join(engines) or "no workers",
             "auth": "disabled" if cohort.settings.auth_disabled else "required",

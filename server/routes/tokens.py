@@ -21,4 +21,4 @@ async def token():
     username, password = body.get("username"), body.get("password")
     if not isinstance(username, str) or not isinstance(password, str) or not username:
         raise BadRequest("send username and password (form fields or JSON)", param="username")
-    return await gateway().auth.login(username, password)
+    return await gateway().auth.login(username, password, request.remote_addr or "")

@@ -102,9 +102,11 @@ class Cluster:
         return {"Authorization": f"Bearer {key or self.api_key}"}
 
     async def health(self) -> dict | None:
+        """/health, with its details once the cluster has a user's key (anonymous: status only)."""
         try:
             async with httpx.AsyncClient(timeout=5) as client:
-                return (await client.get(self.url + "/health")).json()
+                return (await client.get(self.url + "/health",
+                                         headers=self.headers() if self.api_key else {})).json()
         except (httpx.TransportError, ValueError):
             return None
 

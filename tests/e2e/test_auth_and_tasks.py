@@ -189,3 +189,30 @@ async def test_a_stored_task_that_cannot_run_again_is_quarantined_not_a_crash_lo
     assert poison["status"] == "failed" and poison["error"]["code"] == "quarantined"
     assert "max_tokens" in poison["error"]["message"]
     assert fine["status"] == "completed"
+
+
+async def test_ten_wrong_passwords_get_a_429_that_says_when_and_even_the_right_one_waits(
+        make_cluster):
+    cluster = make_cluster()
+    await start(cluster)
+    async with httpx.AsyncClient(timeout=30) as http:
+        answers = [await http.post(cluster.url + "/token", data={
+            "username": "alice", "password": f"guess {i}"}) for i in range(10)]
+        right = await http.post(cluster.url + "/token", data={
+            "username": "alice", "password": "correct-horse"})
+    statuses = [answer.status_code for answer in answers]
+    assert statuses[:6] == [401] * 6 and statuses[-1] == 429, statuses
+    assert int(answers[-1].headers["Retry-After"]) >= 1
+    assert answers[-1].json()["error"]["code"] == "too_many_login_failures"
+    assert right.status_code == 429  # a lockout is not a password check
+
+
+async def test_an_anonymous_health_says_only_whether_the_service_is_up(make_cluster):
+    cluster = make_cluster()
+    await start(cluster)
+    anonymous = httpx.get(cluster.url + "/health")
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ok"}
+    for secret in ("data", "zmq", "tcp://", "worker1", "sqlite", str(cluster.tmp)):
+        assert secret not in anonymous.text
+    detailed = httpx.get(cluster.url + "/health", headers=cluster.headers()).json()
+    assert detailed["workers"][0]["id"] == "worker1" and "config" in detailed

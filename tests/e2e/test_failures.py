@@ -98,6 +98,7 @@ async def test_health_says_restarting_while_the_supervisor_waits_to_restart_a_ho
     cluster = make_cluster()
     cluster.start_front()
     cluster.start_worker("worker1", COHORT_RESTART_BACKOFF_S="3")
+    cluster.api_key = cluster.add_user("ops")
     await cluster.wait_ready(1)
     os.kill(engine_host(cluster.procs["worker1"].pid, "worker1"), signal.SIGKILL)
     health = await cluster.wait_for(lambda h: h["workers"][0]["state"] == "restarting",

@@ -111,8 +111,8 @@ def test_drop_params_drops_unknown_fields_and_says_so(make_cluster):
     assert wrong.status_code == 400  # a wrong type is never dropped
 
 
-def test_health_is_open_and_shows_every_worker(shared):
-    health = httpx.get(shared.url + "/health").json()
+def test_health_shows_every_worker_to_a_token(shared):
+    health = httpx.get(shared.url + "/health", headers=shared.headers()).json()
     assert health["mode"] == "mock" and health["auth"] == "required"
     assert sorted(w["id"] for w in health["workers"]) == ["worker1", "worker2"]
     assert {w["state"] for w in health["workers"]} <= {"ready", "busy"}
