@@ -144,6 +144,9 @@ class Bench:
         window = self.args.batch_wait
         targets = {f"window {wait:g}": await self.mock_cluster(**ZERO_COST, COHORT_BATCH_WAIT_S=str(wait))
                    for wait in dict.fromkeys((window, 0.0))}
+        # CURVE on the worker wire is the default; the same path without it prices it
+        targets["no CURVE"] = await self.mock_cluster(
+            **ZERO_COST, COHORT_BATCH_WAIT_S=str(window), COHORT_ZMQ_INSECURE="1")
         secured = targets["auth"] = await self.mock_cluster(**ZERO_COST, COHORT_AUTH_DISABLED="0")
         key_header = {"Authorization": f"Bearer {secured.add_user('bench')}"}
         try:
@@ -173,6 +176,11 @@ class Bench:
                                  "bare_p99_ms": bare.summary()["p99_ms"],
                                  "cohort_p50_ms": ours.summary()["p50_ms"],
                                  "cohort_p99_ms": ours.summary()["p99_ms"], "errors": ours.errors})
+                curve = sorted(c.steady_rps / p.steady_rps for c, p in
+                               zip(runs[f"window {window:g}"], runs["no CURVE"]))
+                rows.append({"concurrency": concurrency, "path": "CURVE vs none (throughput)",
+                             "ratio": round(statistics.median(curve), 3),
+                             "ratio_range": f"{curve[0]:.3f}-{curve[-1]:.3f}"})
         finally:
             for target in targets.values():
                 target.stop()
