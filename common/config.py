@@ -153,6 +153,10 @@ class ServerSettings:
         5.0, "COHORT_AUTH_CACHE_S", doc="how long a verified key is trusted without the store"
     )
     task_retention_s: int = env_field(7 * 86400, "COHORT_TASK_RETENTION_S")
+    task_lease_s: float = env_field(
+        15.0, "COHORT_TASK_LEASE_S",
+        doc="a front holds the tasks it runs this long, renewed every third of it; a dead front's tasks go to another front after it",
+    )
     log_level: str = env_field("INFO", "COHORT_LOG_LEVEL")
 
     def check(self) -> None:

@@ -1,23 +1,35 @@
 """Users, tokens and tasks in peewee models, and every query, each run in a worker thread.
 
-SQLite by default (a WAL-mode file under the data directory, created on first start); any database
-peewee knows by `DATABASE_URL` (PostgreSQL when several fronts share one store). Secrets are never
-stored: passwords as bcrypt hashes, tokens and API keys as SHA-256 digests.
+SQLite by default (a WAL-mode file under the data directory, created on first start); PostgreSQL
+by `DATABASE_URL` when several fronts share one store (pooled connections that reconnect after the
+server restarts). Secrets are never stored: passwords as bcrypt hashes, tokens and API keys as
+SHA-256 digests.
+
+A task row names the front that runs it (`owner`) and until when (`lease_until`). The owner renews
+all its leases in one statement; a lapsed lease is taken over by exactly one other front, by a
+compare-and-set on the row; and only the owner may record the outcome. Every lease query takes
+`now` from its caller, so tests move time by hand. Fronts' clocks must agree to well within a lease.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import peewee
 import trio
-from playhouse.db_url import connect
+from playhouse.db_url import connect, parse
+from playhouse.migrate import SchemaMigrator, migrate
+from playhouse.pool import PooledPostgresqlDatabase
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("cohort.store")
+
+SCHEMA_VERSION = 2  # 2: task leases (owner, lease_until)
 T = TypeVar("T")
 
 database = peewee.DatabaseProxy()
@@ -68,6 +80,8 @@ class Task(BaseModel):
     result = peewee.TextField(null=True)
     error = peewee.TextField(null=True)
     attempts = peewee.IntegerField(default=0)
+    owner = peewee.CharField(null=True, max_length=128, index=True)  # the front that runs it
+    lease_until = peewee.DateTimeField(null=True, index=True)
     created_at = peewee.DateTimeField(default=utcnow, index=True)
     started_at = peewee.DateTimeField(null=True)
     finished_at = peewee.DateTimeField(null=True)
@@ -75,6 +89,18 @@ class Task(BaseModel):
 
 MODELS = [SchemaVersion, User, Token, Task]
 FINAL = ("completed", "failed", "cancelled")
+UNFINISHED = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A task a front has just taken the lease of."""
+
+    id: str
+    user_id: int
+    kind: str
+    request: dict
+    attempts: int
 
 
 def task_view(task: Task) -> dict[str, Any]:
@@ -99,27 +125,57 @@ class Store:
             if folder:
                 os.makedirs(folder, exist_ok=True)
         self.url = url
-        self.db = connect(url)
+        self.db = _postgres(url) if url.startswith(("postgres://", "postgresql://")) else connect(url)
         if isinstance(self.db, peewee.SqliteDatabase):
             # WAL: readers never wait for the writer; busy_timeout: writers queue instead of failing
             self.db.init(self.db.database, pragmas={"journal_mode": "wal", "foreign_keys": 1,
                                                     "busy_timeout": 10_000, "synchronous": 1})
         database.initialize(self.db)
+        self.reconnects = isinstance(self.db, peewee.PostgresqlDatabase)
         self.limiter = trio.CapacityLimiter(8)
 
     def create_schema(self) -> None:
-        """Create missing tables and record the schema version; safe to run at every start."""
-        with self.db.connection_context():
+        """Create missing tables, bring an older schema up to date, and record its version; safe
+        to run at every start, by several fronts at once."""
+        with self.db.connection_context(), self.db.atomic():
+            if self.reconnects:  # PostgreSQL: fronts that start together take turns here
+                self.db.execute_sql("SELECT pg_advisory_xact_lock(7406)")
+            if self.db.table_exists("task"):  # version 1 had no leases
+                columns = {column.name for column in self.db.get_columns("task")}
+                migrator = SchemaMigrator.from_database(self.db)
+                migrate(*[migrator.add_column("task", name, field) for name, field in (
+                    ("owner", Task.owner), ("lease_until", Task.lease_until))
+                    if name not in columns])
             self.db.create_tables(MODELS, safe=True)
             if not SchemaVersion.select().exists():
                 SchemaVersion.create(version=SCHEMA_VERSION)
+            SchemaVersion.update(version=SCHEMA_VERSION).where(
+                SchemaVersion.version < SCHEMA_VERSION).execute()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run one store call in a worker thread; each thread keeps its own open connection."""
+        """Run one store call in a worker thread; each thread keeps its own open connection.
+        A call whose connection broke (PostgreSQL restarted, or dropped it) runs once more on a
+        fresh one, so a database restart costs a reconnect, not failed requests."""
         def call():
-            self.db.connect(reuse_if_open=True)
-            return fn(*args)
+            for attempt in (1, 2):
+                self.db.connect(reuse_if_open=True)
+                try:
+                    return fn(*args)
+                except (peewee.OperationalError, peewee.InterfaceError) as error:
+                    if attempt == 2 or not self.reconnects:
+                        raise
+                    log.warning("the database connection broke (%s); reconnecting", error)
+                    self._drop_connection()
         return await trio.to_thread.run_sync(call, limiter=self.limiter)
+
+    def _drop_connection(self) -> None:
+        """Forget this thread's broken connection, whatever state peewee kept for it."""
+        while self.db.transaction_depth():
+            self.db.pop_transaction()
+        try:
+            self.db.close()
+        except peewee.PeeweeException:
+            self.db._state.reset()
 
     # --- users and tokens -------------------------------------------------------------------
 
@@ -154,28 +210,71 @@ class Store:
 
     # --- tasks ------------------------------------------------------------------------------
 
-    def add_task(self, task_id: str, user_id: int, kind: str, request: dict) -> None:
+    def add_task(self, task_id: str, user_id: int, kind: str, request: dict,
+                 owner: str | None = None, lease_until: datetime.datetime | None = None) -> None:
         Task.create(id=task_id, user=user_id, status="queued", kind=kind,
-                    request=json.dumps(request))
+                    request=json.dumps(request), owner=owner, lease_until=lease_until)
 
-    def add_tasks(self, rows: list[tuple[str, int, str, dict]]) -> None:
-        """Many tasks in one transaction (a batch request)."""
+    def add_tasks(self, rows: list[tuple[str, int, str, dict]], owner: str | None = None,
+                  lease_until: datetime.datetime | None = None) -> None:
+        """Many tasks in one transaction (a batch request), leased to `owner` from the start."""
         with self.db.atomic():
-            for task_id, user_id, kind, request in rows:
-                self.add_task(task_id, user_id, kind, request)
+            Task.insert_many([{
+                "id": task_id, "user": user_id, "status": "queued", "kind": kind,
+                "request": json.dumps(request), "owner": owner, "lease_until": lease_until,
+                "created_at": utcnow()} for task_id, user_id, kind, request in rows]).execute()
 
-    def task_started(self, task_id: str) -> None:
-        Task.update(status="running", started_at=utcnow(), attempts=Task.attempts + 1).where(
-            Task.id == task_id, Task.status.not_in(FINAL)).execute()
+    def task_started(self, task_id: str, owner: str | None = None) -> bool:
+        """Mark a run of the task begun (one more attempt); False if it is not ours to run."""
+        return Task.update(status="running", started_at=utcnow(),
+                           attempts=Task.attempts + 1).where(
+            Task.id == task_id, Task.status.not_in(FINAL), *_owned_by(owner)).execute() > 0
 
     def task_finished(self, task_id: str, status: str, result: dict | None = None,
-                      error: dict | None = None) -> bool:
-        """Record an outcome, unless the task already has one (a cancel wins over a late result)."""
+                      error: dict | None = None, owner: str | None = None) -> bool:
+        """Record an outcome, unless the task already has one (a cancel wins over a late result)
+        or, given `owner`, another front has taken it over: one outcome per task, whoever ran it."""
         return Task.update(
             status=status, finished_at=utcnow(),
             result=json.dumps(result) if result is not None else None,
             error=json.dumps(error) if error is not None else None,
-        ).where(Task.id == task_id, Task.status.not_in(FINAL)).execute() > 0
+        ).where(Task.id == task_id, Task.status.not_in(FINAL), *_owned_by(owner)).execute() > 0
+
+    # --- leases -----------------------------------------------------------------------------
+
+    def renew_leases(self, owner: str, until: datetime.datetime) -> set[str]:
+        """Extend every unfinished lease of `owner` in one statement; the ids it still holds."""
+        with self.db.atomic():
+            Task.update(lease_until=until).where(
+                Task.owner == owner, Task.status.in_(UNFINISHED)).execute()
+            return {row.id for row in Task.select(Task.id).where(
+                Task.owner == owner, Task.status.in_(UNFINISHED))}
+
+    def claim_lapsed(self, owner: str, now: datetime.datetime, until: datetime.datetime,
+                     limit: int) -> list[Claimed]:
+        """Take over up to `limit` unfinished tasks whose lease lapsed (or that never had one):
+        each by a compare-and-set on the owner and lease read, so of several fronts that try at
+        once exactly one wins each task."""
+        candidates = list(Task.select().where(
+            Task.status.in_(UNFINISHED),
+            (Task.lease_until.is_null()) | (Task.lease_until < now)).order_by(
+            Task.created_at).limit(limit))
+        claimed = []
+        for task in candidates:
+            won = Task.update(owner=owner, lease_until=until).where(
+                Task.id == task.id, Task.status.in_(UNFINISHED),
+                Task.owner.is_null() if task.owner is None else Task.owner == task.owner,
+                Task.lease_until.is_null() if task.lease_until is None
+                else Task.lease_until == task.lease_until).execute()
+            if won:
+                claimed.append(Claimed(task.id, task.user_id, task.kind,
+                                       json.loads(task.request), task.attempts))
+        return claimed
+
+    def release_leases(self, owner: str, task_ids: list[str]) -> int:
+        """Give tasks back at once (a draining front), for another front to take over now."""
+        return Task.update(owner=None, lease_until=None).where(
+            Task.owner == owner, Task.id.in_(task_ids), Task.status.in_(UNFINISHED)).execute()
 
     def task_of(self, user_id: int, task_id: str) -> dict | None:
         task = Task.get_or_none(Task.id == task_id, Task.user == user_id)
@@ -190,10 +289,18 @@ class Store:
         return {"data": [task_view(t) for t in rows], "total": total, "limit": limit,
                 "offset": offset}
 
-    def unfinished_tasks(self) -> list[tuple[str, int, str, dict, int]]:
-        rows = Task.select().where(Task.status.in_(("queued", "running"))).order_by(Task.created_at)
-        return [(t.id, t.user_id, t.kind, json.loads(t.request), t.attempts) for t in rows]
-
     def purge_tasks(self, older_than_s: int) -> int:
         cutoff = utcnow() - datetime.timedelta(seconds=older_than_s)
         return Task.delete().where(Task.status.in_(FINAL), Task.finished_at < cutoff).execute()
+
+
+def _owned_by(owner: str | None) -> list:
+    return [] if owner is None else [Task.owner == owner]
+
+
+def _postgres(url: str) -> peewee.Database:
+    """A pool of PostgreSQL connections (one per store thread, reused)."""
+    settings = parse(url)  # database, user, password, host, port and the query's options
+    settings.setdefault("max_connections", 16)
+    settings.setdefault("stale_timeout", 300)
+    return PooledPostgresqlDatabase(settings.pop("database"), **settings)

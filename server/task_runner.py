@@ -1,13 +1,19 @@
-"""Durable async tasks: stored before they run, run in the app's nursery, recovered at start-up.
+"""Durable async tasks: stored before they run, run in the app's nursery, taken over by another
+front (or this one, restarted) when the front that ran them stops.
 
-A task accepted is never lost: its row exists before the client hears its id; when the front dies,
-the next start re-runs every task that had not finished (up to `MAX_TASK_ATTEMPTS` starts). A task
-that cannot run again (its body no longer valid under today's settings) or that broke its runner
-is quarantined: failed with the cause, never re-run, so no stored row can keep a front down.
+A task accepted is never lost: its row exists, leased to this front, before the client hears its
+id. The front renews its leases in one statement every third of COHORT_TASK_LEASE_S; when a front
+dies, its leases lapse and each of its tasks is claimed by exactly one other front (a
+compare-and-set on the row), and only the owner records an outcome, so every task ends once. A
+draining front hands back what it could not finish. A task is run at most `MAX_TASK_ATTEMPTS`
+times; one that cannot run again (its body no longer valid under today's settings) or that broke
+its runner is quarantined: failed with the cause, never re-run, so no stored row can keep a front
+down.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import secrets
@@ -15,13 +21,15 @@ from typing import Any
 
 import trio
 
-from server.errors import BadRequest, CohortError, NoWorkers, NotFound, QueueFull
+from server.errors import BadRequest, CohortError, Draining, NoWorkers, NotFound, QueueFull
 from server.jobs import JobSpec
 from server.openai_schema import parse_chat, parse_completion
+from server.store import utcnow
 
 log = logging.getLogger("cohort.tasks")
 
 MAX_TASK_ATTEMPTS = 3
+CLAIMS_PER_ROUND = 256  # lapsed tasks one front takes over at a time
 PURGE_PERIOD_S = 3600.0
 
 
@@ -44,30 +52,58 @@ class TaskRunner:
         self.gateway = gateway
         self.store = gateway.store
         self.settings = gateway.settings
+        self.owner = gateway.dispatcher.front_id
         self._nursery: trio.Nursery | None = None
         self._running: dict[str, trio.CancelScope] = {}
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            recovered = await self.store.run(self.store.unfinished_tasks)
-            for task_id, _user, kind, body, attempts in recovered:
-                if attempts >= MAX_TASK_ATTEMPTS:
-                    await self.store.run(self.store.task_finished, task_id, "failed", None, {
-                        "message": f"the front stopped {attempts} times while this task ran",
-                        "type": "server_error"})
-                    continue
-                try:
-                    _, spec = parse_task_body(dict(body, kind=kind), self.settings)
-                except CohortError as error:
-                    await self._quarantine(task_id, f"it cannot run again: {error.message}")
-                    continue
-                nursery.start_soon(self._run_task, task_id, spec)
-            if recovered:
-                log.info("recovered %d unfinished task(s) after a restart", len(recovered))
-            nursery.start_soon(self._purge_loop)
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._take_over_lapsed()
+                nursery.start_soon(self._lease_loop)
+                nursery.start_soon(self._purge_loop)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:  # stopping: hand back what still runs, so another front need not wait a lease
+            with trio.move_on_after(2) as bounded:
+                bounded.shield = True
+                if self._running:
+                    await self.store.run(self.store.release_leases, self.owner,
+                                         list(self._running))
+
+    def _lease_until(self) -> datetime.datetime:
+        return utcnow() + datetime.timedelta(seconds=self.settings.task_lease_s)
+
+    async def _lease_loop(self) -> None:
+        """Renew our leases, stop what is no longer ours (cancelled, or taken over while this
+        front stalled), and take over lapsed leases of fronts that stopped."""
+        while True:
+            await trio.sleep(self.settings.task_lease_s / 3)
+            held = await self.store.run(self.store.renew_leases, self.owner, self._lease_until())
+            for task_id in set(self._running) - held:
+                log.info("task %s is no longer ours (cancelled or taken over); stopping it",
+                         task_id)
+                self._running[task_id].cancel()
+            await self._take_over_lapsed()
+
+    async def _take_over_lapsed(self) -> None:
+        claimed = await self.store.run(self.store.claim_lapsed, self.owner, utcnow(),
+                                       self._lease_until(), CLAIMS_PER_ROUND)
+        for task in claimed:
+            if task.attempts >= MAX_TASK_ATTEMPTS:
+                await self._quarantine(task.id, f"it was started {task.attempts} times and "
+                                       "its front stopped each time")
+                continue
+            try:
+                _, spec = parse_task_body(dict(task.request, kind=task.kind), self.settings)
+            except CohortError as error:
+                await self._quarantine(task.id, f"it cannot run again: {error.message}")
+                continue
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_task, task.id, spec)
+        if claimed:
+            log.info("took over %d task(s) whose front stopped", len(claimed))
 
     async def submit(self, user_id: int, bodies: list[Any]) -> list[str]:
         """Store tasks (validated first, all in one transaction), then start them; their ids."""
@@ -81,7 +117,7 @@ class TaskRunner:
             task_id = "task-" + secrets.token_hex(10)
             rows.append((task_id, user_id, kind, {k: v for k, v in body.items() if k != "kind"}))
             specs.append((task_id, spec))
-        await self.store.run(self.store.add_tasks, rows)
+        await self.store.run(self.store.add_tasks, rows, self.owner, self._lease_until())
         assert self._nursery is not None
         for task_id, spec in specs:
             self._nursery.start_soon(self._run_task, task_id, spec)
@@ -111,26 +147,36 @@ class TaskRunner:
         with trio.CancelScope() as scope:
             self._running[task_id] = scope
             try:
-                await self.store.run(self.store.task_started, task_id)
+                if not await self.store.run(self.store.task_started, task_id, self.owner):
+                    return  # cancelled, or taken over, before it began here
                 try:
                     job = await self._submit_when_possible(spec)
                 except trio.TooSlowError:
                     raise NoWorkers(f"no worker took model {spec.model!r} within "
                                     f"{self.settings.request_timeout_s:g} s") from None
                 body = json.loads(await self.gateway.complete(job, "task"))
-                await self.store.run(self.store.task_finished, task_id, "completed", body, None)
+                await self._finish(task_id, "completed", body, None)
+            except Draining:  # not the task's fault: another front (or our successor) runs it
+                await self.store.run(self.store.release_leases, self.owner, [task_id])
             except CohortError as error:
-                await self.store.run(self.store.task_finished, task_id, "failed", None,
-                                     error.body()["error"])
+                await self._finish(task_id, "failed", None, error.body()["error"])
             except Exception as error:  # a bug: it must neither stop the front nor run again
                 log.exception("task %s broke its runner", task_id)
                 await self._quarantine(task_id, f"it broke the task runner ({type(error).__name__})")
             finally:
                 self._running.pop(task_id, None)
 
+    async def _finish(self, task_id: str, status: str, result: dict | None,
+                      error: dict | None) -> None:
+        """Record the outcome if the task is still ours (one outcome per task, whoever ran it)."""
+        if not await self.store.run(self.store.task_finished, task_id, status, result, error,
+                                    self.owner):
+            log.info("task %s ended here after it was cancelled or taken over; its outcome "
+                     "stands as recorded", task_id)
+
     async def _quarantine(self, task_id: str, why: str) -> None:
         log.warning("task %s quarantined: %s", task_id, why)
-        await self.store.run(self.store.task_finished, task_id, "failed", None, {
+        await self._finish(task_id, "failed", None, {
             "message": f"this task is not run again: {why}", "type": "server_error",
             "code": "quarantined"})
 

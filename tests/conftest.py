@@ -1,4 +1,5 @@
 import importlib.util
+import uuid
 import os
 
 import pytest
@@ -28,3 +29,25 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"COHORT_REQUIRE_VLLM is set, but {reason}")
     for item in wanted:
         item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL server for the session (pgserver's binaries, started here: nothing to
+    install by hand); stopped at the end."""
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path) -> str:
+    """An empty database of each kind the store supports (a new PostgreSQL database per test)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store/cohort.db"
+    server = request.getfixturevalue("postgres")
+    name = f"t{uuid.uuid4().hex[:12]}"
+    server.psql(f"CREATE DATABASE {name};")
+    return server.get_uri(name)

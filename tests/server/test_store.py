@@ -1,30 +1,60 @@
-"""The store on a real SQLite file: schema, credentials, task lifecycle, retention."""
+"""The store on a real SQLite file and a real PostgreSQL server: schema, credentials, task
+lifecycle, leases, retention, reconnects."""
 
 import datetime
 import sqlite3
 
+import peewee
+import pytest
 import trio
 
 from server.auth import digest
 from server.store import SchemaVersion, Store, Task, utcnow
 
+T0 = datetime.datetime(2026, 1, 1, 12, 0, 0)
+LEASE = datetime.timedelta(seconds=15)
 
-def make(tmp_path) -> Store:
-    store = Store(f"sqlite:///{tmp_path}/sub/cohort.db")
+
+def make(url: str) -> Store:
+    store = Store(url)
     store.create_schema()
     return store
 
 
-def test_schema_is_created_in_wal_mode_once_with_a_version(tmp_path):
-    store = make(tmp_path)
+def test_sqlite_schema_is_created_in_wal_mode_once_with_a_version(tmp_path):
+    store = make(f"sqlite:///{tmp_path}/sub/cohort.db")
     store.create_schema()  # idempotent
     with store.db.connection_context():
-        assert [row.version for row in SchemaVersion.select()] == [1]
+        assert [row.version for row in SchemaVersion.select()] == [2]
     assert sqlite3.connect(tmp_path / "sub/cohort.db").execute("pragma journal_mode").fetchone()[0] == "wal"
 
 
-def test_tokens_expire_revoke_and_die_with_a_disabled_user(tmp_path):
-    store = make(tmp_path)
+def test_a_version_1_store_gains_the_lease_columns_and_keeps_its_tasks(tmp_path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE schemaversion (id INTEGER PRIMARY KEY, version INTEGER NOT NULL);
+        INSERT INTO schemaversion (version) VALUES (1);
+        CREATE TABLE user (id INTEGER PRIMARY KEY, username VARCHAR(64) UNIQUE NOT NULL,
+            password_hash VARCHAR(100) NOT NULL, disabled INTEGER NOT NULL, created_at DATETIME NOT NULL);
+        INSERT INTO user VALUES (1, 'alice', 'h', 0, '2026-01-01 00:00:00');
+        CREATE TABLE task (id VARCHAR(40) PRIMARY KEY, user_id INTEGER NOT NULL, status VARCHAR(16)
+            NOT NULL, kind VARCHAR(16) NOT NULL, request TEXT NOT NULL, result TEXT, error TEXT,
+            attempts INTEGER NOT NULL, created_at DATETIME NOT NULL, started_at DATETIME,
+            finished_at DATETIME);
+        INSERT INTO task VALUES ('t1', 1, 'running', 'completion', '{}', NULL, NULL, 1,
+            '2026-01-01 00:00:00', NULL, NULL);
+    """)
+    old.commit()
+    store = make(f"sqlite:///{path}")
+    with store.db.connection_context():
+        assert SchemaVersion.select().first().version == 2
+        [claimed] = store.claim_lapsed("front-a", T0, T0 + LEASE, 10)  # no lease: free to take
+        assert claimed.id == "t1" and claimed.attempts == 1
+
+
+def test_tokens_expire_revoke_and_die_with_a_disabled_user(database_url):
+    store = make(database_url)
     with store.db.connection_context():
         user = store.add_user("alice", "hash")
         store.add_token(user, digest("live"), "api_key")
@@ -37,24 +67,56 @@ def test_tokens_expire_revoke_and_die_with_a_disabled_user(tmp_path):
         assert store.purge_expired_tokens() == 1
 
 
-def test_task_lifecycle_and_a_cancel_that_wins_over_a_late_result(tmp_path):
-    store = make(tmp_path)
+def test_task_lifecycle_and_a_cancel_that_wins_over_a_late_result(database_url):
+    store = make(database_url)
     with store.db.connection_context():
         alice, bob = store.add_user("alice", "h"), store.add_user("bob", "h")
         store.add_tasks([("t1", alice.id, "completion", {"prompt": "x"}),
-                         ("t2", alice.id, "chat", {"messages": []})])
-        store.task_started("t1")
+                         ("t2", alice.id, "chat", {"messages": []})], "front-a", T0 + LEASE)
+        assert store.task_started("t1", "front-a")
         assert store.task_of(alice.id, "t1")["status"] == "running"
         assert store.task_of(bob.id, "t1") is None  # another user's task does not exist for you
         assert store.task_finished("t2", "cancelled", None, {"message": "by client"})
-        assert not store.task_finished("t2", "completed", {"late": True})
+        assert not store.task_finished("t2", "completed", {"late": True}, None, "front-a")
         assert store.task_of(alice.id, "t2")["result"] is None
-        assert [t[0] for t in store.unfinished_tasks()] == ["t1"]
+        assert store.renew_leases("front-a", T0 + 2 * LEASE) == {"t1"}
         assert store.tasks_of(alice.id, "cancelled", 10, 0)["total"] == 1
 
 
-def test_retention_purges_only_old_finished_tasks(tmp_path):
-    store = make(tmp_path)
+def test_a_live_lease_is_left_alone_and_a_lapsed_one_is_taken_by_exactly_one_front(database_url):
+    store = make(database_url)
+    with store.db.connection_context():
+        user = store.add_user("alice", "h")
+        store.add_tasks([(f"t{i}", user.id, "completion", {}) for i in range(4)],
+                        "front-a", T0 + LEASE)
+        store.task_started("t0", "front-a")
+        assert store.claim_lapsed("front-b", T0 + LEASE / 2, T0 + 2 * LEASE, 10) == []
+        # front-a stops renewing; after its lease two fronts try at once: each task goes to one
+        later = T0 + LEASE + datetime.timedelta(seconds=1)
+        won_b = store.claim_lapsed("front-b", later, later + LEASE, 3)
+        won_c = store.claim_lapsed("front-c", later, later + LEASE, 10)
+        assert [t.id for t in won_b] == ["t0", "t1", "t2"] and [t.id for t in won_c] == ["t3"]
+        assert won_b[0].attempts == 1  # t0 ran once on front-a
+        # the old owner wakes up: its result no longer counts, the new owner's does
+        assert not store.task_finished("t0", "completed", {"by": "a"}, None, "front-a")
+        assert store.renew_leases("front-a", later + LEASE) == set()
+        assert store.task_started("t0", "front-b")
+        assert store.task_finished("t0", "completed", {"by": "b"}, None, "front-b")
+        assert store.task_of(user.id, "t0")["result"] == {"by": "b"}
+        assert store.task_of(user.id, "t0")["attempts"] == 2
+
+
+def test_a_released_lease_is_free_at_once(database_url):
+    store = make(database_url)
+    with store.db.connection_context():
+        user = store.add_user("alice", "h")
+        store.add_tasks([("t1", user.id, "completion", {})], "front-a", T0 + LEASE)
+        assert store.release_leases("front-a", ["t1"]) == 1
+        assert [t.id for t in store.claim_lapsed("front-b", T0, T0 + LEASE, 10)] == ["t1"]
+
+
+def test_retention_purges_only_old_finished_tasks(database_url):
+    store = make(database_url)
     with store.db.connection_context():
         user = store.add_user("alice", "h")
         store.add_tasks([("old", user.id, "completion", {}), ("new", user.id, "completion", {}),
@@ -66,8 +128,8 @@ def test_retention_purges_only_old_finished_tasks(tmp_path):
         assert {t.id for t in Task.select()} == {"new", "open"}
 
 
-async def test_queries_run_in_threads_concurrently_without_losing_writes(tmp_path):
-    store = make(tmp_path)
+async def test_queries_run_in_threads_concurrently_without_losing_writes(database_url):
+    store = make(database_url)
     user = await store.run(store.add_user, "alice", "h")
 
     async def write(i: int):
@@ -77,3 +139,24 @@ async def test_queries_run_in_threads_concurrently_without_losing_writes(tmp_pat
         for i in range(200):
             nursery.start_soon(write, i)
     assert (await store.run(store.tasks_of, user.id, None, 1, 0))["total"] == 200
+
+
+async def test_a_postgresql_restart_costs_a_reconnect_not_a_failed_call(postgres, tmp_path):
+    import pgserver
+
+    data = tmp_path / "pg"
+    server = pgserver.get_server(data, cleanup_mode="stop")
+    store = make(server.get_uri())
+    user = await store.run(store.add_user, "alice", "h")
+    assert (await store.run(store.user_named, "alice")).id == user.id
+    server.cleanup()  # the server stops; the store's pooled connections are now dead
+    server = pgserver.get_server(data, cleanup_mode="stop")
+    try:
+        assert (await store.run(store.user_named, "alice")).id == user.id
+        await store.run(store.add_tasks, [("t1", user.id, "completion", {})], "front-a",
+                        T0 + LEASE)
+        assert await store.run(store.renew_leases, "front-a", T0 + 2 * LEASE) == {"t1"}
+    finally:
+        server.cleanup()
+    with pytest.raises(peewee.OperationalError):  # down for good: the call fails, and says so
+        await store.run(store.user_named, "alice")
