@@ -47,7 +47,12 @@ def database_url(request, tmp_path) -> str:
     """An empty database of each kind the store supports (a new PostgreSQL database per test)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/store/cohort.db"
-    server = request.getfixturevalue("postgres")
+    return request.getfixturevalue("database_url_postgres")
+
+
+@pytest.fixture
+def database_url_postgres(postgres) -> str:
+    """A new, empty database on the session's PostgreSQL server."""
     name = f"t{uuid.uuid4().hex[:12]}"
-    server.psql(f"CREATE DATABASE {name};")
-    return server.get_uri(name)
+    postgres.psql(f"CREATE DATABASE {name};")
+    return postgres.get_uri(name)

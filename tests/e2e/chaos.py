@@ -19,7 +19,7 @@ MODEL = "cohort-mock"
 WORKERS = ("worker1", "worker2")
 FINAL = ("completed", "failed", "cancelled")
 ENV = {"MOCK_TOKEN_S": "0.01", "MOCK_TTFT_S": "0.01", "COHORT_RESTART_BACKOFF_S": "0.2",
-       "COHORT_WORKER_TIMEOUT_S": "2"}
+       "COHORT_WORKER_TIMEOUT_S": "2", "COHORT_TASK_LEASE_S": "3"}
 
 
 @dataclass
