@@ -54,6 +54,7 @@ class Bench:
         self.results: dict[str, dict] = {}
         self.raw: dict[str, Result] = {}
         self._count = 0
+        self._postgres = None
 
     def cluster(self, **env) -> Cluster:
         self._count += 1
@@ -224,48 +225,92 @@ class Bench:
                                                              "32-token replies"}
 
     async def front_scale_out(self) -> None:
-        rows, base = [], None
-        for fronts in (1, 2):
-            cluster = await self.mock_cluster(workers=2, front_workers=fronts, **ZERO_COST)
-            try:
-                result = await self.load(f"{fronts} front(s)", cluster.url + "/v1/completions",
-                                         total=self.args.requests, concurrency=64)
-            finally:
-                cluster.stop()
-            base = base or result.steady_rps
-            rows.append({"fronts": fronts, "rps": round(result.steady_rps, 1),
-                         "speedup": round(result.steady_rps / base, 2), "errors": result.errors})
+        """Chat requests/s and async tasks/s with one and two front processes, on SQLite and on
+        PostgreSQL (the store for fronts on several machines)."""
+        rows = []
+        for store in ("sqlite", "postgres"):
+            base = None
+            for fronts in (1, 2):
+                env = {"DATABASE_URL": self.postgres_url()} if store == "postgres" else {}
+                cluster = await self.mock_cluster(workers=2, front_workers=fronts, **ZERO_COST,
+                                                  **env)
+                try:
+                    result = await self.load(f"{fronts} front(s), {store}",
+                                             cluster.url + "/v1/completions",
+                                             total=self.args.requests, concurrency=64)
+                    tasks_per_s = await self.task_throughput(cluster, self.args.requests // 2)
+                finally:
+                    cluster.stop()
+                base = base or result.steady_rps
+                rows.append({"store": store, "fronts": fronts, "chat_rps": round(result.steady_rps, 1),
+                             "speedup": round(result.steady_rps / base, 2),
+                             "tasks_per_s": round(tasks_per_s, 1), "errors": result.errors})
         self.results["6 front scale-out"] = {"rows": rows}
 
-    async def store_writes(self) -> None:
-        """Task writes per second on SQLite: each task's life is three writes (queued, running,
-        finished), each run in a worker thread as the front runs them."""
-        from server.store import Store
-        store = Store(f"sqlite:///{self.tmp / 'store.db'}")
-        store.create_schema()
-        user = await store.run(store.add_user, "bench", "x")
-        count = self.args.tasks
-
-        async def life(i: int) -> None:
-            await store.run(store.add_task, f"t{i}", user.id, "completion", {"prompt": "x"})
-            await store.run(store.task_started, f"t{i}")
-            await store.run(store.task_finished, f"t{i}", "completed", {"text": "y"}, None)
-
+    async def task_throughput(self, cluster: Cluster, count: int) -> float:
+        """Async tasks submitted at once (64 clients) until the store says all completed."""
+        body = {"model": "cohort-mock", "prompt": "later", "max_tokens": self.args.output_tokens}
         began = trio.current_time()
-        async with trio.open_nursery() as nursery:
+        async with httpx.AsyncClient(timeout=60) as http:
             limit = trio.Semaphore(64)
 
-            async def bounded(i: int) -> None:
+            async def submit(_: int) -> None:
                 async with limit:
-                    await life(i)
+                    (await http.post(cluster.url + "/inference/async", json=body)).raise_for_status()
 
-            for i in range(count):
-                nursery.start_soon(bounded, i)
-        took = trio.current_time() - began
-        self.results["7 store"] = {"rows": [{"tasks": count, "writes": 3 * count,
-                                             "writes_per_s": round(3 * count / took, 1),
-                                             "task_lives_per_s": round(count / took, 1)}],
-                                   "database": "SQLite, WAL, synchronous=NORMAL"}
+            async with trio.open_nursery() as nursery:
+                for i in range(count):
+                    nursery.start_soon(submit, i)
+            with trio.fail_after(300):
+                while (await http.get(cluster.url + "/tasks", params={
+                        "status": "completed", "limit": 1})).json()["total"] < count:
+                    await trio.sleep(0.05)
+        return count / (trio.current_time() - began)
+
+    def postgres_url(self) -> str:
+        """A new database on the bench's own PostgreSQL server (pgserver: started here)."""
+        import pgserver
+        if self._postgres is None:
+            self._postgres = pgserver.get_server(self.tmp / "postgres", cleanup_mode="stop")
+        self._count += 1
+        name = f"bench{self._count}"
+        self._postgres.psql(f"CREATE DATABASE {name};")
+        return self._postgres.get_uri(name)
+
+    async def store_writes(self) -> None:
+        """Task writes per second on SQLite and on PostgreSQL: each task's life is three writes
+        (queued with its lease, running, finished), each in a store thread as the front runs them."""
+        from server.store import Store, utcnow
+        rows = []
+        for database, url in (("SQLite, WAL, synchronous=NORMAL", f"sqlite:///{self.tmp / 'store.db'}"),
+                              ("PostgreSQL 16 (pgserver), pooled", self.postgres_url())):
+            store = Store(url)
+            store.create_schema()
+            user = await store.run(store.add_user, "bench", "x")
+            count, lease = self.args.tasks, utcnow()
+
+            async def life(i: int) -> None:
+                await store.run(store.add_tasks, [(f"t{i}", user.id, "completion", {"prompt": "x"})],
+                                "bench-front", lease)
+                await store.run(store.task_started, f"t{i}", "bench-front")
+                await store.run(store.task_finished, f"t{i}", "completed", {"text": "y"}, None,
+                                "bench-front")
+
+            began = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                limit = trio.Semaphore(64)
+
+                async def bounded(i: int) -> None:
+                    async with limit:
+                        await life(i)
+
+                for i in range(count):
+                    nursery.start_soon(bounded, i)
+            took = trio.current_time() - began
+            rows.append({"database": database, "tasks": count, "writes": 3 * count,
+                         "writes_per_s": round(3 * count / took, 1),
+                         "task_lives_per_s": round(count / took, 1)})
+        self.results["7 store"] = {"rows": rows}
 
     async def real_engine(self) -> None:
         from worker.models import default_model_path, is_prepared
@@ -388,7 +433,11 @@ def main() -> None:
         for number in args.only or sorted(SCENARIOS):
             await getattr(bench, SCENARIOS[number])()
 
-    trio.run(run_all)
+    try:
+        trio.run(run_all)
+    finally:
+        if bench._postgres is not None:
+            bench._postgres.cleanup()
     print_table(bench.results)
     if args.json:
         args.json.write_text(json.dumps({"results": bench.results,

@@ -53,6 +53,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     @app.before_serving
     async def start_services() -> None:
         await cohort.store.run(cohort.store.create_schema)
+        await cohort.auth.start()
 
         async def run_services(task_status=trio.TASK_STATUS_IGNORED):
             try:

@@ -216,3 +216,17 @@ async def test_an_anonymous_health_says_only_whether_the_service_is_up(make_clus
         assert secret not in anonymous.text
     detailed = httpx.get(cluster.url + "/health", headers=cluster.headers()).json()
     assert detailed["workers"][0]["id"] == "worker1" and "config" in detailed
+
+
+async def test_async_tasks_work_with_authentication_off(make_cluster):
+    """Every caller is the disabled `dev` user then: tasks need an owner row (it was a 500)."""
+    cluster = make_cluster(COHORT_AUTH_DISABLED="1")
+    cluster.start_front()
+    cluster.start_worker("worker1")
+    await cluster.wait_ready(1)
+    async with httpx.AsyncClient(timeout=30) as http:
+        accepted = await http.post(cluster.url + "/inference/async", json={
+            "model": MODEL, "prompt": "open house", "max_tokens": 4})
+        assert accepted.status_code == 202, accepted.text
+        task = await poll_task(http, cluster, accepted.json()["id"])
+    assert task["status"] == "completed"
