@@ -108,7 +108,13 @@ class ServerSettings:
         4, "COHORT_AFFINITY_MARGIN",
         doc="how many more requests than the least busy worker an affine worker may hold",
     )
-    max_queue: int = env_field(1024, "COHORT_MAX_QUEUE", doc="queued requests per model before 429")
+    max_queue: int = env_field(
+        1024, "COHORT_MAX_QUEUE", doc="queued requests per model and user before 429 (the whole queue: 4x)"
+    )
+    fair_shares: bool = env_field(
+        True, "COHORT_FAIR_SHARES",
+        doc="users take turns in each model's queue, by tokens; async and batch work only fills idle capacity (0: one line, oldest first)",
+    )
     request_timeout_s: float = env_field(600.0, "COHORT_REQUEST_TIMEOUT_S")
     drain_timeout_s: float = env_field(
         30.0, "COHORT_DRAIN_TIMEOUT_S",

@@ -29,7 +29,8 @@ class Gateway:
         self.metrics = Metrics()
         self.dispatcher = Dispatcher(settings, self.metrics)
         self.scheduler = Scheduler(self.dispatcher, max_batch_size=settings.max_batch_size,
-                                   max_wait_s=settings.max_wait_s, max_queue=settings.max_queue)
+                                   max_wait_s=settings.max_wait_s, max_queue=settings.max_queue,
+                                   fair=settings.fair_shares)
         self.dispatcher.scheduler = self.scheduler
         self.nursery: trio.Nursery | None = None
         # set by create_app: the store, the auth checks and the durable task runner

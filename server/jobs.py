@@ -25,6 +25,9 @@ class JobSpec:
     dropped: list[str] = field(default_factory=list)  # unknown fields dropped (COHORT_DROP_PARAMS)
     seqs: int = 1  # sequences the engine runs for it: n for each prompt
     prompt_text: str = ""  # what the prompt starts with, for placement by prefix affinity
+    cost: int = 1  # tokens it may take: the prompt's (estimated) and those it may generate
+    tenant: str = ""  # whose turn it uses in its queue (a user)
+    tier: str = "interactive"  # interactive | batch (async tasks and batches: idle capacity)
 
 
 @dataclass

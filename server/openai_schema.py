@@ -237,6 +237,10 @@ MODELS = (ChatRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest, Det
           Message, TextPart, ToolCall, FunctionCall, StreamOptions, ResponseFormat, JsonSchema, Tool,
           Function, ToolChoice)
 FIELD_NAMES = {name for cls in MODELS for name in cls.model_fields} | {"schema"}
+# For fair shares only (what a request may cost before it runs): vLLM's completion default is 16
+# tokens; a chat without max_tokens may run to the context's end, guessed here as 256.
+COMPLETION_TOKENS_DEFAULT = 16
+CHAT_TOKENS_GUESS = 256
 
 
 def features_used(request: BaseModel) -> list[str]:
@@ -345,10 +349,13 @@ def parse_chat(body: Any, settings: ServerSettings, trace_id: str = "") -> JobSp
                     request.n)
     if isinstance(request.tool_choice, ToolChoice) and not request.tools:
         raise BadRequest("tool_choice names a function but no tools are given", param="tool_choice")
-    _check_size(sum(len(_text_of(m.content)) for m in request.messages), settings, "messages")
+    chars = sum(len(_text_of(m.content)) for m in request.messages)
+    _check_size(chars, settings, "messages")
+    asked = request.max_completion_tokens or request.max_tokens or CHAT_TOKENS_GUESS
     return JobSpec(request.model, "chat", body, stream=bool(request.stream), trace_id=trace_id,
                    features=features_used(request), dropped=dropped, seqs=request.n,
-                   prompt_text=chat_prompt_text(request.messages))
+                   prompt_text=chat_prompt_text(request.messages),
+                   cost=chars // 4 + request.n * asked)
 
 
 def parse_completion(body: Any, settings: ServerSettings, trace_id: str = "") -> JobSpec:
@@ -356,12 +363,14 @@ def parse_completion(body: Any, settings: ServerSettings, trace_id: str = "") ->
     request, body, dropped = _validate(CompletionRequest, body, settings)
     prompts = _prompts(request.prompt)
     _check_sampling(request, settings, request.max_tokens, request.n * len(prompts))
-    _check_size(sum(len(p) if isinstance(p, str) else 4 * len(p) for p in prompts), settings,
-                "prompt")
+    chars = sum(len(p) if isinstance(p, str) else 4 * len(p) for p in prompts)
+    _check_size(chars, settings, "prompt")
     first = prompts[0] if isinstance(prompts[0], str) else ""
+    seqs = request.n * len(prompts)
     return JobSpec(request.model, "completions", body, stream=bool(request.stream),
                    trace_id=trace_id, features=features_used(request), dropped=dropped,
-                   seqs=request.n * len(prompts), prompt_text=first)
+                   seqs=seqs, prompt_text=first,
+                   cost=chars // 4 + seqs * (request.max_tokens or COMPLETION_TOKENS_DEFAULT))
 
 
 def parse_embeddings(body: Any, settings: ServerSettings, trace_id: str = "") -> JobSpec:
@@ -371,9 +380,11 @@ def parse_embeddings(body: Any, settings: ServerSettings, trace_id: str = "") ->
     if len(inputs) > settings.max_n * 64:
         raise BadRequest(f"input holds {len(inputs)} items; the limit is {settings.max_n * 64} "
                          "(64 x COHORT_MAX_N)", param="input")
-    _check_size(sum(len(p) if isinstance(p, str) else 4 * len(p) for p in inputs), settings, "input")
+    chars = sum(len(p) if isinstance(p, str) else 4 * len(p) for p in inputs)
+    _check_size(chars, settings, "input")
     return JobSpec(request.model, "embeddings", body, trace_id=trace_id,
-                   features=features_used(request), dropped=dropped, seqs=len(inputs))
+                   features=features_used(request), dropped=dropped, seqs=len(inputs),
+                   cost=1 + chars // 4)
 
 
 def parse_tokens(route: str, body: Any, settings: ServerSettings, trace_id: str = "") -> JobSpec:

@@ -5,7 +5,8 @@ request leaves at once, with whatever gathered behind it (up to `max_batch_size`
 there is). Only while every worker is full do requests gather; they leave when room appears, or
 once the oldest has waited `max_wait_s` (VLLM_BATCH_WAIT_TIMEOUT), into the least loaded engine's
 own queue, as `vllm serve` would have queued them. The window never delays a request while a
-worker is idle.
+worker is idle. What leaves is chosen by the queue's fair shares (`server.scheduling.queue`):
+interactive before batch, tenants by turns; batch work only ever takes room that is free.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import trio
 from server.errors import CohortError, NoWorkers
 from server.jobs import Job
 from server.scheduling.queue import ModelQueue
+
+INTERACTIVE = ("interactive",)
 
 log = logging.getLogger("cohort.scheduler")
 
@@ -39,8 +42,9 @@ class Scheduler:
     """Owns one ModelQueue and one batching task per model, in the nursery it is started in."""
 
     def __init__(self, sink: BatchSink, *, max_batch_size: int, max_wait_s: float,
-                 max_queue: int) -> None:
+                 max_queue: int, fair: bool = True) -> None:
         self.sink = sink
+        self.fair = fair
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -54,13 +58,23 @@ class Scheduler:
             task_status.started(self)
             await trio.sleep_forever()
 
+    @staticmethod
+    async def _either(*waits) -> None:
+        """Return as soon as one of `waits` returns."""
+        async with trio.open_nursery() as nursery:
+            async def wait(event) -> None:
+                await event()
+                nursery.cancel_scope.cancel()
+            for event in waits:
+                nursery.start_soon(wait, event)
+
     def submit(self, job: Job) -> None:
         """Queue a job (QueueFull if its model's queue is at its bound)."""
         queue = self.queues.get(job.spec.model)
         if queue is None:
             if self._nursery is None:
                 raise RuntimeError("the scheduler is not running")
-            queue = self.queues[job.spec.model] = ModelQueue(self.max_queue)
+            queue = self.queues[job.spec.model] = ModelQueue(self.max_queue, fair=self.fair)
             self._nursery.start_soon(self._batch_loop, job.spec.model, queue)
         queue.push(job)
 
@@ -89,16 +103,20 @@ class Scheduler:
                 await queue.wait_changed()
             room, force = self.sink.room(model), False
             if not room:
+                oldest = queue.oldest_arrival(INTERACTIVE)
+                if oldest is None:
+                    # Only batch work waits: it takes idle capacity, never an engine's queue,
+                    # so an interactive request that comes meanwhile finds room first.
+                    await self._either(self.sink.wait_for_change, queue.wait_changed)
+                    continue
                 # Every worker is full: requests gather until one has room, or until the oldest
                 # has waited the window; then the engines' own queues take them.
-                oldest = queue.oldest_arrival()
-                if oldest is None:
-                    continue
                 with trio.move_on_at(oldest + self.max_wait_s) as window:
                     while not (room := self.sink.room(model)):
                         await self.sink.wait_for_change()
                 force = window.cancelled_caught
-            batch = queue.take(self.max_batch_size if force else min(self.max_batch_size, room))
+            batch = (queue.take(self.max_batch_size, INTERACTIVE) if force
+                     else queue.take(min(self.max_batch_size, room)))
             if not batch:
                 continue
             left = await self.sink.send_batch(model, batch, force=force)

@@ -45,6 +45,12 @@ def parse_task_body(body: Any, settings) -> tuple[str, JobSpec]:
     return kind, spec
 
 
+def batch_tier(spec: JobSpec, user_id: int) -> JobSpec:
+    """Tasks fill the capacity interactive requests leave idle, in their user's turn."""
+    spec.tenant, spec.tier = f"user:{user_id}", "batch"
+    return spec
+
+
 class TaskRunner:
     """Runs stored tasks through the gateway and records their outcome in the store."""
 
@@ -101,7 +107,7 @@ class TaskRunner:
                 await self._quarantine(task.id, f"it cannot run again: {error.message}")
                 continue
             assert self._nursery is not None
-            self._nursery.start_soon(self._run_task, task.id, spec)
+            self._nursery.start_soon(self._run_task, task.id, batch_tier(spec, task.user_id))
         if claimed:
             log.info("took over %d task(s) whose front stopped", len(claimed))
 
@@ -120,7 +126,7 @@ class TaskRunner:
         await self.store.run(self.store.add_tasks, rows, self.owner, self._lease_until())
         assert self._nursery is not None
         for task_id, spec in specs:
-            self._nursery.start_soon(self._run_task, task_id, spec)
+            self._nursery.start_soon(self._run_task, task_id, batch_tier(spec, user_id))
         return [task_id for task_id, _ in specs]
 
     async def cancel(self, user_id: int, task_id: str) -> dict | None:

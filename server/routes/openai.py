@@ -76,8 +76,10 @@ async def _body() -> Any:
 
 async def _answer(parse) -> Response:
     """A POST route: the caller checked, the body parsed into a job, the job served."""
-    await caller()
-    return await _serve(parse(await _body(), gateway().settings, g.request_id))
+    principal = await caller()
+    spec = parse(await _body(), gateway().settings, g.request_id)
+    spec.tenant = f"user:{principal.user_id}"
+    return await _serve(spec)
 
 
 @blueprint.post("/v1/chat/completions")

@@ -57,6 +57,7 @@ async def inference_batch():
     async def run(index: int, item: Any) -> None:
         try:
             _, spec = parse_task_body(item, cohort.settings)
+            spec.tenant, spec.tier = f"user:{principal.user_id}", "batch"
             job = cohort.submit(spec)
             result = json.loads(await cohort.complete(job, "batch"))
             results[index] = {"index": index, "status": "completed", "result": result}

@@ -1,8 +1,21 @@
-"""What waits: one model's queue of jobs, bounded, oldest first, with retries put back in front."""
+"""What waits for one model, and what leaves next: tiers first, then a fair share per tenant.
+
+Two tiers: `interactive` (the OpenAI routes) and `batch` (async tasks, `/inference/batch`). A batch
+job leaves only while no interactive job waits. Within a tier, tenants (users) take turns by
+deficit round robin on tokens: each turn a tenant earns QUANTUM_TOKENS and spends a job's cost
+(its prompt's estimated tokens plus the tokens it may generate), so a tenant with 1,000 queued
+requests delays another's few by about one turn each, not by its whole backlog; a tenant asking
+for many tokens per request gets fewer requests through per turn than one asking for few. With
+`fair=False` the queue is one line, oldest first (the behaviour before; a bench baseline).
+
+Each tenant's own line is bounded by `max_size` (a flood fills its own, not everyone's), and the
+whole queue by `max_size * TOTAL_FACTOR`. Retries go back to the head of their tenant's line.
+"""
 
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Iterable
 
 import trio
@@ -10,60 +23,128 @@ import trio
 from server.errors import QueueFull
 from server.jobs import Job
 
+TIERS = ("interactive", "batch")
+QUANTUM_TOKENS = 512  # a turn's worth of tokens: one long request, or a few short ones
+TOTAL_FACTOR = 4
+
 
 class ModelQueue:
     """The queue policy for one model, with no tasks in it: what waits, and what leaves next."""
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, *, fair: bool = True) -> None:
         self.max_size = max_size
-        self._jobs: collections.deque[Job] = collections.deque()
+        self.fair = fair
+        # per tier: tenant -> its line; the dict's order is the round-robin order
+        self._lines: dict[str, dict[str, collections.deque[Job]]] = {tier: {} for tier in TIERS}
+        self._deficit: dict[str, float] = {}
+        self._size = 0
+        self._arrivals = itertools.count()
         self._changed = trio.Event()
 
     def __len__(self) -> int:
-        return len(self._jobs)
+        return self._size
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
+    def _tenant(self, job: Job) -> str:
+        return job.spec.tenant if self.fair else ""
+
+    def _line(self, job: Job) -> collections.deque[Job]:
+        lines = self._lines[job.spec.tier if self.fair else "interactive"]
+        return lines.setdefault(self._tenant(job), collections.deque())
+
     def push(self, job: Job) -> None:
-        """Queue a new job, or refuse it with QueueFull when the queue is at its bound."""
-        if len(self._jobs) >= self.max_size:
+        """Queue a new job, or refuse it with QueueFull when its tenant's line (or the whole
+        queue) is at its bound."""
+        line = self._line(job)
+        if len(line) >= self.max_size or self._size >= self.max_size * TOTAL_FACTOR:
             raise QueueFull(
-                f"the queue for model {job.spec.model!r} holds {self.max_size} requests; "
-                "retry later (COHORT_MAX_QUEUE sets the bound)")
-        self._jobs.append(job)
+                f"the queue for model {job.spec.model!r} holds {self.max_size} of your requests "
+                "already; retry later (COHORT_MAX_QUEUE sets the bound)")
+        line.append(job)
+        self._size += 1
         self._notify()
 
     def push_front(self, jobs: Iterable[Job]) -> None:
-        """Put jobs back at the head (a retry after a worker died); the bound does not apply."""
-        self._jobs.extendleft(reversed(list(jobs)))
+        """Put jobs back at the head of their lines (a retry); the bound does not apply."""
+        for job in reversed(list(jobs)):
+            self._line(job).appendleft(job)
+            self._size += 1
         self._notify()
 
-    def oldest_arrival(self) -> float | None:
-        self._drop_cancelled()
-        return self._jobs[0].enqueued_at if self._jobs else None
+    def oldest_arrival(self, tiers: tuple[str, ...] = TIERS) -> float | None:
+        """When the longest-waiting live job (of `tiers`) arrived (None: nothing waits)."""
+        oldest = None
+        for tier in tiers:
+            for line in self._lines[tier].values():
+                self._drop_cancelled(line)
+                if line and (oldest is None or line[0].enqueued_at < oldest):
+                    oldest = line[0].enqueued_at
+        return oldest
 
-    def take(self, max_jobs: int) -> list[Job]:
-        """Remove and return up to `max_jobs` live jobs, oldest first."""
+    def waiting(self, tier: str) -> bool:
+        """Whether a live job of `tier` waits."""
+        for line in self._lines[tier].values():
+            self._drop_cancelled(line)
+        return any(self._lines[tier].values())
+
+    def take(self, max_jobs: int, tiers: tuple[str, ...] = TIERS) -> list[Job]:
+        """Remove and return up to `max_jobs` live jobs: a lower tier only once the higher ones
+        are empty, and within a tier by turns between tenants."""
         batch: list[Job] = []
-        while self._jobs and len(batch) < max_jobs:
-            job = self._jobs.popleft()
-            if job.state == "queued":
-                batch.append(job)
+        for tier in tiers:
+            lines = self._lines[tier]
+            while lines and len(batch) < max_jobs:
+                self._serve_turn(lines, batch, max_jobs)
+            if lines:  # this tier still waits: nothing of a lower one goes before it
+                break
         return batch
 
+    def _serve_turn(self, lines: dict[str, collections.deque[Job]], batch: list[Job],
+                    max_jobs: int) -> None:
+        """One tenant's turn: it earns a quantum, and its jobs leave while their cost fits."""
+        tenant = next(iter(lines))
+        line = lines[tenant]
+        deficit = self._deficit.get(tenant, 0.0) + QUANTUM_TOKENS
+        while line and len(batch) < max_jobs:
+            job = line[0]
+            if job.state != "queued":
+                line.popleft()
+                self._size -= 1
+                continue
+            if job.spec.cost > deficit and deficit < QUANTUM_TOKENS * 64:
+                break  # saves up over turns: a request larger than a quantum still leaves
+            line.popleft()
+            self._size -= 1
+            deficit -= job.spec.cost
+            batch.append(job)
+        del lines[tenant]
+        if line:
+            lines[tenant] = line  # to the back of the round
+            self._deficit[tenant] = max(0.0, deficit) if len(batch) < max_jobs else deficit
+        else:
+            self._deficit.pop(tenant, None)  # an empty line keeps no credit
+
     def drain(self) -> list[Job]:
-        jobs = self.take(len(self._jobs))
+        jobs = [job for lines in self._lines.values() for line in lines.values() for job in line
+                if job.state == "queued"]
+        for lines in self._lines.values():
+            lines.clear()
+        self._deficit.clear()
+        self._size = 0
         self._notify()
         return jobs
 
-    def _drop_cancelled(self) -> None:
-        while self._jobs and self._jobs[0].state != "queued":
-            self._jobs.popleft()
+    def _drop_cancelled(self, line: collections.deque[Job]) -> None:
+        while line and line[0].state != "queued":
+            line.popleft()
+            self._size -= 1
 
     def live_count(self) -> int:
-        return sum(1 for job in self._jobs if job.state == "queued")
+        return sum(job.state == "queued" for lines in self._lines.values()
+                   for line in lines.values() for job in line)
 
     async def wait_changed(self) -> None:
         await self._changed.wait()

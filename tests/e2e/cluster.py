@@ -100,7 +100,8 @@ class Cluster:
         return self.users("key", username)
 
     def headers(self, key: str | None = None) -> dict[str, str]:
-        return {"Authorization": f"Bearer {key or self.api_key}"}
+        key = key or self.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     async def health(self) -> dict | None:
         """/health with its details: with the cluster's key, or once the front answers without

@@ -1,0 +1,88 @@
+"""Fair shares in a model's queue: tiers, tenants' turns by tokens, per-tenant bounds; and the
+scheduler never forcing batch work into a full engine (virtual time, trio's MockClock)."""
+
+import pytest
+import trio
+
+from server.errors import QueueFull
+from server.jobs import Job, JobSpec
+from server.scheduling.queue import ModelQueue
+from tests.server.test_scheduler import MAX_WAIT_S, RecordingSink, started
+
+
+def job(tenant: str, *, tier: str = "interactive", cost: int = 20, at: float = 0.0) -> Job:
+    spec = JobSpec("m", "completions", {"prompt": tenant}, cost=cost, tenant=tenant, tier=tier)
+    return Job(spec, at, at + 60)
+
+
+def tenants(jobs: list[Job]) -> str:
+    return "".join(j.spec.tenant for j in jobs)
+
+
+def test_a_flood_does_not_hold_back_another_tenants_few():
+    queue = ModelQueue(max_size=2000)
+    for i in range(1000):
+        queue.push(job("A", at=i * 1e-3))
+    for _ in range(8):
+        queue.push(job("B", at=2.0))
+    first = queue.take(32) + queue.take(32)
+    assert tenants(first).count("B") == 8  # all of B's within the first two batches
+    assert tenants(queue.take(32)) == "A" * 32  # and A has the engine to itself again
+
+
+def test_turns_are_by_tokens_not_by_requests():
+    queue = ModelQueue(max_size=100)
+    for _ in range(20):
+        queue.push(job("L", cost=256))  # long answers
+        queue.push(job("S", cost=32))   # short ones
+    taken = tenants(queue.take(20))
+    assert taken.count("S") > 3 * taken.count("L")
+
+
+def test_without_fair_shares_it_is_one_line_oldest_first():
+    queue = ModelQueue(max_size=2000, fair=False)
+    for i in range(100):
+        queue.push(job("A", at=i))
+    queue.push(job("B", at=100))
+    assert "B" not in tenants(queue.take(100))
+
+
+def test_batch_work_waits_while_interactive_work_waits():
+    queue = ModelQueue(max_size=100)
+    for _ in range(5):
+        queue.push(job("A", tier="batch"))
+    queue.push(job("B"))
+    assert tenants(queue.take(3)) == "BAA"
+    queue.push(job("C"))
+    assert tenants(queue.take(1)) == "C"
+
+
+def test_each_tenant_has_its_own_bound():
+    queue = ModelQueue(max_size=3)
+    for _ in range(3):
+        queue.push(job("A"))
+    with pytest.raises(QueueFull):
+        queue.push(job("A"))
+    queue.push(job("B"))  # A's flood filled A's line, not B's
+
+
+def test_a_request_costlier_than_a_turn_still_leaves():
+    queue = ModelQueue(max_size=10)
+    queue.push(job("A", cost=100_000))
+    assert len(queue.take(1)) == 1
+
+
+async def test_batch_work_is_never_forced_into_a_full_engine(autojump_clock, nursery):
+    sink = RecordingSink(free=0)
+    scheduler = await started(sink, nursery=nursery)
+    batch_job = job("A", tier="batch", at=trio.current_time())
+    scheduler.submit(batch_job)
+    await trio.sleep(10 * MAX_WAIT_S)
+    assert sink.sent == []  # interactive work would have gone after the window; batch does not
+    interactive = job("B", at=trio.current_time())
+    scheduler.submit(interactive)
+    await trio.sleep(2 * MAX_WAIT_S)
+    assert [jobs for _, jobs, force in sink.sent] == [[interactive]]
+    sink.set_free(4)
+    await trio.sleep(0.01)
+    assert sink.sent[-1][1] == [batch_job] and not sink.sent[-1][2]
