@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 import os
 import platform
 import statistics
@@ -312,6 +313,40 @@ class Bench:
                          "task_lives_per_s": round(count / took, 1)})
         self.results["7 store"] = {"rows": rows}
 
+    async def fair_shares(self) -> None:
+        """One user floods a saturated engine; another sends a few requests once the flood is
+        queued. Their latency with fair shares, with one line (COHORT_FAIR_SHARES=0), and alone."""
+        body = {"model": "cohort-mock", "max_tokens": 16}
+        rows = []
+        for fair in ("1", "0"):
+            cluster = await self.mock_cluster(**GPU_LIKE, COHORT_MAX_NUM_SEQS="8",
+                                              MOCK_REPLY_LENGTH="max_tokens",
+                                              COHORT_AUTH_DISABLED="0", COHORT_FAIR_SHARES=fair)
+            flood = {"Authorization": f"Bearer {cluster.add_user('flood')}"}
+            few = {"Authorization": f"Bearer {cluster.add_user('few')}"}
+            url = cluster.url + "/v1/completions"
+            try:
+                alone = await self.load(f"few alone, fair={fair}", url, total=8, concurrency=8,
+                                        headers=few, body=body)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(partial(self.load, f"flood, fair={fair}", url, total=400,
+                                               concurrency=400, headers=flood, body=body))
+                    await trio.sleep(1.0)  # the flood is in: queued in the front or the engine
+                    behind = await self.load(f"few behind a flood, fair={fair}", url, total=8,
+                                             concurrency=8, headers=few, body=body)
+            finally:
+                cluster.stop()
+            rows.append({"queue": "fair shares" if fair == "1" else "one line (FIFO)",
+                         "few_alone_p50_ms": alone.summary()["p50_ms"],
+                         "few_behind_flood_p50_ms": behind.summary()["p50_ms"],
+                         "few_behind_flood_max_ms": round(1000 * max(behind.latencies_s), 1),
+                         "slowdown": round(behind.summary()["p50_ms"] / alone.summary()["p50_ms"], 2),
+                         "errors": alone.errors + behind.errors})
+        self.results["11 fair shares"] = {
+            "rows": rows, "engine": "GPU-like mock, one worker, max_num_seqs 8, 16-token replies; "
+                                    "the flood is 400 requests at once, the few are 8, sent 1 s "
+                                    "after it"}
+
     async def real_engine(self) -> None:
         from worker.models import default_model_path, is_prepared
         path = os.environ.get("COHORT_MODEL") or default_model_path()
@@ -400,7 +435,7 @@ def plot(bench: Bench, folder: Path) -> None:
 
 SCENARIOS = {1: "sequential_vs_batched", 2: "gateway_overhead", 3: "streaming", 4: "scaling",
              5: "real_engine", 6: "front_scale_out", 7: "store_writes", 8: "gateway_cost",
-             9: "mixed_lengths", 10: "prefix_affinity"}
+             9: "mixed_lengths", 10: "prefix_affinity", 11: "fair_shares"}
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from server.errors import (BadRequest, CohortError, EngineFailed, NoWorkers, Ups
                            WorkerDied)
 from server.jobs import Job
 from server.metrics import Metrics
-from server.scheduling.placement import Placement
+from server.scheduling.placement import ENGINE_BACKLOG, Placement
 from server.scheduling.rate import TokenBucket
 from server.workers import GONE, WorkerHandle, WorkerRegistry
 
@@ -49,7 +49,8 @@ class Dispatcher:
         self.endpoint = ""
         self.placement = Placement(max_unacked_batches=settings.max_batches_per_worker,
                                    affinity_margin=settings.affinity_margin,
-                                   prefix_affinity=settings.prefix_affinity)
+                                   prefix_affinity=settings.prefix_affinity,
+                                   backlog=ENGINE_BACKLOG if settings.fair_shares else 0.0)
         self.registry = WorkerRegistry(self.placement, metrics)
         self.workers = self.registry.workers
         self.scheduler = None  # set by the app: where retried jobs go back to
@@ -360,6 +361,10 @@ class Dispatcher:
     def room(self, model: str) -> int:
         """Sequences the ready workers of `model` could start now."""
         return self.registry.room(model)
+
+    def backlog_room(self, model: str) -> int:
+        """Sequences the front may still force into the engines' own queues."""
+        return self.registry.backlog_room(model)
 
     async def wait_for_change(self) -> None:
         """Return at the next change of a worker's load or state (a report, a join, a death)."""

@@ -31,6 +31,9 @@ class BatchSink(Protocol):
     def room(self, model: str) -> int:
         """Sequences the ready workers of `model` could start now (0: all saturated)."""
 
+    def backlog_room(self, model: str) -> int:
+        """Sequences that may still be forced into the engines' own queues (0: none)."""
+
     async def wait_for_change(self) -> None:
         """Return at the next change of the workers' load or state."""
 
@@ -115,7 +118,11 @@ class Scheduler:
                     while not (room := self.sink.room(model)):
                         await self.sink.wait_for_change()
                 force = window.cancelled_caught
-            batch = (queue.take(self.max_batch_size, INTERACTIVE) if force
+                if force and not (room := self.sink.backlog_room(model)):
+                    # the engines' queues hold their share: the rest waits here, in fair order
+                    await self.sink.wait_for_change()
+                    continue
+            batch = (queue.take(min(self.max_batch_size, room), INTERACTIVE) if force
                      else queue.take(min(self.max_batch_size, room)))
             if not batch:
                 continue

@@ -61,6 +61,9 @@ class WorkerRegistry:
     def room(self, model: str) -> int:
         return sum(self.placement.room(w.load) for w in self.ready(model))
 
+    def backlog_room(self, model: str) -> int:
+        return sum(self.placement.backlog_room(w.load) for w in self.ready(model))
+
     def shown_state(self, worker: WorkerHandle) -> str:
         if worker.state == "ready" and not self.placement.room(worker.load):
             return "busy"

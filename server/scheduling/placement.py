@@ -13,6 +13,7 @@ affinity may cause, so it cannot build a hot spot.
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,7 +21,8 @@ from typing import Protocol
 from common.protocol import EngineLoad
 from server.scheduling.prefix import PrefixOwners
 
-KV_FULL = 0.98  # vLLM preempts near a full KV cache; sending more only makes it queue
+KV_FULL = 0.98
+ENGINE_BACKLOG = 0.25  # with fair shares: an engine queues at most a quarter of max_num_seqs  # vLLM preempts near a full KV cache; sending more only makes it queue
 
 
 class Placeable(Protocol):
@@ -77,8 +79,12 @@ class Placement:
     """Chooses a worker for each job of a batch; pure, so it is tested without sockets."""
 
     def __init__(self, *, max_unacked_batches: int, affinity_margin: int,
-                 prefix_affinity: bool = True) -> None:
+                 prefix_affinity: bool = True, backlog: float = 0.0) -> None:
         self.max_unacked_batches = max_unacked_batches
+        # What an engine may hold waiting when the front forces work on it, as a share of its
+        # max_num_seqs (0: no bound). Bounded, the rest waits in the front, where fair shares
+        # order it; a little is kept there so a freed slot never waits on a round trip.
+        self.backlog = backlog
         self.affinity_margin = affinity_margin
         self.prefix_affinity = prefix_affinity
         self.owners = PrefixOwners()
@@ -96,18 +102,28 @@ class Placement:
             return 0
         return max(0, load.max_num_seqs - load.outstanding)
 
+    def backlog_room(self, load: WorkerLoad) -> int:
+        """Sequences the front may still force into this engine's own queue."""
+        if load.unacked_batches >= self.max_unacked_batches:
+            return 0
+        if not self.backlog:
+            return 1 << 30
+        allowed = load.max_num_seqs + max(1, math.ceil(load.max_num_seqs * self.backlog))
+        return max(0, allowed - load.outstanding)
+
     def assign(self, jobs: Sequence[Placeable], workers: dict[Hashable, WorkerLoad], *,
                force: bool = False) -> tuple[dict[Hashable, list], list]:
-        """Give each job a worker with room (with `force`, any worker not behind on acks: the
-        engine queues it). Returns {worker: jobs} and the jobs no worker can take now."""
+        """Give each job a worker with room (with `force`, any worker not behind on acks whose
+        backlog has room: the engine queues it). Returns {worker: jobs} and the jobs no worker
+        can take now."""
         extra = dict.fromkeys(workers, 0)
         room = {key: self.room(load) for key, load in workers.items()}
+        backlog = {key: self.backlog_room(load) if force else 0 for key, load in workers.items()}
         plan: dict[Hashable, list] = {}
         left = []
         for job in jobs:
-            open_ = [key for key, load in workers.items()
-                     if room[key] >= extra[key] + job.seqs
-                     or (force and load.unacked_batches < self.max_unacked_batches)]
+            open_ = [key for key in workers
+                     if max(room[key], backlog[key]) >= extra[key] + job.seqs]
             if not open_:
                 left.append(job)
                 continue

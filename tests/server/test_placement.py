@@ -148,6 +148,9 @@ class SimulatedWorkers:
     def room(self, model: str) -> int:
         return sum(self.policy.room(load) for load in self.loads.values())
 
+    def backlog_room(self, model: str) -> int:
+        return sum(self.policy.backlog_room(load) for load in self.loads.values())
+
     async def wait_for_change(self) -> None:
         await self._changed.wait()
 
@@ -191,3 +194,10 @@ async def test_saturated_workers_get_more_when_a_report_frees_room(autojump_cloc
     assert [(round(t - t0, 9), w, n) for t, w, n, _ in workers.sent][-1] == (0.02, "b", 1)
     await trio.sleep(1)  # the last one waits the window out, then queues in an engine
     assert [(round(t - t0, 9), n, force) for t, _, n, force in workers.sent][-1] == (0.1, 1, True)
+
+
+def test_forced_work_fills_an_engines_backlog_and_no_more():
+    policy = Placement(max_unacked_batches=4, affinity_margin=4, backlog=0.25)
+    full = WorkerLoad(max_num_seqs=8, running=8)
+    plan, left = policy.assign([job() for _ in range(5)], {"a": full}, force=True)
+    assert len(plan["a"]) == 2 and len(left) == 3  # two may wait in the engine, three here

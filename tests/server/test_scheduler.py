@@ -18,11 +18,15 @@ class RecordingSink:
     def __init__(self, free: int = 1_000, takes: bool = True) -> None:
         self.free = free
         self.takes = takes  # False: no worker reads (every send comes back)
+        self.backlog = 1_000  # what may be forced into the engines' queues
         self.sent: list[tuple[float, list[Job], bool]] = []
         self._changed = trio.Event()
 
     def room(self, model: str) -> int:
         return self.free
+
+    def backlog_room(self, model: str) -> int:
+        return self.backlog
 
     async def wait_for_change(self) -> None:
         await self._changed.wait()
