@@ -206,6 +206,7 @@ class Dispatcher:
         if worker is not None and worker.state == "dead" and isinstance(message, protocol.Bye) \
                 and message.restarting:  # the host said bye itself; now its supervisor speaks
             worker.state, worker.error = "restarting", f"said bye: {message.reason}"
+            log.info("worker %s is restarting: %s", worker.worker_id, message.reason)
             return
         if worker is None or worker.state in GONE:
             await self._send(identity, protocol.HelloAgain())

@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     log.info("worker %s: engine %s, model %s, fronts %s", worker.worker_id, worker.engine.name,
              worker.engine.model, ", ".join(settings.connect))
     trio.run(worker.serve)
+    if worker.exit_code == ENGINE_DIED:  # skip vLLM's finalizers for a dead engine (seconds
+        logging.shutdown()               # of teardown); the supervisor ends what is left
+        os._exit(ENGINE_DIED)
     sys.exit(worker.exit_code)
 
 
