@@ -52,7 +52,7 @@ def prompt_tokens(messages) -> int:
 
 
 def test_two_real_workers_register_with_their_load_time(real):
-    health = httpx.get(real.url + "/health").json()
+    health = httpx.get(real.url + "/health", headers=real.headers()).json()
     assert health["mode"] == "vllm"
     assert sorted(w["id"] for w in health["workers"]) == ["worker1", "worker2"]
     assert all(w["load_time_s"] > 0 and w["model"] == MODEL for w in health["workers"])
