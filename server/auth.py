@@ -19,6 +19,7 @@ import trio
 
 from common.config import ServerSettings
 from server.errors import Unauthorized
+from server.limits import Limits
 from server.login_throttle import LoginThrottle
 from server.store import Store, utcnow
 
@@ -31,10 +32,23 @@ _DUMMY_HASH = bcrypt.hashpw(b"no such user", bcrypt.gensalt(rounds=12)).decode()
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller."""
+    """An authenticated caller, with the limits of its user and of its key."""
 
     user_id: int
     username: str
+    key_id: int = 0
+    limits: tuple[tuple[str, Limits], ...] = ()
+
+    @property
+    def tenant(self) -> str:
+        return f"user:{self.user_id}"
+
+    def share(self) -> tuple[float, str]:
+        """(weight, tier) for fair shares: the key's settings over the user's."""
+        weight, tier = 1.0, "interactive"
+        for _, limits in self.limits:  # user first, then key
+            weight, tier = limits.weight, limits.priority
+        return weight, tier
 
 
 DEV_USER = "dev"  # every caller while COHORT_AUTH_DISABLED: a disabled row, so it owns tasks
@@ -118,7 +132,10 @@ class Auth:
         found = await self.store.run(self.store.user_for_token, key)
         if found is None:
             raise Unauthorized("invalid, expired or revoked token")
-        principal = Principal(*found)
+        user_id, username, key_id, limits = found
+        principal = Principal(user_id, username, key_id, tuple(
+            (subject, Limits(**limits[subject]))
+            for subject in (f"user:{user_id}", f"key:{key_id}") if subject in limits))
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[key] = (now + self.settings.auth_cache_s, principal)

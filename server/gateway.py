@@ -14,6 +14,7 @@ from common.config import ServerSettings
 from server.dispatch import Dispatcher
 from server.errors import CohortError, DeadlineExceeded, Draining, EngineRefused
 from server.jobs import Job, JobSpec, Restart
+from server.limits import Limiter
 from server.metrics import Metrics
 from server.scheduler import Scheduler
 from server.scheduling.prefix import prefix_blocks
@@ -32,6 +33,7 @@ class Gateway:
                                    max_wait_s=settings.max_wait_s, max_queue=settings.max_queue,
                                    fair=settings.fair_shares)
         self.dispatcher.scheduler = self.scheduler
+        self.limiter = Limiter()
         self.nursery: trio.Nursery | None = None
         # set by create_app: the store, the auth checks and the durable task runner
         self.store: Any = None
@@ -94,6 +96,7 @@ class Gateway:
         usage = last.get("usage") or {}
         self.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
         self.metrics.completion_tokens.inc(usage.get("completion_tokens", 0))
+        job.used_tokens = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
 
     async def _next(self, job: Job) -> Any:
         """The job's next output; DeadlineExceeded past its deadline; errors raised, and so is

@@ -28,6 +28,7 @@ class JobSpec:
     cost: int = 1  # tokens it may take: the prompt's (estimated) and those it may generate
     tenant: str = ""  # whose turn it uses in its queue (a user)
     tier: str = "interactive"  # interactive | batch (async tasks and batches: idle capacity)
+    weight: float = 1.0  # its tenant's share against others' (a user's or key's limit setting)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Job:
     batch_id: str = ""
     started_at: float = 0.0
     prefix: tuple[int, ...] = ()  # the prompt's prefix blocks, for placement by affinity
+    used_tokens: int | None = None  # prompt and completion tokens, once it ended well
     _send: trio.MemorySendChannel = field(init=False, repr=False)
     outputs: trio.MemoryReceiveChannel = field(init=False, repr=False)
 

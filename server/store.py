@@ -29,7 +29,7 @@ from playhouse.pool import PooledPostgresqlDatabase
 
 log = logging.getLogger("cohort.store")
 
-SCHEMA_VERSION = 2  # 2: task leases (owner, lease_until)
+SCHEMA_VERSION = 3  # 2: task leases (owner, lease_until); 3: limits
 T = TypeVar("T")
 
 database = peewee.DatabaseProxy()
@@ -87,7 +87,20 @@ class Task(BaseModel):
     finished_at = peewee.DateTimeField(null=True)
 
 
-MODELS = [SchemaVersion, User, Token, Task]
+class Limit(BaseModel):
+    """One user's or one API key's limits (`user:ID`, `key:ID`); 0 means no limit."""
+
+    subject = peewee.CharField(primary_key=True, max_length=40)
+    rpm = peewee.IntegerField(default=0)
+    tpm = peewee.IntegerField(default=0)
+    concurrency = peewee.IntegerField(default=0)
+    tokens_per_day = peewee.IntegerField(default=0)
+    weight = peewee.FloatField(default=1.0)
+    priority = peewee.CharField(default="interactive", max_length=16)
+
+
+MODELS = [SchemaVersion, User, Token, Task, Limit]
+LIMIT_FIELDS = ("rpm", "tpm", "concurrency", "tokens_per_day", "weight", "priority")
 FINAL = ("completed", "failed", "cancelled")
 UNFINISHED = ("queued", "running")
 
@@ -195,15 +208,32 @@ class Store:
                   expires_at: datetime.datetime | None = None, name: str = "") -> Token:
         return Token.create(user=user, digest=digest, kind=kind, expires_at=expires_at, name=name)
 
-    def user_for_token(self, digest: str) -> tuple[int, str] | None:
-        """(user id, username) for a live token of an enabled user, else None."""
+    def user_for_token(self, digest: str) -> tuple[int, str, int, dict[str, dict]] | None:
+        """(user id, username, token id, the limits of `user:ID` and `key:ID` that are set) for
+        a live token of an enabled user, else None."""
         row = (Token.select(Token, User).join(User)
                .where(Token.digest == digest, Token.revoked == False,  # noqa: E712
                       User.disabled == False)  # noqa: E712
                .first())
         if row is None or (row.expires_at is not None and row.expires_at < utcnow()):
             return None
-        return row.user.id, row.user.username
+        subjects = [f"user:{row.user.id}", f"key:{row.id}"]
+        limits = {limit.subject: {name: getattr(limit, name) for name in LIMIT_FIELDS}
+                  for limit in Limit.select().where(Limit.subject.in_(subjects))}
+        return row.user.id, row.user.username, row.id, limits
+
+    def set_limits(self, subject: str, **values: object) -> dict[str, object]:
+        """Set some of a subject's limits (the others keep their value); the whole set."""
+        with self.db.atomic():
+            Limit.insert(subject=subject).on_conflict_ignore().execute()
+            if values:
+                Limit.update(**values).where(Limit.subject == subject).execute()
+            limit = Limit.get(Limit.subject == subject)
+        return {name: getattr(limit, name) for name in LIMIT_FIELDS}
+
+    def all_limits(self) -> dict[str, dict[str, object]]:
+        return {limit.subject: {name: getattr(limit, name) for name in LIMIT_FIELDS}
+                for limit in Limit.select().order_by(Limit.subject)}
 
     def purge_expired_tokens(self) -> int:
         return Token.delete().where(Token.expires_at < utcnow()).execute()

@@ -1,4 +1,6 @@
-"""`python -m server.users`: add, list, disable and enable users, and mint or revoke API keys.
+"""`python -m server.users`: add, list, disable and enable users, mint or revoke API keys, and set
+the limits and fair-share weight of a user or of one key (they take effect on every front within
+COHORT_AUTH_CACHE_S).
 
 Works on the same store as the front (DATABASE_URL, or the SQLite file under COHORT_DATA_DIR).
 Passwords are read from a prompt or stdin, never from the command line (it lands in shell history).
@@ -43,6 +45,19 @@ def main(argv: list[str] | None = None) -> None:
     key.add_argument("--name", default="", help="a label to tell keys apart")
     revoke = sub.add_parser("revoke-keys", help="revoke every API key and token of a user")
     revoke.add_argument("username")
+    limit = sub.add_parser("limit", help="set a user's (or, with --key, one key's) limits; "
+                                         "0 means none; unset ones keep their value")
+    limit.add_argument("username")
+    limit.add_argument("--key", metavar="NAME", help="the key's name (from `key --name`)")
+    for flag, kind, what in (("--rpm", int, "requests per minute"),
+                             ("--tpm", int, "tokens per minute (prompt and completion)"),
+                             ("--concurrency", int, "requests running at once"),
+                             ("--tokens-per-day", int, "tokens per UTC day"),
+                             ("--weight", float, "share of a busy model against other users (1)")):
+        limit.add_argument(flag, type=kind, help=what)
+    limit.add_argument("--priority", choices=["interactive", "batch"],
+                       help="batch: its requests only take capacity nobody else waits for")
+    sub.add_parser("limits", help="list every limit set")
     args = parser.parse_args(argv)
 
     store = Store(load(ServerSettings).db_url)
@@ -60,6 +75,15 @@ def main(argv: list[str] | None = None) -> None:
                                             Token.revoked == False).count()  # noqa: E712
                 print(f"{user.username}\t{'disabled' if user.disabled else 'enabled'}\t"
                       f"{keys} api key(s)\tsince {user.created_at:%Y-%m-%d}")
+        elif args.command == "limits":
+            names = {user.id: user.username for user in store.users()}
+            keys = {token.id: (names.get(token.user_id, "?"), token.name)
+                    for token in Token.select().where(Token.kind == "api_key")}
+            for subject, values in store.all_limits().items():
+                kind, _, number = subject.partition(":")
+                who = (names.get(int(number), "?") if kind == "user"
+                       else "{} key {!r}".format(*keys.get(int(number), ("?", "?"))))
+                print(f"{who}\t" + "\t".join(f"{k}={v}" for k, v in values.items()))
         elif args.command in ("disable", "enable"):
             if not store.set_disabled(args.username, args.command == "disable"):
                 sys.exit(f"no user {args.username!r}")
@@ -68,7 +92,22 @@ def main(argv: list[str] | None = None) -> None:
             user = store.user_named(args.username)
             if user is None:
                 sys.exit(f"no user {args.username!r}")
-            if args.command == "key":
+            if args.command == "limit":
+                subject = f"user:{user.id}"
+                if args.key is not None:
+                    token = Token.get_or_none(Token.user == user, Token.kind == "api_key",
+                                              Token.name == args.key, Token.revoked == False)  # noqa: E712
+                    if token is None:
+                        sys.exit(f"{args.username} has no live key named {args.key!r}")
+                    subject = f"key:{token.id}"
+                values = {name: getattr(args, name) for name in
+                          ("rpm", "tpm", "concurrency", "tokens_per_day", "weight", "priority")
+                          if getattr(args, name) is not None}
+                if any(isinstance(v, (int, float)) and v < 0 for v in values.values()) or \
+                        values.get("weight", 1) <= 0:
+                    sys.exit("limits are 0 (none) or more, and a weight is more than 0")
+                print(subject, store.set_limits(subject, **values))
+            elif args.command == "key":
                 api_key = new_api_key()
                 store.add_token(user, digest(api_key), "api_key", name=args.name)
                 print(api_key)

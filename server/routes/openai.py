@@ -9,12 +9,15 @@ import time
 from functools import partial
 from typing import Any
 
+import trio
 from quart import Blueprint, Response, g
 
 from server.errors import CohortError
-from server.jobs import JobSpec
+from server.jobs import Job, JobSpec
+from server.limits import Ticket
 from server.openai_schema import parse_chat, parse_completion, parse_embeddings, parse_tokens
 from server.routes.context import caller, gateway, json_body
+from server.store import utcnow
 
 blueprint = Blueprint("openai", __name__)
 
@@ -25,19 +28,33 @@ def sse_event(body: dict) -> bytes:
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _serve(spec: JobSpec) -> Response:
+async def _serve(spec: JobSpec, ticket: Ticket | None = None) -> Response:
+    """Run the job; its hold on the caller's limits (`ticket`) ends with it, whichever way."""
     cohort = gateway()
-    job = cohort.submit(spec)
-    if spec.stream:
-        response = await _sse(job)
-    else:
-        response = Response(await cohort.complete(job, spec.route), mimetype="application/json")
+
+    def settle(job: Job | None) -> None:
+        if ticket is not None:
+            cohort.limiter.settle(ticket, job.used_tokens if job else None, trio.current_time())
+
+    job = None
+    try:
+        job = cohort.submit(spec)
+        if spec.stream:
+            response = await _sse(job, settle)
+        else:
+            response = Response(await cohort.complete(job, spec.route), mimetype="application/json")
+            settle(job)
+    except BaseException:
+        settle(job)
+        raise
     if spec.dropped:  # COHORT_DROP_PARAMS: say what was dropped, never drop it silently
         response.headers["X-Cohort-Dropped-Params"] = ",".join(spec.dropped)
+    if ticket is not None:
+        response.headers.update(ticket.headers)
     return response
 
 
-async def _sse(job) -> Response:
+async def _sse(job, on_end=lambda job: None) -> Response:
     """The stream starts once its first event is there, so a request the engine refuses is an
     HTTP error with vLLM's status, as `vllm serve` answers it, not a 200 with an error event."""
     events = gateway().stream(job, job.spec.route)
@@ -56,6 +73,7 @@ async def _sse(job) -> Response:
             yield sse_event(error.body())
         finally:
             await events.aclose()  # a client that left: the job is aborted on its worker
+            on_end(job)
         yield DONE
 
     response = Response(body(), mimetype="text/event-stream",
@@ -77,9 +95,13 @@ async def _body() -> Any:
 async def _answer(parse) -> Response:
     """A POST route: the caller checked, the body parsed into a job, the job served."""
     principal = await caller()
-    spec = parse(await _body(), gateway().settings, g.request_id)
-    spec.tenant = f"user:{principal.user_id}"
-    return await _serve(spec)
+    cohort = gateway()
+    spec = parse(await _body(), cohort.settings, g.request_id)
+    spec.tenant = principal.tenant
+    spec.weight, spec.tier = principal.share()
+    ticket = cohort.limiter.admit(list(principal.limits), spec.cost, trio.current_time(),
+                                  utcnow().date())
+    return await _serve(spec, ticket)
 
 
 @blueprint.post("/v1/chat/completions")

@@ -2,7 +2,8 @@
 
 Two tiers: `interactive` (the OpenAI routes) and `batch` (async tasks, `/inference/batch`). A batch
 job leaves only while no interactive job waits. Within a tier, tenants (users) take turns by
-deficit round robin on tokens: each turn a tenant earns QUANTUM_TOKENS and spends a job's cost
+deficit round robin on tokens: each turn a tenant earns QUANTUM_TOKENS times its weight (1 unless
+set with `python -m server.users limit`) and spends a job's cost
 (its prompt's estimated tokens plus the tokens it may generate), so a tenant with 1,000 queued
 requests delays another's few by about one turn each, not by its whole backlog; a tenant asking
 for many tokens per request gets fewer requests through per turn than one asking for few. With
@@ -107,7 +108,8 @@ class ModelQueue:
         """One tenant's turn: it earns a quantum, and its jobs leave while their cost fits."""
         tenant = next(iter(lines))
         line = lines[tenant]
-        deficit = self._deficit.get(tenant, 0.0) + QUANTUM_TOKENS
+        weight = line[0].spec.weight if line else 1.0
+        deficit = self._deficit.get(tenant, 0.0) + QUANTUM_TOKENS * weight
         while line and len(batch) < max_jobs:
             job = line[0]
             if job.state != "queued":

@@ -86,3 +86,14 @@ async def test_batch_work_is_never_forced_into_a_full_engine(autojump_clock, nur
     sink.set_free(4)
     await trio.sleep(0.01)
     assert sink.sent[-1][1] == [batch_job] and not sink.sent[-1][2]
+
+
+def test_a_tenant_of_weight_two_gets_twice_the_tokens():
+    queue = ModelQueue(max_size=100)
+    for _ in range(40):
+        heavy = job("W", cost=64)
+        heavy.spec.weight = 2.0
+        queue.push(heavy)
+        queue.push(job("U", cost=64))
+    taken = tenants(queue.take(24))
+    assert taken.count("W") == 2 * taken.count("U")

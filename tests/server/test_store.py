@@ -25,7 +25,7 @@ def test_sqlite_schema_is_created_in_wal_mode_once_with_a_version(tmp_path):
     store = make(f"sqlite:///{tmp_path}/sub/cohort.db")
     store.create_schema()  # idempotent
     with store.db.connection_context():
-        assert [row.version for row in SchemaVersion.select()] == [2]
+        assert [row.version for row in SchemaVersion.select()] == [3]
     assert sqlite3.connect(tmp_path / "sub/cohort.db").execute("pragma journal_mode").fetchone()[0] == "wal"
 
 
@@ -48,7 +48,7 @@ def test_a_version_1_store_gains_the_lease_columns_and_keeps_its_tasks(tmp_path)
     old.commit()
     store = make(f"sqlite:///{path}")
     with store.db.connection_context():
-        assert SchemaVersion.select().first().version == 2
+        assert SchemaVersion.select().first().version == 3
         [claimed] = store.claim_lapsed("front-a", T0, T0 + LEASE, 10)  # no lease: free to take
         assert claimed.id == "t1" and claimed.attempts == 1
 
@@ -59,7 +59,15 @@ def test_tokens_expire_revoke_and_die_with_a_disabled_user(database_url):
         user = store.add_user("alice", "hash")
         store.add_token(user, digest("live"), "api_key")
         store.add_token(user, digest("old"), "access", utcnow() - datetime.timedelta(seconds=1))
-        assert store.user_for_token(digest("live")) == (user.id, "alice")
+        live = store.add_token(user, digest("live2"), "api_key")
+        assert store.user_for_token(digest("live"))[:2] == (user.id, "alice")
+        store.set_limits(f"key:{live.id}", rpm=5)
+        store.set_limits(f"user:{user.id}", tpm=100, weight=2.0)
+        found = store.user_for_token(digest("live2"))
+        assert found[2] == live.id and found[3][f"key:{live.id}"]["rpm"] == 5
+        assert found[3][f"user:{user.id}"] == {"rpm": 0, "tpm": 100, "concurrency": 0,
+                                               "tokens_per_day": 0, "weight": 2.0,
+                                               "priority": "interactive"}
         assert store.user_for_token(digest("old")) is None
         assert store.user_for_token(digest("never")) is None
         store.set_disabled("alice", True)
