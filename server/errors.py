@@ -68,6 +68,30 @@ class QueueFull(CohortError):
     retry_after_s = 1
 
 
+class RateLimited(CohortError):
+    """Over a user's or key's requests, tokens or concurrency limit (OpenAI's code)."""
+
+    status = 429
+    error_type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(CohortError):
+    """A user's or key's daily token quota is used up (OpenAI's code)."""
+
+    status = 429
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class LoginThrottled(CohortError):
+    """Too many failed logins for a user or from an address: wait, whatever the password."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "too_many_login_failures"
+
+
 class NoWorkers(CohortError):
     """No ready worker serves the model (none registered, all loading, or all dead)."""
 

@@ -18,7 +18,7 @@ import datetime
 import math
 from dataclasses import dataclass, field
 
-from server.errors import CohortError
+from server.errors import QuotaExceeded, RateLimited
 from server.scheduling.rate import TokenBucket
 
 MAX_SUBJECTS = 100_000  # subjects tracked at once; the idlest go first beyond it
@@ -38,18 +38,6 @@ class Limits:
     @property
     def limiting(self) -> bool:
         return bool(self.rpm or self.tpm or self.concurrency or self.tokens_per_day)
-
-
-class RateLimited(CohortError):
-    status = 429
-    error_type = "requests"
-    code = "rate_limit_exceeded"
-
-
-class QuotaExceeded(CohortError):
-    status = 429
-    error_type = "insufficient_quota"
-    code = "insufficient_quota"
 
 
 @dataclass

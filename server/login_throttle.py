@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.errors import CohortError
+from server.errors import LoginThrottled
 
 FREE_FAILURES_USER = 5
 FREE_FAILURES_ADDRESS = 20
@@ -20,12 +20,6 @@ FIRST_LOCK_S = 1.0
 MAX_LOCK_S = 900.0
 FORGET_AFTER_S = 3600.0  # an hour without a failure starts over
 MAX_TRACKED = 100_000  # users and addresses remembered at once (beyond: the oldest go)
-
-
-class LoginThrottled(CohortError):
-    status = 429
-    error_type = "rate_limit_error"
-    code = "too_many_login_failures"
 
 
 @dataclass

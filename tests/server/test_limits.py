@@ -5,7 +5,8 @@ import datetime
 
 import pytest
 
-from server.limits import Limiter, Limits, QuotaExceeded, RateLimited
+from server.errors import QuotaExceeded, RateLimited
+from server.limits import Limiter, Limits
 
 DAY = datetime.date(2026, 11, 26)
 

@@ -2,8 +2,9 @@
 
 import pytest
 
+from server.errors import LoginThrottled
 from server.login_throttle import (FREE_FAILURES_ADDRESS, FREE_FAILURES_USER, MAX_LOCK_S,
-                                   LoginThrottle, LoginThrottled)
+                                   LoginThrottle)
 
 
 def fail(throttle, times, user="alice", address="10.0.0.1", now=0.0):
