@@ -21,9 +21,10 @@ from server import connections
 from server.auth import Auth
 from server.errors import BadRequest, BodyTooLarge, CohortError, Draining, NotFound
 from server.gateway import Gateway
-from server.routes import docs, ops, openai, tasks, tokens
+from server.routes import docs, ops, openai, tasks, tokens, usage
 from server.store import Store
 from server.task_runner import TaskRunner
+from server.usage import UsageLedger
 
 log = logging.getLogger("cohort.app")
 
@@ -44,8 +45,9 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     cohort.store = Store(settings.db_url)
     cohort.auth = Auth(settings, cohort.store)
     cohort.tasks = TaskRunner(cohort)
+    cohort.usage = UsageLedger(cohort.store)
     app.gateway = cohort  # type: ignore[attr-defined]
-    for module in (openai, ops, tasks, tokens, docs):
+    for module in (openai, ops, tasks, tokens, usage, docs):
         app.register_blueprint(module.blueprint)
 
     services = trio.CancelScope()
@@ -61,6 +63,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(cohort.run)
                         await nursery.start(cohort.tasks.run)
+                        await nursery.start(cohort.usage.run)
                         nursery.start_soon(cohort.drain_on_signal)
                         cohort.services_up = True
                         task_status.started()

@@ -269,7 +269,8 @@ class Dispatcher:
             if job is None:  # aborted, or re-run elsewhere: its late outputs are dropped
                 continue
             if not job.got_output:
-                self.metrics.ttft.observe(trio.current_time() - job.enqueued_at)
+                job.first_output_at = trio.current_time()
+                self.metrics.ttft.observe(job.first_output_at - job.enqueued_at)
             if job.deliver(item):
                 self._release(job)
                 if item["status"] >= 500:

@@ -97,6 +97,7 @@ class Gateway:
         self.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
         self.metrics.completion_tokens.inc(usage.get("completion_tokens", 0))
         job.used_tokens = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+        job.usage = usage
 
     async def _next(self, job: Job) -> Any:
         """The job's next output; DeadlineExceeded past its deadline; errors raised, and so is

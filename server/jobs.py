@@ -54,6 +54,8 @@ class Job:
     started_at: float = 0.0
     prefix: tuple[int, ...] = ()  # the prompt's prefix blocks, for placement by affinity
     used_tokens: int | None = None  # prompt and completion tokens, once it ended well
+    usage: dict[str, int] = field(default_factory=dict)  # the engine's counts, once it ended
+    first_output_at: float = 0.0
     _send: trio.MemorySendChannel = field(init=False, repr=False)
     outputs: trio.MemoryReceiveChannel = field(init=False, repr=False)
 

@@ -29,7 +29,7 @@ from playhouse.pool import PooledPostgresqlDatabase
 
 log = logging.getLogger("cohort.store")
 
-SCHEMA_VERSION = 3  # 2: task leases (owner, lease_until); 3: limits
+SCHEMA_VERSION = 3  # 2: task leases (owner, lease_until); 3: limits, the usage ledger
 T = TypeVar("T")
 
 database = peewee.DatabaseProxy()
@@ -99,7 +99,25 @@ class Limit(BaseModel):
     priority = peewee.CharField(default="interactive", max_length=16)
 
 
-MODELS = [SchemaVersion, User, Token, Task, Limit]
+class Usage(BaseModel):
+    """One finished request: who, what, how many tokens, how long (the usage ledger)."""
+
+    at = peewee.DateTimeField(index=True)
+    user_id = peewee.IntegerField(index=True)
+    key_id = peewee.IntegerField(default=0)
+    model = peewee.CharField(max_length=200)
+    route = peewee.CharField(max_length=16)
+    status = peewee.IntegerField()
+    prompt_tokens = peewee.IntegerField(default=0)
+    completion_tokens = peewee.IntegerField(default=0)
+    queue_s = peewee.FloatField(default=0.0)
+    ttft_s = peewee.FloatField(null=True)
+    total_s = peewee.FloatField(default=0.0)
+
+
+MODELS = [SchemaVersion, User, Token, Task, Limit, Usage]
+USAGE_GROUPS = {"model": Usage.model, "key": Usage.key_id,
+                "day": peewee.fn.substr(peewee.Cast(Usage.at, "text"), 1, 10).coerce(False)}
 LIMIT_FIELDS = ("rpm", "tpm", "concurrency", "tokens_per_day", "weight", "priority")
 FINAL = ("completed", "failed", "cancelled")
 UNFINISHED = ("queued", "running")
@@ -269,6 +287,37 @@ class Store:
             result=json.dumps(result) if result is not None else None,
             error=json.dumps(error) if error is not None else None,
         ).where(Task.id == task_id, Task.status.not_in(FINAL), *_owned_by(owner)).execute() > 0
+
+    # --- usage ------------------------------------------------------------------------------
+
+    def add_usage(self, rows: list[dict[str, Any]]) -> None:
+        """A batch of finished requests in one transaction (never one commit per request)."""
+        with self.db.atomic():
+            for start in range(0, len(rows), 500):
+                Usage.insert_many(rows[start:start + 500]).execute()
+
+    def usage_of(self, user_id: int | None, start: datetime.datetime, end: datetime.datetime,
+                 group_by: str | None) -> dict[str, Any]:
+        """Totals of requests and tokens in [start, end), for one user (None: everyone), and the
+        same per model, key or day."""
+        totals = [peewee.fn.COUNT(Usage.id).alias("requests"),
+                  peewee.fn.COALESCE(peewee.fn.SUM(Usage.prompt_tokens), 0).alias("prompt_tokens"),
+                  peewee.fn.COALESCE(peewee.fn.SUM(Usage.completion_tokens), 0).alias(
+                      "completion_tokens")]
+        where = [Usage.at >= start, Usage.at < end]
+        if user_id is not None:
+            where.append(Usage.user_id == user_id)
+        whole = Usage.select(*totals).where(*where).dicts().get()
+        answer: dict[str, Any] = {name: int(whole[name]) for name in
+                                  ("requests", "prompt_tokens", "completion_tokens")}
+        if group_by:
+            column = USAGE_GROUPS[group_by]
+            rows = (Usage.select(column.alias("group"), *totals).where(*where)
+                    .group_by(column).order_by(column).dicts())
+            answer["buckets"] = [{group_by: row["group"], **{
+                name: int(row[name]) for name in ("requests", "prompt_tokens", "completion_tokens")}}
+                for row in rows]
+        return answer
 
     # --- leases -----------------------------------------------------------------------------
 

@@ -62,6 +62,12 @@ def openapi() -> dict:
                 {"name": "status", "in": "query", "schema": {"type": "string"}},
                 {"name": "limit", "in": "query", "schema": {"type": "integer"}},
                 {"name": "offset", "in": "query", "schema": {"type": "integer"}}]}},
+            "/v1/usage": {"get": {**_operation("Your requests and tokens over a period, in total "
+                                               "and per model, key or day"), "parameters": [
+                {"name": "start", "in": "query", "schema": {"type": "string"}},
+                {"name": "end", "in": "query", "schema": {"type": "string"}},
+                {"name": "group_by", "in": "query",
+                 "schema": {"type": "string", "enum": ["model", "key", "day"]}}]}},
             "/tasks/{task_id}": {"get": {**_operation("One task"), "parameters": [
                 {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}]}},
             "/inference/async": {"post": _operation("Store a chat or completion as a durable task",

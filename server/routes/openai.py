@@ -28,13 +28,24 @@ def sse_event(body: dict) -> bytes:
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _serve(spec: JobSpec, ticket: Ticket | None = None) -> Response:
-    """Run the job; its hold on the caller's limits (`ticket`) ends with it, whichever way."""
+async def _serve(spec: JobSpec, ticket: Ticket | None = None, principal=None) -> Response:
+    """Run the job; when it ends, whichever way, its hold on the caller's limits (`ticket`) is
+    settled and its row goes to the usage ledger."""
     cohort = gateway()
 
-    def settle(job: Job | None) -> None:
+    def settle(job: Job | None, status: int = 200) -> None:
+        now = trio.current_time()
         if ticket is not None:
-            cohort.limiter.settle(ticket, job.used_tokens if job else None, trio.current_time())
+            cohort.limiter.settle(ticket, job.used_tokens if job else None, now)
+        if job is not None and principal is not None:
+            cohort.usage.record(
+                user_id=principal.user_id, key_id=principal.key_id, model=spec.model,
+                route=spec.route, status=status,
+                prompt_tokens=job.usage.get("prompt_tokens", 0),
+                completion_tokens=job.usage.get("completion_tokens", 0),
+                queue_s=(job.started_at or now) - job.enqueued_at,
+                ttft_s=job.first_output_at - job.enqueued_at if job.first_output_at else None,
+                total_s=now - job.enqueued_at)
 
     job = None
     try:
@@ -44,8 +55,11 @@ async def _serve(spec: JobSpec, ticket: Ticket | None = None) -> Response:
         else:
             response = Response(await cohort.complete(job, spec.route), mimetype="application/json")
             settle(job)
+    except CohortError as error:
+        settle(job, error.status)
+        raise
     except BaseException:
-        settle(job)
+        settle(job, 499)  # the client left (nginx's code for it)
         raise
     if spec.dropped:  # COHORT_DROP_PARAMS: say what was dropped, never drop it silently
         response.headers["X-Cohort-Dropped-Params"] = ",".join(spec.dropped)
@@ -101,7 +115,7 @@ async def _answer(parse) -> Response:
     spec.weight, spec.tier = principal.share()
     ticket = cohort.limiter.admit(list(principal.limits), spec.cost, trio.current_time(),
                                   utcnow().date())
-    return await _serve(spec, ticket)
+    return await _serve(spec, ticket, principal)
 
 
 @blueprint.post("/v1/chat/completions")

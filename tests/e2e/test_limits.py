@@ -50,3 +50,28 @@ async def test_a_daily_token_quota_is_insufficient_quota(make_cluster):
     assert statuses[0] == 200 and statuses[-1] == 429
     listed = cluster.users("limits")
     assert "bob" in listed and "tokens_per_day=30" in listed
+
+
+async def test_every_finished_request_lands_in_the_usage_ledger(make_cluster):
+    cluster = make_cluster()
+    cluster.start_front()
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user("carol")
+    other = cluster.add_user("dave")
+    await cluster.wait_ready(1)
+    async with httpx.AsyncClient(timeout=30, headers=cluster.headers()) as http:
+        for stream in (False, False, True):
+            answer = await http.post(cluster.url + "/v1/completions", json={**BODY, "stream": stream})
+            assert answer.status_code == 200
+        await http.post(cluster.url + "/v1/completions", json=BODY, headers=cluster.headers(other))
+        with trio.fail_after(10):  # the ledger is written in batches, about once a second
+            while (usage := (await http.get(cluster.url + "/v1/usage", params={
+                    "group_by": "model"})).json())["requests"] < 3:
+                await trio.sleep(0.1)
+        bad = await http.get(cluster.url + "/v1/usage", params={"group_by": "color"})
+    assert usage["requests"] == 3  # carol's own, not dave's
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == 3 * 4
+    assert usage["buckets"] == [{"model": MODEL, "requests": 3,
+                                 "prompt_tokens": usage["prompt_tokens"],
+                                 "completion_tokens": 12}]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "group_by"

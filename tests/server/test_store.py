@@ -168,3 +168,25 @@ async def test_a_postgresql_restart_costs_a_reconnect_not_a_failed_call(postgres
         server.cleanup()
     with pytest.raises(peewee.OperationalError):  # down for good: the call fails, and says so
         await store.run(store.user_named, "alice")
+
+
+def test_the_usage_ledger_sums_per_user_and_groups(database_url):
+    store = make(database_url)
+    with store.db.connection_context():
+        alice, bob = store.add_user("alice", "h"), store.add_user("bob", "h")
+        row = {"route": "chat", "status": 200, "queue_s": 0.0, "ttft_s": 0.1, "total_s": 0.2}
+        store.add_usage([
+            {**row, "at": T0, "user_id": alice.id, "key_id": 1, "model": "a",
+             "prompt_tokens": 10, "completion_tokens": 5},
+            {**row, "at": T0 + datetime.timedelta(days=1), "user_id": alice.id, "key_id": 2,
+             "model": "b", "prompt_tokens": 1, "completion_tokens": 1},
+            {**row, "at": T0, "user_id": bob.id, "key_id": 3, "model": "a",
+             "prompt_tokens": 100, "completion_tokens": 100}])
+        week = (T0 - LEASE, T0 + datetime.timedelta(days=7))
+        mine = store.usage_of(alice.id, *week, "day")
+        assert (mine["requests"], mine["prompt_tokens"], mine["completion_tokens"]) == (2, 11, 6)
+        assert [b["day"] for b in mine["buckets"]] == ["2026-01-01", "2026-01-02"]
+        assert store.usage_of(alice.id, T0, T0 + LEASE, None)["requests"] == 1
+        by_model = store.usage_of(None, *week, "model")["buckets"]
+        assert by_model[0] == {"model": "a", "requests": 2, "prompt_tokens": 110,
+                               "completion_tokens": 105}
