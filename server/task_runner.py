@@ -84,13 +84,25 @@ class TaskRunner:
     async def _lease_loop(self) -> None:
         """Renew our leases, stop what is no longer ours (cancelled, or taken over while this
         front stalled), and take over lapsed leases of fronts that stopped."""
+        stray_before: set[str] = set()
         while True:
             await trio.sleep(self.settings.task_lease_s / 3)
+            running = set(self._running)  # before the query: their rows are committed
             held = await self.store.run(self.store.renew_leases, self.owner, self._lease_until())
-            for task_id in set(self._running) - held:
-                log.info("task %s is no longer ours (cancelled or taken over); stopping it",
-                         task_id)
-                self._running[task_id].cancel()
+            for task_id in running - held:
+                if task_id in self._running:
+                    log.info("task %s is no longer ours (cancelled or taken over); stopping it",
+                             task_id)
+                    self._running[task_id].cancel()
+            # Held but not running here two rounds in a row (not just submitted): hand it back,
+            # so it is taken over rather than renewed forever.
+            stray = held - set(self._running)
+            if stray & stray_before:
+                log.warning("%d task(s) held but not running; handing them back",
+                            len(stray & stray_before))
+                await self.store.run(self.store.release_leases, self.owner,
+                                     sorted(stray & stray_before))
+            stray_before = stray
             await self._take_over_lapsed()
 
     async def _take_over_lapsed(self) -> None:
