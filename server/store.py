@@ -168,8 +168,12 @@ class Store:
     def create_schema(self) -> None:
         """Create missing tables, bring an older schema up to date, and record its version; safe
         to run at every start, by several fronts at once."""
-        with self.db.connection_context(), self.db.atomic():
-            if self.reconnects:  # PostgreSQL: fronts that start together take turns here
+        # Fronts that start together take turns here: SQLite's write lock taken at once (a read
+        # first, then a write, fails at once against another writer), PostgreSQL's advisory lock.
+        begin = self.db.atomic("IMMEDIATE") if isinstance(self.db, peewee.SqliteDatabase) \
+            else self.db.atomic()
+        with self.db.connection_context(), begin:
+            if self.reconnects:
                 self.db.execute_sql("SELECT pg_advisory_xact_lock(7406)")
             if self.db.table_exists("task"):  # version 1 had no leases
                 columns = {column.name for column in self.db.get_columns("task")}
