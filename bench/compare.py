@@ -151,25 +151,33 @@ class Bench:
             **ZERO_COST, COHORT_BATCH_WAIT_S=str(window), COHORT_ZMQ_INSECURE="1")
         secured = targets["auth"] = await self.mock_cluster(**ZERO_COST, COHORT_AUTH_DISABLED="0")
         key_header = {"Authorization": f"Bearer {secured.add_user('bench')}"}
+        # the same user with limits that never bite: what checking them costs on every request
+        secured.users("add", "limited", "--password-stdin", stdin="correct-horse\n")
+        limited_header = {"Authorization": f"Bearer {secured.users('key', 'limited')}"}
+        secured.users("limit", "limited", "--rpm", "1000000000", "--tpm", "1000000000000",
+                      "--concurrency", "100000", "--tokens-per-day", "1000000000000")
+        targets["auth + limits"] = secured
         try:
             for concurrency, total in ((1, self.args.requests // 4), (64, self.args.requests)):
                 # Rounds alternate bare and Cohort so a slow moment of the machine hits both; a
                 # ratio is the median of its rounds' ratios, the latencies are pooled.
-                names = ["bare", *(t for t in targets if t != "auth" or concurrency == 64)]
+                names = ["bare", *(t for t in targets
+                                   if not t.startswith("auth") or concurrency == 64)]
                 runs: dict[str, list[Result]] = {name: [] for name in names}
                 for round_ in range(self.args.rounds):
                     for name in names:
                         url = bare_url if name == "bare" else targets[name].url + "/v1/completions"
                         runs[name].append(await self.load(
                             f"{name} c={concurrency} #{round_}", url, total=total,
-                            concurrency=concurrency, headers=key_header if name == "auth" else None))
+                            concurrency=concurrency,
+                            headers={"auth": key_header, "auth + limits": limited_header}.get(name)))
                 bare = self.pool(f"bare c={concurrency}", runs["bare"])
                 for name in names[1:]:
                     ours = self.pool(f"cohort c={concurrency} {name}", runs[name])
                     ratios = sorted(o.steady_rps / b.steady_rps
                                     for o, b in zip(runs[name], runs["bare"]))
                     rows.append({"concurrency": concurrency,
-                                 "path": f"window {window:g} + auth" if name == "auth" else name,
+                                 "path": f"window {window:g} + {name}" if name.startswith("auth") else name,
                                  "bare_rps": round(statistics.median(r.steady_rps for r in runs["bare"]), 1),
                                  "cohort_rps": round(statistics.median(r.steady_rps for r in runs[name]), 1),
                                  "ratio": round(statistics.median(ratios), 3),
@@ -178,13 +186,19 @@ class Bench:
                                  "bare_p99_ms": bare.summary()["p99_ms"],
                                  "cohort_p50_ms": ours.summary()["p50_ms"],
                                  "cohort_p99_ms": ours.summary()["p99_ms"], "errors": ours.errors})
+                if concurrency == 64:
+                    costs = sorted(limited.steady_rps / plain.steady_rps for limited, plain in
+                                   zip(runs["auth + limits"], runs["auth"]))
+                    rows.append({"concurrency": concurrency, "path": "limits vs none (throughput)",
+                                 "ratio": round(statistics.median(costs), 3),
+                                 "ratio_range": f"{costs[0]:.3f}-{costs[-1]:.3f}"})
                 curve = sorted(c.steady_rps / p.steady_rps for c, p in
                                zip(runs[f"window {window:g}"], runs["no CURVE"]))
                 rows.append({"concurrency": concurrency, "path": "CURVE vs none (throughput)",
                              "ratio": round(statistics.median(curve), 3),
                              "ratio_range": f"{curve[0]:.3f}-{curve[-1]:.3f}"})
         finally:
-            for target in targets.values():
+            for target in {id(t): t for t in targets.values()}.values():
                 target.stop()
             base.stop()
         self.results["2 gateway overhead"] = {"rows": rows, "rounds": self.args.rounds}
@@ -314,38 +328,41 @@ class Bench:
         self.results["7 store"] = {"rows": rows}
 
     async def fair_shares(self) -> None:
-        """One user floods a saturated engine; another sends a few requests once the flood is
-        queued. Their latency with fair shares, with one line (COHORT_FAIR_SHARES=0), and alone."""
+        """Two tenants on a saturated model (the issue's shape): A keeps about 600 requests
+        queued, B sends 8 at a time; B's latency behind A against B alone, with fair shares and
+        with one line (COHORT_FAIR_SHARES=0)."""
         body = {"model": "cohort-mock", "max_tokens": 16}
         rows = []
         for fair in ("1", "0"):
-            cluster = await self.mock_cluster(**GPU_LIKE, COHORT_MAX_NUM_SEQS="8",
+            cluster = await self.mock_cluster(workers=2, **GPU_LIKE, COHORT_MAX_NUM_SEQS="8",
                                               MOCK_REPLY_LENGTH="max_tokens",
                                               COHORT_AUTH_DISABLED="0", COHORT_FAIR_SHARES=fair)
-            flood = {"Authorization": f"Bearer {cluster.add_user('flood')}"}
-            few = {"Authorization": f"Bearer {cluster.add_user('few')}"}
+            tenant_a = {"Authorization": f"Bearer {cluster.add_user('tenant-a')}"}
+            tenant_b = {"Authorization": f"Bearer {cluster.add_user('tenant-b')}"}
             url = cluster.url + "/v1/completions"
             try:
-                alone = await self.load(f"few alone, fair={fair}", url, total=8, concurrency=8,
-                                        headers=few, body=body)
+                alone = await self.load(f"B alone, fair={fair}", url, total=40, concurrency=8,
+                                        headers=tenant_b, body=body)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(partial(self.load, f"flood, fair={fair}", url, total=400,
-                                               concurrency=400, headers=flood, body=body))
-                    await trio.sleep(1.0)  # the flood is in: queued in the front or the engine
-                    behind = await self.load(f"few behind a flood, fair={fair}", url, total=8,
-                                             concurrency=8, headers=few, body=body)
+                    nursery.start_soon(partial(self.load, f"A, fair={fair}", url, total=4000,
+                                               concurrency=640, headers=tenant_a, body=body))
+                    await trio.sleep(2.0)  # A's 640 are in: queued in the front or the engines
+                    behind = await self.load(f"B behind A, fair={fair}", url, total=40,
+                                             concurrency=8, headers=tenant_b, body=body)
+                    nursery.cancel_scope.cancel()  # A has made its point
             finally:
                 cluster.stop()
+            b_alone, b_behind = alone.summary(), behind.summary()
             rows.append({"queue": "fair shares" if fair == "1" else "one line (FIFO)",
-                         "few_alone_p50_ms": alone.summary()["p50_ms"],
-                         "few_behind_flood_p50_ms": behind.summary()["p50_ms"],
-                         "few_behind_flood_max_ms": round(1000 * max(behind.latencies_s), 1),
-                         "slowdown": round(behind.summary()["p50_ms"] / alone.summary()["p50_ms"], 2),
+                         "B_alone_p50_ms": b_alone["p50_ms"], "B_alone_p99_ms": b_alone["p99_ms"],
+                         "B_behind_A_p50_ms": b_behind["p50_ms"],
+                         "B_behind_A_p99_ms": b_behind["p99_ms"],
+                         "p50_ratio": round(b_behind["p50_ms"] / b_alone["p50_ms"], 2),
+                         "p99_ratio": round(b_behind["p99_ms"] / b_alone["p99_ms"], 2),
                          "errors": alone.errors + behind.errors})
         self.results["11 fair shares"] = {
-            "rows": rows, "engine": "GPU-like mock, one worker, max_num_seqs 8, 16-token replies; "
-                                    "the flood is 400 requests at once, the few are 8, sent 1 s "
-                                    "after it"}
+            "rows": rows, "engine": "GPU-like mock, two workers, max_num_seqs 8 each, 16-token "
+                                    "replies; A: 640 at a time, B: 40 requests, 8 at a time"}
 
     async def real_engine(self) -> None:
         from worker.models import default_model_path, is_prepared
