@@ -37,7 +37,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     """A new app with its own gateway; nothing starts until hypercorn serves it."""
     settings = settings or load(ServerSettings)
     setup_logging(settings.log_level)
-    connections.install(settings.max_connections)
+    connections.install(settings.max_connections, settings.keep_alive_s)
     app = QuartTrio("cohort")
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, RESPONSE_TIMEOUT=None,
                       BODY_TIMEOUT=60, JSON_SORT_KEYS=False)

@@ -5,7 +5,9 @@ hypercorn 0.18's trio worker has no hook for either, so this wraps two methods o
 (the one place that owns a connection's socket); `install` checks that they are still there.
 - It restarts a connection's idle timer from the task that sends the response, which quart-trio
   cancels as soon as the response is sent: the timer died with it, and an idle keep-alive
-  connection stayed open for good. The restart now runs shielded from that cancellation.
+  connection stayed open for good. Its timer (a task spawned per response) is replaced by one
+  sleeping task per connection that closes it once idle for COHORT_KEEP_ALIVE_S; hypercorn's own
+  keep-alive is set out of the way (its first timer still closes idle connections at shutdown).
 - It accepts connections until the process runs out of descriptors, after which every new client
   waits in the backlog behind idle ones. Here a connection past the bound closes the oldest idle
   one to make room; if none is idle, the new one gets a 503 and is closed, and those at work keep
@@ -40,8 +42,9 @@ def default_limit() -> int:
 class Connections:
     """The open connections, in the order they last became idle (policy, apart from hypercorn)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, keep_alive_s: float = 5.0) -> None:
         self.limit = limit
+        self.keep_alive_s = keep_alive_s
         self.open: set[object] = set()
         self.idle: dict[object, None] = {}  # insertion-ordered: the first is the oldest idle
         self.shed = 0
@@ -78,18 +81,18 @@ class Connections:
 _registry: Connections | None = None
 
 
-def install(limit: int = 0) -> Connections:
+def install(limit: int = 0, keep_alive_s: float = 5.0) -> Connections:
     """Wrap hypercorn's TCPServer once per process; `limit` 0 means below the descriptor limit."""
     global _registry
     limit = limit or default_limit()
     if _registry is not None:
-        _registry.limit = limit
+        _registry.limit, _registry.keep_alive_s = limit, keep_alive_s
         return _registry
     for name in ("run", "protocol_send", "_idle_timeout"):
         if not hasattr(TCPServer, name):
             raise RuntimeError(f"hypercorn's TCPServer has no {name}: server/connections.py "
                                "needs updating for this hypercorn")
-    registry = _registry = Connections(limit)
+    registry = _registry = Connections(limit, keep_alive_s)
     run, protocol_send = TCPServer.run, TCPServer.protocol_send
 
     async def bounded_run(self: TCPServer) -> None:
@@ -99,23 +102,41 @@ def install(limit: int = 0) -> Connections:
             return
         if victim is not None:
             await _close(victim.stream)  # type: ignore[attr-defined]
+        self.cohort_idle_since = trio.current_time()  # waiting for its first request
         try:
-            await run(self)
+            async with trio.open_nursery() as watch:
+                watch.start_soon(_close_when_idle, self, registry)
+                try:
+                    await run(self)
+                finally:
+                    watch.cancel_scope.cancel()
         finally:
             registry.forget(self)
 
-    async def shielded_send(self: TCPServer, event) -> None:
-        if isinstance(event, Updated):
+    async def tracked_send(self: TCPServer, event) -> None:
+        if isinstance(event, Updated):  # hypercorn's per-request idle timer is not used
             registry.mark(self, event.idle)
-            with trio.CancelScope(shield=True):  # the idle timer must outlive the sending task
-                await protocol_send(self, event)
+            self.cohort_idle_since = trio.current_time() if event.idle else None
         else:
             await protocol_send(self, event)
 
     TCPServer.run = bounded_run  # type: ignore[method-assign]
-    TCPServer.protocol_send = shielded_send  # type: ignore[method-assign]
+    TCPServer.protocol_send = tracked_send  # type: ignore[method-assign]
     log.info("at most %d open connections", limit)
     return registry
+
+
+async def _close_when_idle(server: TCPServer, registry: Connections) -> None:
+    """One sleeping task per connection closes it once idle for the keep-alive time; nothing
+    is spawned or cancelled per request (hypercorn's timer cost a task per response)."""
+    while True:
+        since = server.cohort_idle_since  # type: ignore[attr-defined]
+        wait = registry.keep_alive_s if since is None else (
+            since + registry.keep_alive_s - trio.current_time())
+        if since is not None and wait <= 0:
+            await _close(server.stream)
+            return
+        await trio.sleep(wait)
 
 
 async def _close(stream) -> None:

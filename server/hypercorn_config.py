@@ -1,9 +1,10 @@
 """hypercorn's settings, from Cohort's: the Procfile runs `hypercorn --config python:server.hypercorn_config`.
 
-The bind address, the idle keep-alive timeout, and the graceful timeout, which follows
-COHORT_DRAIN_TIMEOUT_S (plus a margin for the front's own drain to end every stream with an error
-event and `[DONE]` first). Flags given on the command line still win. The keep-alive timeout only
-takes effect with server/connections.py, which `create_app` installs in the serving process.
+The bind address and the graceful timeout, which follows COHORT_DRAIN_TIMEOUT_S (plus a margin
+for the front's own drain to end every stream with an error event and `[DONE]` first). Flags
+given on the command line still win. The idle keep-alive timeout is not hypercorn's: its timer
+costs a task per response and did not work under quart-trio; server/connections.py keeps
+COHORT_KEEP_ALIVE_S instead.
 """
 
 import resource
@@ -15,7 +16,7 @@ _settings = load(ServerSettings)
 worker_class = "trio"
 bind = [f"{_settings.host}:{_settings.port}"]
 graceful_timeout = _settings.drain_timeout_s + 5.0
-keep_alive_timeout = _settings.keep_alive_s
+keep_alive_timeout = 10 * 365 * 86400.0  # COHORT_KEEP_ALIVE_S is kept by server/connections.py
 
 
 def _more_descriptors() -> None:
