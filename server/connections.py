@@ -117,6 +117,10 @@ def install(limit: int = 0, keep_alive_s: float = 5.0) -> Connections:
         if isinstance(event, Updated):  # hypercorn's per-request idle timer is not used
             registry.mark(self, event.idle)
             self.cohort_idle_since = trio.current_time() if event.idle else None
+            if not event.idle and self.idle_task._handle is not None:
+                # its first timer (started with the connection) would close this busy
+                # connection at shutdown; stopped once, nothing per request after
+                await self.idle_task.stop()
         else:
             await protocol_send(self, event)
 
@@ -129,14 +133,19 @@ def install(limit: int = 0, keep_alive_s: float = 5.0) -> Connections:
 async def _close_when_idle(server: TCPServer, registry: Connections) -> None:
     """One sleeping task per connection closes it once idle for the keep-alive time; nothing
     is spawned or cancelled per request (hypercorn's timer cost a task per response)."""
+    terminated = server.context.terminated  # the server is shutting down
     while True:
         since = server.cohort_idle_since  # type: ignore[attr-defined]
         wait = registry.keep_alive_s if since is None else (
             since + registry.keep_alive_s - trio.current_time())
-        if since is not None and wait <= 0:
-            await _close(server.stream)
+        if since is not None and (wait <= 0 or terminated.is_set()):
+            await _close(server.stream)  # a busy one is left to finish, or to the drain
             return
-        await trio.sleep(wait)
+        if terminated.is_set():
+            await trio.sleep(0.1)  # shutting down: close it as soon as its answer is out
+            continue
+        with trio.move_on_after(wait):
+            await terminated.wait()
 
 
 async def _close(stream) -> None:
