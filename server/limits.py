@@ -111,7 +111,10 @@ class Limiter:
         if counters.day != today:
             counters.day, counters.day_tokens = today, 0
         who = subject.split(":")[0]
-        headers = self.headers([(subject, limits)], now)
+
+        def headers() -> dict[str, str]:  # built only for a refusal: admitting stays cheap
+            return self.headers([(subject, limits)], now)
+
         if limits.tokens_per_day and counters.day_tokens + cost > limits.tokens_per_day:
             midnight = datetime.datetime.combine(today + datetime.timedelta(days=1),
                                                  datetime.time())
@@ -120,11 +123,11 @@ class Limiter:
             raise QuotaExceeded(
                 f"this {who}'s quota of {limits.tokens_per_day} tokens a day is used up "
                 f"({counters.day_tokens} so far, this request may take {cost}); it renews at "
-                "midnight UTC", headers={**headers, "Retry-After": str(max(1, math.ceil(wait)))})
+                "midnight UTC", headers={**headers(), "Retry-After": str(max(1, math.ceil(wait)))})
         if limits.concurrency and counters.in_flight >= limits.concurrency:
             raise RateLimited(f"this {who} has {counters.in_flight} requests running, its limit "
                               f"is {limits.concurrency} at once",
-                              headers={**headers, "Retry-After": "1"})
+                              headers={**headers(), "Retry-After": "1"})
         for bucket, name, amount, per in ((counters.requests, "requests", 1, limits.rpm),
                                           (counters.tokens, "tokens", cost, limits.tpm)):
             if bucket is None:
@@ -134,7 +137,7 @@ class Limiter:
             if wait > 0:
                 raise RateLimited(
                     f"rate limit reached for this {who}: {per} {name} per minute; retry in "
-                    f"{wait:.1f} s", headers={**headers, "Retry-After": str(max(1, math.ceil(wait)))})
+                    f"{wait:.1f} s", headers={**headers(), "Retry-After": str(max(1, math.ceil(wait)))})
 
     def settle(self, ticket: Ticket, used_tokens: int | None, now: float) -> None:
         """The request ended: free its concurrency slot, give back the tokens it did not use."""
@@ -146,8 +149,7 @@ class Limiter:
             counters.in_flight = max(0, counters.in_flight - 1)
             counters.day_tokens = max(0, counters.day_tokens - refund)
             if counters.tokens is not None and refund:
-                counters.tokens._refill(now)
-                counters.tokens.tokens = min(counters.tokens.burst, counters.tokens.tokens + refund)
+                counters.tokens.give_back(now, refund)
 
     def headers(self, subjects: list[tuple[str, Limits]], now: float) -> dict[str, str]:
         """OpenAI's x-ratelimit headers, for the tightest of the subjects' minute limits."""
@@ -159,8 +161,7 @@ class Limiter:
                 bucket = getattr(counters, attr) if counters else None
                 if bucket is None:
                     continue
-                bucket._refill(now)
-                if tightest is None or bucket.tokens < tightest.tokens:
+                if tightest is None or bucket.level(now) < tightest.tokens:
                     tightest = bucket
             if tightest is not None:
                 out[f"x-ratelimit-limit-{name}"] = str(int(tightest.burst))

@@ -24,6 +24,16 @@ class TokenBucket:
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
 
+    def level(self, now: float) -> float:
+        """What there is to take now."""
+        self._refill(now)
+        return self.tokens
+
+    def give_back(self, now: float, amount: float) -> None:
+        """Return `amount` taken earlier and not used (never above the burst)."""
+        self._refill(now)
+        self.tokens = min(self.burst, self.tokens + amount)
+
     def take(self, now: float, amount: float = 1.0) -> bool:
         """Spend `amount` if there is that much now; False (and nothing spent) if not."""
         self._refill(now)
