@@ -21,7 +21,7 @@ from server import connections
 from server.auth import Auth
 from server.errors import BadRequest, BodyTooLarge, CohortError, Draining, NotFound
 from server.gateway import Gateway
-from server.routes import docs, ops, openai, tasks, tokens, usage
+from server.routes import admin, docs, ops, openai, tasks, tokens, usage
 from server.store import Store
 from server.task_runner import TaskRunner
 from server.usage import UsageLedger
@@ -47,7 +47,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     cohort.tasks = TaskRunner(cohort)
     cohort.usage = UsageLedger(cohort.store)
     app.gateway = cohort  # type: ignore[attr-defined]
-    for module in (openai, ops, tasks, tokens, usage, docs):
+    for module in (openai, ops, tasks, tokens, usage, admin, docs):
         app.register_blueprint(module.blueprint)
 
     services = trio.CancelScope()

@@ -18,7 +18,7 @@ import peewee
 import trio
 
 from common.config import ServerSettings
-from server.errors import Unauthorized
+from server.errors import PermissionDenied, Unauthorized
 from server.limits import Limits
 from server.login_throttle import LoginThrottle
 from server.store import Store, utcnow
@@ -38,6 +38,8 @@ class Principal:
     username: str
     key_id: int = 0
     limits: tuple[tuple[str, Limits], ...] = ()
+    role: str = "user"  # user | admin
+    models: tuple[str, ...] | None = None  # what its API key may use (None: every model)
 
     @property
     def tenant(self) -> str:
@@ -49,6 +51,13 @@ class Principal:
         for _, limits in self.limits:  # user first, then key
             weight, tier = limits.weight, limits.priority
         return weight, tier
+
+    def check_model(self, model: str) -> None:
+        """Refuse a model this caller's API key is not allowed to use."""
+        if self.models is not None and model not in self.models:
+            raise PermissionDenied(f"this API key may not use model {model!r}; it may use "
+                                   f"{', '.join(self.models)}", param="model",
+                                   code="model_not_allowed")
 
 
 DEV_USER = "dev"  # every caller while COHORT_AUTH_DISABLED: a disabled row, so it owns tasks
@@ -132,11 +141,16 @@ class Auth:
         found = await self.store.run(self.store.user_for_token, key)
         if found is None:
             raise Unauthorized("invalid, expired or revoked token")
-        user_id, username, key_id, limits = found
-        principal = Principal(user_id, username, key_id, tuple(
-            (subject, Limits(**limits[subject]))
-            for subject in (f"user:{user_id}", f"key:{key_id}") if subject in limits))
+        principal = Principal(found.user_id, found.username, found.key_id, tuple(
+            (subject, Limits(**found.limits[subject]))
+            for subject in (f"user:{found.user_id}", f"key:{found.key_id}")
+            if subject in found.limits), found.role, found.models)
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[key] = (now + self.settings.auth_cache_s, principal)
         return principal
+
+    def forget(self) -> None:
+        """Drop every cached credential: an admin changed users, keys or limits, and this front
+        sees it at once (the others within `auth_cache_s`)."""
+        self._cache.clear()

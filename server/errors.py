@@ -45,6 +45,22 @@ class Unauthorized(CohortError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(CohortError):
+    """The caller is known but may not do this: an admin route, or a model its key may not use."""
+
+    status = 403
+    error_type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class Conflict(CohortError):
+    """The change clashes with what exists (a user of that name, the last admin)."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
 class NotFound(CohortError):
     """An unknown model, task or route."""
 

@@ -29,7 +29,7 @@ from playhouse.pool import PooledPostgresqlDatabase
 
 log = logging.getLogger("cohort.store")
 
-SCHEMA_VERSION = 3  # 2: task leases (owner, lease_until); 3: limits, the usage ledger
+SCHEMA_VERSION = 4  # 2: task leases; 3: limits, the usage ledger; 4: roles, keys limited to models
 T = TypeVar("T")
 
 database = peewee.DatabaseProxy()
@@ -54,6 +54,7 @@ class User(BaseModel):
     username = peewee.CharField(unique=True, max_length=64)
     password_hash = peewee.CharField(max_length=100)
     disabled = peewee.BooleanField(default=False)
+    role = peewee.CharField(default="user", max_length=16)  # user | admin
     created_at = peewee.DateTimeField(default=utcnow)
 
 
@@ -67,6 +68,7 @@ class Token(BaseModel):
     created_at = peewee.DateTimeField(default=utcnow)
     expires_at = peewee.DateTimeField(null=True)
     revoked = peewee.BooleanField(default=False)
+    models = peewee.TextField(null=True)  # an API key limited to some models: their JSON list
 
 
 class Task(BaseModel):
@@ -116,7 +118,7 @@ class Usage(BaseModel):
 
 
 MODELS = [SchemaVersion, User, Token, Task, Limit, Usage]
-USAGE_GROUPS = {"model": Usage.model, "key": Usage.key_id,
+USAGE_GROUPS = {"model": Usage.model, "key": Usage.key_id, "user": Usage.user_id,
                 "day": peewee.fn.substr(peewee.Cast(Usage.at, "text"), 1, 10).coerce(False)}
 LIMIT_FIELDS = ("rpm", "tpm", "concurrency", "tokens_per_day", "weight", "priority")
 FINAL = ("completed", "failed", "cancelled")
@@ -134,14 +136,27 @@ class Claimed:
     attempts: int
 
 
+@dataclass(frozen=True)
+class TokenOwner:
+    """Who a live token belongs to, as authentication needs it."""
+
+    user_id: int
+    username: str
+    role: str
+    key_id: int
+    models: tuple[str, ...] | None  # None: every model
+    limits: dict[str, dict]
+
+
+def _stamp(value: datetime.datetime | None) -> str | None:
+    return value.replace(tzinfo=datetime.timezone.utc).isoformat() if value else None
+
+
 def task_view(task: Task) -> dict[str, Any]:
     """A task as the API shows it."""
-    def stamp(value):
-        return value.replace(tzinfo=datetime.timezone.utc).isoformat() if value else None
-
     return {"id": task.id, "status": task.status, "kind": task.kind,
-            "created_at": stamp(task.created_at), "started_at": stamp(task.started_at),
-            "finished_at": stamp(task.finished_at), "attempts": task.attempts,
+            "created_at": _stamp(task.created_at), "started_at": _stamp(task.started_at),
+            "finished_at": _stamp(task.finished_at), "attempts": task.attempts,
             "request": json.loads(task.request),
             "result": json.loads(task.result) if task.result else None,
             "error": json.loads(task.error) if task.error else None}
@@ -175,17 +190,23 @@ class Store:
         with self.db.connection_context(), begin:
             if self.reconnects:
                 self.db.execute_sql("SELECT pg_advisory_xact_lock(7406)")
-            if self.db.table_exists("task"):  # version 1 had no leases
-                columns = {column.name for column in self.db.get_columns("task")}
-                migrator = SchemaMigrator.from_database(self.db)
-                migrate(*[migrator.add_column("task", name, field) for name, field in (
-                    ("owner", Task.owner), ("lease_until", Task.lease_until))
-                    if name not in columns])
+            self._add_missing_columns()
             self.db.create_tables(MODELS, safe=True)
             if not SchemaVersion.select().exists():
                 SchemaVersion.create(version=SCHEMA_VERSION)
             SchemaVersion.update(version=SCHEMA_VERSION).where(
                 SchemaVersion.version < SCHEMA_VERSION).execute()
+
+    def _add_missing_columns(self) -> None:
+        """Bring tables of an older schema up to date: the columns later versions added."""
+        migrator = SchemaMigrator.from_database(self.db)
+        for table, fields in (("task", (Task.owner, Task.lease_until)),  # 2
+                              ("user", (User.role,)), ("token", (Token.models,))):  # 4
+            if not self.db.table_exists(table):
+                continue
+            present = {column.name for column in self.db.get_columns(table)}
+            migrate(*[migrator.add_column(table, field.column_name, field) for field in fields
+                      if field.column_name not in present])
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run one store call in a worker thread; each thread keeps its own open connection.
@@ -214,8 +235,8 @@ class Store:
 
     # --- users and tokens -------------------------------------------------------------------
 
-    def add_user(self, username: str, password_hash: str) -> User:
-        return User.create(username=username, password_hash=password_hash)
+    def add_user(self, username: str, password_hash: str, role: str = "user") -> User:
+        return User.create(username=username, password_hash=password_hash, role=role)
 
     def user_named(self, username: str) -> User | None:
         return User.get_or_none(User.username == username)
@@ -223,16 +244,69 @@ class Store:
     def set_disabled(self, username: str, disabled: bool) -> bool:
         return User.update(disabled=disabled).where(User.username == username).execute() > 0
 
+    def update_user(self, user: User, **values: object) -> None:
+        User.update(**values).where(User.id == user.id).execute()
+
+    def delete_user(self, user: User) -> None:
+        """The user, its credentials and tasks (by cascade) and its limits; its ledger rows stay."""
+        with self.db.atomic():
+            keys = [f"key:{token.id}" for token in Token.select(Token.id).where(Token.user == user)]
+            Limit.delete().where(Limit.subject.in_([f"user:{user.id}", *keys])).execute()
+            Task.delete().where(Task.user == user).execute()
+            Token.delete().where(Token.user == user).execute()
+            User.delete().where(User.id == user.id).execute()
+
+    def admins(self) -> int:
+        """How many enabled admins there are (the last one may not be removed)."""
+        return User.select().where(User.role == "admin", User.disabled == False).count()  # noqa: E712
+
     def users(self) -> list[User]:
         return list(User.select().order_by(User.username))
 
-    def add_token(self, user: User | int, digest: str, kind: str,
-                  expires_at: datetime.datetime | None = None, name: str = "") -> Token:
-        return Token.create(user=user, digest=digest, kind=kind, expires_at=expires_at, name=name)
+    def user_view(self, user: User) -> dict[str, Any]:
+        """A user as the admin API shows it: never its password hash."""
+        keys = Token.select().where(Token.user == user, Token.kind == "api_key",
+                                    Token.revoked == False).count()  # noqa: E712
+        return {"object": "user", "username": user.username, "role": user.role,
+                "disabled": user.disabled, "created_at": _stamp(user.created_at),
+                "api_keys": keys, "limits": self.limits_of(f"user:{user.id}")}
 
-    def user_for_token(self, digest: str) -> tuple[int, str, int, dict[str, dict]] | None:
-        """(user id, username, token id, the limits of `user:ID` and `key:ID` that are set) for
-        a live token of an enabled user, else None."""
+    def add_token(self, user: User | int, digest: str, kind: str,
+                  expires_at: datetime.datetime | None = None, name: str = "",
+                  models: list[str] | None = None) -> Token:
+        return Token.create(user=user, digest=digest, kind=kind, expires_at=expires_at, name=name,
+                            models=json.dumps(models) if models is not None else None)
+
+    def keys_of(self, user: User) -> list[dict[str, Any]]:
+        """A user's API keys as the admin API shows them: never their digests."""
+        return [self.key_view(token) for token in Token.select().where(
+            Token.user == user, Token.kind == "api_key").order_by(Token.id)]
+
+    def key_of(self, user: User, key_id: int) -> Token | None:
+        return Token.get_or_none(Token.id == key_id, Token.user == user, Token.kind == "api_key")
+
+    def key_named(self, user: User, name: str) -> Token | None:
+        return Token.get_or_none(Token.user == user, Token.kind == "api_key", Token.name == name,
+                                 Token.revoked == False)  # noqa: E712
+
+    def key_view(self, token: Token) -> dict[str, Any]:
+        return {"object": "api_key", "id": token.id, "name": token.name,
+                "created_at": _stamp(token.created_at), "revoked": token.revoked,
+                "models": json.loads(token.models) if token.models else None,
+                "limits": self.limits_of(f"key:{token.id}")}
+
+    def revoke(self, user: User, key_id: int | None = None, kind: str | None = None) -> int:
+        """Revoke one API key of a user, or every credential it has (of one `kind`)."""
+        query = Token.update(revoked=True).where(Token.user == user)
+        if key_id is not None:
+            query = query.where(Token.id == key_id, Token.kind == "api_key")
+        if kind is not None:
+            query = query.where(Token.kind == kind)
+        return query.execute()
+
+    def user_for_token(self, digest: str) -> TokenOwner | None:
+        """Who holds a live token of an enabled user, with its role, the models the token may
+        use, and the limits of `user:ID` and `key:ID` that are set; None if nobody does."""
         row = (Token.select(Token, User).join(User)
                .where(Token.digest == digest, Token.revoked == False,  # noqa: E712
                       User.disabled == False)  # noqa: E712
@@ -242,7 +316,8 @@ class Store:
         subjects = [f"user:{row.user.id}", f"key:{row.id}"]
         limits = {limit.subject: {name: getattr(limit, name) for name in LIMIT_FIELDS}
                   for limit in Limit.select().where(Limit.subject.in_(subjects))}
-        return row.user.id, row.user.username, row.id, limits
+        models = tuple(json.loads(row.models)) if row.models else None
+        return TokenOwner(row.user.id, row.user.username, row.user.role, row.id, models, limits)
 
     def set_limits(self, subject: str, **values: object) -> dict[str, object]:
         """Set some of a subject's limits (the others keep their value); the whole set."""
@@ -252,6 +327,13 @@ class Store:
                 Limit.update(**values).where(Limit.subject == subject).execute()
             limit = Limit.get(Limit.subject == subject)
         return {name: getattr(limit, name) for name in LIMIT_FIELDS}
+
+    def limits_of(self, subject: str) -> dict[str, object] | None:
+        limit = Limit.get_or_none(Limit.subject == subject)
+        return {name: getattr(limit, name) for name in LIMIT_FIELDS} if limit else None
+
+    def clear_limits(self, subject: str) -> bool:
+        return Limit.delete().where(Limit.subject == subject).execute() > 0
 
     def all_limits(self) -> dict[str, dict[str, object]]:
         return {limit.subject: {name: getattr(limit, name) for name in LIMIT_FIELDS}
@@ -321,6 +403,10 @@ class Store:
             answer["buckets"] = [{group_by: row["group"], **{
                 name: int(row[name]) for name in ("requests", "prompt_tokens", "completion_tokens")}}
                 for row in rows]
+            if group_by == "user":  # by name; a deleted user's rows stay, under its old id
+                names = dict(User.select(User.id, User.username).tuples())
+                for bucket in answer["buckets"]:
+                    bucket["user"] = names.get(bucket["user"], f"#{bucket['user']}")
         return answer
 
     # --- leases -----------------------------------------------------------------------------

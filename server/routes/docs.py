@@ -34,6 +34,58 @@ def _operation(summary: str, body: str | None = None, *, secured: bool = True) -
     return operation
 
 
+def _object(**properties: dict) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "properties": properties, "additionalProperties": False}}}}
+
+
+NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+KEY_ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+LIMITS = _object(**{name: {"type": "integer", "minimum": 0}
+                    for name in ("rpm", "tpm", "concurrency", "tokens_per_day")},
+                 weight={"type": "number"}, priority={"enum": ["interactive", "batch"]})
+MODELS = {"type": ["array", "null"], "items": {"type": "string"}}
+
+
+def _admin(summary: str, *parameters: dict, body: dict | None = None) -> dict:
+    operation = {**_operation(f"Admins: {summary}"), "parameters": list(parameters)}
+    if body:
+        operation["requestBody"] = body
+    return operation
+
+
+ADMIN_PATHS = {
+    "/admin/users": {
+        "get": _admin("every user"),
+        "post": _admin("add a user", body=_object(username={"type": "string"},
+                                                 password={"type": "string"},
+                                                 role={"enum": ["user", "admin"]}))},
+    "/admin/users/{name}": {
+        "get": _admin("a user and its keys", NAME),
+        "patch": _admin("disable or enable, change role or password", NAME, body=_object(
+            disabled={"type": "boolean"}, role={"enum": ["user", "admin"]},
+            password={"type": "string"})),
+        "delete": _admin("remove a user, its keys, tasks and limits", NAME)},
+    "/admin/users/{name}/keys": {
+        "get": _admin("a user's API keys", NAME),
+        "post": _admin("mint an API key (shown once), optionally limited to some models", NAME,
+                       body=_object(name={"type": "string"}, models=MODELS))},
+    "/admin/users/{name}/keys/{key_id}": {"delete": _admin("revoke an API key", NAME, KEY_ID)},
+    "/admin/users/{name}/limits": {
+        "get": _admin("a user's limits", NAME),
+        "put": _admin("set some of a user's limits", NAME, body=LIMITS),
+        "delete": _admin("remove a user's limits", NAME)},
+    "/admin/users/{name}/keys/{key_id}/limits": {
+        "get": _admin("a key's limits", NAME, KEY_ID),
+        "put": _admin("set some of a key's limits", NAME, KEY_ID, body=LIMITS),
+        "delete": _admin("remove a key's limits", NAME, KEY_ID)},
+    "/admin/usage": {"get": _admin(
+        "everyone's usage, or one user's", {"name": "user", "in": "query", "schema": {"type": "string"}},
+        {"name": "group_by", "in": "query",
+         "schema": {"type": "string", "enum": ["model", "key", "day", "user"]}})},
+}
+
+
 def openapi() -> dict:
     """The OpenAPI 3.1 document: the request models' JSON schemas under components."""
     models = (ChatRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest)
@@ -67,7 +119,8 @@ def openapi() -> dict:
                 {"name": "start", "in": "query", "schema": {"type": "string"}},
                 {"name": "end", "in": "query", "schema": {"type": "string"}},
                 {"name": "group_by", "in": "query",
-                 "schema": {"type": "string", "enum": ["model", "key", "day"]}}]}},
+                 "schema": {"type": "string", "enum": ["model", "key", "day", "user"]}}]}},
+            **ADMIN_PATHS,
             "/tasks/{task_id}": {"get": {**_operation("One task"), "parameters": [
                 {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}]}},
             "/inference/async": {"post": _operation("Store a chat or completion as a durable task",

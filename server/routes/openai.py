@@ -111,6 +111,7 @@ async def _answer(parse) -> Response:
     principal = await caller()
     cohort = gateway()
     spec = parse(await _body(), cohort.settings, g.request_id)
+    principal.check_model(spec.model)
     spec.tenant = principal.tenant
     spec.weight, spec.tier = principal.share()
     ticket = cohort.limiter.admit(list(principal.limits), spec.cost, trio.current_time(),
@@ -145,8 +146,9 @@ async def detokenize():
 
 @blueprint.get("/v1/models")
 async def models():
-    await caller()
+    principal = await caller()
     now = int(time.time())
     data = [{"object": "model", "created": now, "owned_by": "cohort", **card}
-            for card in gateway().dispatcher.registry.model_cards()]
+            for card in gateway().dispatcher.registry.model_cards()
+            if principal.models is None or card["id"] in principal.models]
     return {"object": "list", "data": data}

@@ -32,6 +32,11 @@ def _moment(name: str, default: datetime.datetime) -> datetime.datetime:
 @blueprint.get("/v1/usage")
 async def usage():
     principal = await caller()
+    return await usage_report(principal.user_id)
+
+
+async def usage_report(user_id: int | None) -> dict:
+    """The usage of one user (None: everyone) over the query's period, grouped as it asks."""
     now = utcnow()
     start = _moment("start", datetime.datetime.combine(now.date(), datetime.time()))
     end = _moment("end", now + datetime.timedelta(seconds=1))
@@ -39,6 +44,6 @@ async def usage():
     if group_by is not None and group_by not in USAGE_GROUPS:
         raise BadRequest(f"group_by is one of {', '.join(USAGE_GROUPS)}", param="group_by")
     store = gateway().store
-    totals = await store.run(store.usage_of, principal.user_id, start, end, group_by)
+    totals = await store.run(store.usage_of, user_id, start, end, group_by)
     return {"object": "usage", "start": start.isoformat() + "Z", "end": end.isoformat() + "Z",
             "group_by": group_by, **totals}

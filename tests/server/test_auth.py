@@ -6,13 +6,14 @@ import trio
 from common.config import ServerSettings, load
 from server.auth import Auth, digest
 from server.errors import Unauthorized
+from server.store import TokenOwner
 
 
 class Tokens:
     """The store's token lookup, in memory."""
 
     def __init__(self) -> None:
-        self.users: dict[str, tuple[int, str, int, dict]] = {}
+        self.users: dict[str, TokenOwner] = {}
         self.lookups = 0
 
     async def run(self, call, *args):
@@ -25,7 +26,7 @@ class Tokens:
 
 async def test_a_revoked_key_is_refused_within_the_cache_bound(autojump_clock):
     store = Tokens()
-    store.users[digest("ck-alice")] = (1, "alice", 3, {})
+    store.users[digest("ck-alice")] = TokenOwner(1, "alice", "user", 3, None, {})
     auth = Auth(load(ServerSettings, env={}, auth_cache_s=5.0), store)
     assert (await auth.authenticate("Bearer ck-alice")).username == "alice"
     del store.users[digest("ck-alice")]  # revoked in the store, by any front or the CLI

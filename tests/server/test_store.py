@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from server.auth import digest
-from server.store import SchemaVersion, Store, Task, utcnow
+from server.store import SCHEMA_VERSION, SchemaVersion, Store, Task, utcnow
 
 T0 = datetime.datetime(2026, 1, 1, 12, 0, 0)
 LEASE = datetime.timedelta(seconds=15)
@@ -25,11 +25,11 @@ def test_sqlite_schema_is_created_in_wal_mode_once_with_a_version(tmp_path):
     store = make(f"sqlite:///{tmp_path}/sub/cohort.db")
     store.create_schema()  # idempotent
     with store.db.connection_context():
-        assert [row.version for row in SchemaVersion.select()] == [3]
+        assert [row.version for row in SchemaVersion.select()] == [SCHEMA_VERSION]
     assert sqlite3.connect(tmp_path / "sub/cohort.db").execute("pragma journal_mode").fetchone()[0] == "wal"
 
 
-def test_a_version_1_store_gains_the_lease_columns_and_keeps_its_tasks(tmp_path):
+def test_a_version_1_store_gains_the_later_columns_and_keeps_its_rows(tmp_path):
     path = tmp_path / "old.db"
     old = sqlite3.connect(path)
     old.executescript("""
@@ -38,6 +38,10 @@ def test_a_version_1_store_gains_the_lease_columns_and_keeps_its_tasks(tmp_path)
         CREATE TABLE user (id INTEGER PRIMARY KEY, username VARCHAR(64) UNIQUE NOT NULL,
             password_hash VARCHAR(100) NOT NULL, disabled INTEGER NOT NULL, created_at DATETIME NOT NULL);
         INSERT INTO user VALUES (1, 'alice', 'h', 0, '2026-01-01 00:00:00');
+        CREATE TABLE token (id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL, digest VARCHAR(64)
+            UNIQUE NOT NULL, kind VARCHAR(16) NOT NULL, name VARCHAR(64) NOT NULL, created_at
+            DATETIME NOT NULL, expires_at DATETIME, revoked INTEGER NOT NULL);
+        INSERT INTO token VALUES (1, 1, 'd1', 'api_key', '', '2026-01-01 00:00:00', NULL, 0);
         CREATE TABLE task (id VARCHAR(40) PRIMARY KEY, user_id INTEGER NOT NULL, status VARCHAR(16)
             NOT NULL, kind VARCHAR(16) NOT NULL, request TEXT NOT NULL, result TEXT, error TEXT,
             attempts INTEGER NOT NULL, created_at DATETIME NOT NULL, started_at DATETIME,
@@ -48,7 +52,9 @@ def test_a_version_1_store_gains_the_lease_columns_and_keeps_its_tasks(tmp_path)
     old.commit()
     store = make(f"sqlite:///{path}")
     with store.db.connection_context():
-        assert SchemaVersion.select().first().version == 3
+        assert SchemaVersion.select().first().version == SCHEMA_VERSION == 4
+        owner = store.user_for_token("d1")  # a user of old is a user, its key may use any model
+        assert (owner.username, owner.role, owner.models) == ("alice", "user", None)
         [claimed] = store.claim_lapsed("front-a", T0, T0 + LEASE, 10)  # no lease: free to take
         assert claimed.id == "t1" and claimed.attempts == 1
 
@@ -60,12 +66,14 @@ def test_tokens_expire_revoke_and_die_with_a_disabled_user(database_url):
         store.add_token(user, digest("live"), "api_key")
         store.add_token(user, digest("old"), "access", utcnow() - datetime.timedelta(seconds=1))
         live = store.add_token(user, digest("live2"), "api_key")
-        assert store.user_for_token(digest("live"))[:2] == (user.id, "alice")
+        found = store.user_for_token(digest("live"))
+        assert (found.user_id, found.username, found.role, found.models) == (
+            user.id, "alice", "user", None)
         store.set_limits(f"key:{live.id}", rpm=5)
         store.set_limits(f"user:{user.id}", tpm=100, weight=2.0)
         found = store.user_for_token(digest("live2"))
-        assert found[2] == live.id and found[3][f"key:{live.id}"]["rpm"] == 5
-        assert found[3][f"user:{user.id}"] == {"rpm": 0, "tpm": 100, "concurrency": 0,
+        assert found.key_id == live.id and found.limits[f"key:{live.id}"]["rpm"] == 5
+        assert found.limits[f"user:{user.id}"] == {"rpm": 0, "tpm": 100, "concurrency": 0,
                                                "tokens_per_day": 0, "weight": 2.0,
                                                "priority": "interactive"}
         assert store.user_for_token(digest("old")) is None
