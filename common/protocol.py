@@ -188,7 +188,7 @@ class EngineLoad:
 ROUTES = ("chat", "completions", "embeddings", "tokenize", "detokenize")
 
 REQUEST_FIELDS: dict[str, Any] = {
-    "id": str, "route": str, "body": dict, "trace_id": str, "stream": bool,
+    "id": str, "route": str, "body": dict, "trace_id": str, "stream": bool, "priority": int,
 }
 LOAD_FIELDS: dict[str, Any] = {
     "running": int, "waiting": int, "kv_usage": (int, float), "prefix_hit_rate": (int, float),
@@ -200,10 +200,12 @@ OUT_FIELDS: dict[str, Any] = {
 
 
 def request_item(request_id: str, route: str, body: dict[str, Any], *, trace_id: str = "",
-                 stream: bool = False) -> dict[str, Any]:
+                 stream: bool = False, priority: int = 0) -> dict[str, Any]:
     """One request in a Batch: the OpenAI body of `route` (one of ROUTES), as the client sent it
-    and the front validated it. `id` names it on the wire and in the response ids."""
-    return {"id": request_id, "route": route, "body": body, "trace_id": trace_id, "stream": stream}
+    and the front validated it. `id` names it on the wire and in the response ids; `priority`
+    orders it in the engine's queue (vLLM's: lower first; see server.scheduling.engine_priority)."""
+    return {"id": request_id, "route": route, "body": body, "trace_id": trace_id, "stream": stream,
+            "priority": priority}
 
 
 def out_item(request_id: str, data: bytes, *, done: bool = False, status: int = 200,

@@ -25,6 +25,7 @@ from server.errors import (BadRequest, CohortError, EngineFailed, NoWorkers, Ups
                            WorkerDied)
 from server.jobs import Job
 from server.metrics import Metrics
+from server.scheduling.engine_priority import engine_priorities
 from server.scheduling.placement import ENGINE_BACKLOG, Placement
 from server.scheduling.rate import TokenBucket
 from server.workers import GONE, WorkerHandle, WorkerRegistry
@@ -393,7 +394,9 @@ class Dispatcher:
     async def _send_batch_to(self, worker: WorkerHandle, jobs: list[Job]) -> None:
         batch_id = f"{self.front_id}-b{next(self._batch_ids)}"
         now = trio.current_time()
-        jobs, data = self._encode_batch(batch_id, jobs)
+        priorities = (engine_priorities(jobs, worker.jobs.values()) if self.settings.fair_shares
+                      else [0] * len(jobs))
+        jobs, data = self._encode_batch(batch_id, jobs, dict(zip((j.id for j in jobs), priorities)))
         if not jobs:
             return
         for job in jobs:
@@ -407,13 +410,14 @@ class Dispatcher:
         if not await self._send_data(worker.identity, "batch", data):
             self._mark_dead(worker, "unreachable")
 
-    def _encode_batch(self, batch_id: str, jobs: list[Job]) -> tuple[list[Job], bytes]:
+    def _encode_batch(self, batch_id: str, jobs: list[Job],
+                      priorities: dict[str, int]) -> tuple[list[Job], bytes]:
         """The batch's bytes, and the jobs in it: one the wire cannot carry (its body passed the
         routes' checks, yet msgpack refuses it) fails alone with a 400, never the whole loop."""
         def item(job: Job) -> dict:
             spec = job.spec
             return protocol.request_item(job.id, spec.route, spec.body, trace_id=spec.trace_id,
-                                         stream=spec.stream)
+                                         stream=spec.stream, priority=priorities[job.id])
         try:
             return jobs, protocol.Batch(batch_id, [item(job) for job in jobs]).encode()
         except (ValueError, TypeError, OverflowError):

@@ -117,6 +117,16 @@ async def test_requests_wait_in_the_engine_beyond_max_num_seqs(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
+async def test_waiting_requests_start_by_priority_then_arrival_as_in_vllm(autojump_clock):
+    mock = engine(COHORT_MAX_NUM_SEQS="1")
+    order = [("r1", 0), ("r2", 5), ("r3", 5), ("r4", 1)]  # r1 runs; the rest wait behind it
+    requests = [dict(request(int(rid[1]), max_tokens=2, stream=False), priority=p)
+                for rid, p in order]
+    seen = await run(mock, requests)
+    done_at = {rid: seen[rid][-1][0] for rid, _ in order}
+    assert sorted(done_at, key=done_at.get) == ["r1", "r4", "r2", "r3"]
+
+
 async def test_the_prefix_cache_skips_the_prefill_of_a_shared_prompt(autojump_clock):
     prompt = "shared " * 64
     seen = await run(engine(), [request(1, prompt=prompt, max_tokens=1),

@@ -86,7 +86,8 @@ class HttpEngine(Engine):
 
     async def _forward(self, request: dict[str, Any], emit: Emit) -> None:
         """The body as the client sent it, to the same route upstream; its answer relayed as it
-        comes, status and all (a 5xx is the engine failing: retried elsewhere or a 502)."""
+        comes, status and all (a 5xx is the engine failing: retried elsewhere or a 502). The
+        front's engine priority stays here: the upstream's scheduling policy is not ours to know."""
         tap = UsageTap(request["body"], request["stream"])
         async with self.client.stream("POST", PATHS[request["route"]], json=tap.body) as response:
             if response.status_code >= 500:

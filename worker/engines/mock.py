@@ -4,7 +4,9 @@ One step loop serves every running sequence. Each step has a budget of `max_num_
 every sequence that decodes takes one token of it, and what is left goes to prefill in chunks,
 oldest request first, so a long prompt never stalls the running sequences for more than one
 budget's worth (vLLM's chunked prefill). A request is admitted while fewer than `max_num_seqs`
-sequences run and its KV need fits the KV budget; until then it waits in the engine. A prefix cache
+sequences run and its KV need fits the KV budget; until then it waits in the engine, ordered as
+vLLM's `priority` scheduling policy orders it (lower `priority` first, then arrival; the front sets
+it for fair shares and tiers, and a vLLM worker runs that policy). A prefix cache
 of 16-token blocks lets a prompt that starts like an earlier one skip that part of its prefill.
 
 A step is one forward pass: it costs `mock_token_s * (1 + mock_batch_growth * (sequences - 1))`
@@ -18,6 +20,8 @@ on to exactly `max_tokens` tokens. A token is a whitespace-led word. All costs 0
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import os
 import random
 from dataclasses import dataclass, field
@@ -125,7 +129,9 @@ class MockEngine(Engine):
         self.device = "cpu (mock)"
         self.max_num_batched_tokens = settings.max_num_batched_tokens or 2048
         self.cache = PrefixCache(settings.mock_prefix_cache_tokens)
-        self._waiting: collections.deque[MockRequest] = collections.deque()
+        # (priority, arrival, request): vLLM's priority queue, a heap
+        self._waiting: list[tuple[int, int, MockRequest]] = []
+        self._arrivals = itertools.count()
         self._running: list[MockRequest] = []
         self._kv_reserved = 0
         self._wake = trio.Event()
@@ -145,14 +151,14 @@ class MockEngine(Engine):
     # --- what the worker reports ---------------------------------------------------------------
 
     def unfinished(self) -> int:
-        return sum(len(r.live) for r in self._running) + sum(len(r.live) for r in self._waiting)
+        return sum(len(r.live) for r in self._running) + sum(len(r.live) for *_, r in self._waiting)
 
     def stats(self) -> protocol.EngineLoad:
         kv_used = sum(r.prompt_tokens - r.prefill_left + sum(c.position for c in r.choices)
                       for r in self._running)
         return protocol.EngineLoad(
             running=sum(len(r.live) for r in self._running),
-            waiting=sum(len(r.live) for r in self._waiting),
+            waiting=sum(len(r.live) for *_, r in self._waiting),
             kv_usage=min(1.0, kv_used / self.settings.mock_kv_tokens),
             prefix_hit_rate=self.cache.hit_rate, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens)
@@ -198,14 +204,14 @@ class MockEngine(Engine):
                 prefilled, chunks = prefilled + request.last_chunk, chunks + 1
         running = sum(len(r.live) for r in self._running)
         while self._waiting and budget > 0:
-            request = self._waiting[0]
+            request = self._waiting[0][2]
             if request.finished.is_set():
-                self._waiting.popleft()
+                heapq.heappop(self._waiting)
                 continue
             if (running + len(request.choices) > self.max_num_seqs
                     or self._kv_reserved + request.kv_tokens > self.settings.mock_kv_tokens):
                 break  # it waits in the engine, as vLLM's scheduler would keep it
-            self._waiting.popleft()
+            heapq.heappop(self._waiting)
             self._running.append(request)
             running += len(request.choices)
             self._kv_reserved += request.kv_tokens
@@ -324,7 +330,9 @@ class MockEngine(Engine):
                 if choice.tool:
                     output.call_tool(choice.index, choice.tool)
         output.flush()  # a streamed chat's role chunks go at once, as vLLM's do
-        self._waiting.extend(requests)
+        priority = request.get("priority", 0)
+        for mock_request in requests:
+            heapq.heappush(self._waiting, (priority, next(self._arrivals), mock_request))
         self._wake.set()
         try:
             for mock_request in requests:

@@ -7,6 +7,8 @@ batching spans batches; each SSE event crosses back to trio through `run_sync_so
 never blocking), where the worker's link sends all events that arrived together as one `out`.
 Cancelling a request in trio cancels its asyncio task, and vLLM aborts it on that cancellation.
 The engine's load comes from vLLM's own scheduler statistics, through a stat logger of ours.
+It runs vLLM's `priority` scheduling policy: the front gives each request the priority that keeps
+fair shares and tiers in the engine's own queue (server.scheduling.engine_priority).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from worker.engines.usage_tap import UsageTap, sse
 from worker.engines.vllm_serving import Serving, build_serving, handle
 
 log = logging.getLogger("cohort.worker.vllm")
+PRIORITISED = frozenset({"chat", "completions", "embeddings"})  # the routes vLLM queues
 
 
 def pick_device(wanted: str) -> str:
@@ -117,7 +120,7 @@ class VllmEngine(Engine):
             quantization=quantization, trust_remote_code=s.trust_remote_code,
             gpu_memory_utilization=share, enforce_eager=s.enforce_eager,
             dtype="float32" if self.device == "cpu" else "auto", disable_log_stats=True,
-            runner=s.runner, convert=s.convert, **limits)
+            runner=s.runner, convert=s.convert, scheduling_policy="priority", **limits)
 
     async def load(self) -> None:
         if self.settings.hf_token:
@@ -173,6 +176,8 @@ class VllmEngine(Engine):
 
         Streams always ask vLLM for the usage chunk: see UsageTap."""
         body = dict(request["body"], request_id=request["id"].removeprefix("job-"))
+        if request["route"] in PRIORITISED:  # the front's fair shares and tiers, in vLLM's queue
+            body["priority"] = request.get("priority", 0)
         serving = self._serving.chat or self._serving.completion
         tap = UsageTap(body, request["stream"], getattr(serving, "system_fingerprint", None))
         answer = await handle(self._serving, request["route"], tap.body)
