@@ -115,6 +115,10 @@ class ServerSettings:
         True, "COHORT_FAIR_SHARES",
         doc="users take turns in each model's queue, by tokens; async and batch work only fills idle capacity (0: one line, oldest first)",
     )
+    metrics_per_user: bool = env_field(
+        False, "COHORT_METRICS_PER_USER",
+        doc="/metrics gains requests and tokens per user and model (a label per user: off by default)",
+    )
     request_timeout_s: float = env_field(600.0, "COHORT_REQUEST_TIMEOUT_S")
     drain_timeout_s: float = env_field(
         30.0, "COHORT_DRAIN_TIMEOUT_S",

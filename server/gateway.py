@@ -27,7 +27,7 @@ class Gateway:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(per_user=settings.metrics_per_user)
         self.dispatcher = Dispatcher(settings, self.metrics)
         self.scheduler = Scheduler(self.dispatcher, max_batch_size=settings.max_batch_size,
                                    max_wait_s=settings.max_wait_s, max_queue=settings.max_queue,

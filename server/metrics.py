@@ -14,9 +14,17 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 class Metrics:
     """Every counter the front keeps, in a registry of its own (tests build many apps)."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_user: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # A label per user multiplies the series by the users: only where the operator asks.
+        self.per_user = per_user
+        self.user_requests = Counter("cohort_user_requests", "Finished requests by user, model "
+                                     "and status", ["user", "model", "status"], registry=r) \
+            if per_user else None
+        self.user_tokens = Counter("cohort_user_tokens", "Tokens by user, model and kind "
+                                   "(prompt or completion)", ["user", "model", "kind"],
+                                   registry=r) if per_user else None
         self.requests = Counter("cohort_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=r)
         self.queue_length = Gauge("cohort_queue_length", "Requests waiting for a batch",
@@ -41,6 +49,15 @@ class Metrics:
         self.worker_deaths = Counter("cohort_worker_deaths", "Workers declared dead", registry=r)
         # Exact batch sizes for /stats: the histogram's buckets would blur them.
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+
+    def user_request(self, user: str, model: str, status: int, prompt_tokens: int,
+                     completion_tokens: int) -> None:
+        """Count a finished request against its user (COHORT_METRICS_PER_USER only)."""
+        if self.user_requests is None or self.user_tokens is None:
+            return
+        self.user_requests.labels(user, model, str(status)).inc()
+        self.user_tokens.labels(user, model, "prompt").inc(prompt_tokens)
+        self.user_tokens.labels(user, model, "completion").inc(completion_tokens)
 
     def batch_sent(self, size: int) -> None:
         self.batch_size.observe(size)

@@ -38,11 +38,14 @@ async def _serve(spec: JobSpec, ticket: Ticket | None = None, principal=None) ->
         if ticket is not None:
             cohort.limiter.settle(ticket, job.used_tokens if job else None, now)
         if job is not None and principal is not None:
+            prompt_tokens = job.usage.get("prompt_tokens", 0)
+            completion_tokens = job.usage.get("completion_tokens", 0)
+            cohort.metrics.user_request(principal.username, spec.model, status, prompt_tokens,
+                                        completion_tokens)
             cohort.usage.record(
                 user_id=principal.user_id, key_id=principal.key_id, model=spec.model,
                 route=spec.route, status=status,
-                prompt_tokens=job.usage.get("prompt_tokens", 0),
-                completion_tokens=job.usage.get("completion_tokens", 0),
+                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                 queue_s=(job.started_at or now) - job.enqueued_at,
                 ttft_s=job.first_output_at - job.enqueued_at if job.first_output_at else None,
                 total_s=now - job.enqueued_at)

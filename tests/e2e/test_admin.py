@@ -103,3 +103,24 @@ def test_the_cli_refuses_what_the_api_refuses(make_cluster):
                               env=cluster.env, input="long-enough\n", capture_output=True,
                               text=True, timeout=60)
         assert done.returncode != 0 and reason in done.stderr, (args, done.stderr)
+
+
+async def test_per_user_metrics_only_where_the_operator_enables_them(make_cluster):
+    counted = make_cluster(COHORT_METRICS_PER_USER="1")
+    counted.start_front()
+    counted.start_worker("worker1")
+    counted.api_key = counted.add_user("erin")
+    await counted.wait_ready(1)
+    async with httpx.AsyncClient(base_url=counted.url, timeout=30,
+                                 headers=counted.headers()) as http:
+        for _ in range(2):
+            assert (await http.post("/v1/completions", json=BODY)).status_code == 200
+        metrics = (await http.get("/metrics")).text
+    assert f'cohort_user_requests_total{{model="{MODEL}",status="200",user="erin"}} 2.0' in metrics
+    assert f'cohort_user_tokens_total{{kind="completion",model="{MODEL}",user="erin"}} 8.0' in metrics
+
+
+def test_per_user_metrics_are_off_by_default(shared):
+    httpx.post(shared.url + "/v1/completions", json=BODY, headers=shared.headers(), timeout=30)
+    metrics = httpx.get(shared.url + "/metrics", headers=shared.headers(), timeout=30).text
+    assert "cohort_user_" not in metrics and "cohort_requests_total" in metrics
