@@ -157,6 +157,10 @@ class Bench:
         secured.users("limit", "limited", "--rpm", "1000000000", "--tpm", "1000000000000",
                       "--concurrency", "100000", "--tokens-per-day", "1000000000000")
         targets["auth + limits"] = secured
+        # and an API key with neither limits nor the usage ledger: what the two cost together
+        bare_auth = targets["auth, no ledger"] = await self.mock_cluster(
+            **ZERO_COST, COHORT_AUTH_DISABLED="0", COHORT_USAGE_LEDGER="0")
+        unledgered_header = {"Authorization": f"Bearer {bare_auth.add_user('bench')}"}
         try:
             for concurrency, total in ((1, self.args.requests // 4), (64, self.args.requests)):
                 # Rounds alternate bare and Cohort so a slow moment of the machine hits both; a
@@ -170,7 +174,8 @@ class Bench:
                         runs[name].append(await self.load(
                             f"{name} c={concurrency} #{round_}", url, total=total,
                             concurrency=concurrency,
-                            headers={"auth": key_header, "auth + limits": limited_header}.get(name)))
+                            headers={"auth": key_header, "auth + limits": limited_header,
+                                     "auth, no ledger": unledgered_header}.get(name)))
                 bare = self.pool(f"bare c={concurrency}", runs["bare"])
                 for name in names[1:]:
                     ours = self.pool(f"cohort c={concurrency} {name}", runs[name])
@@ -192,6 +197,12 @@ class Bench:
                     rows.append({"concurrency": concurrency, "path": "limits vs none (throughput)",
                                  "ratio": round(statistics.median(costs), 3),
                                  "ratio_range": f"{costs[0]:.3f}-{costs[-1]:.3f}"})
+                    both = sorted(limited.steady_rps / plain.steady_rps for limited, plain in
+                                  zip(runs["auth + limits"], runs["auth, no ledger"]))
+                    rows.append({"concurrency": concurrency,
+                                 "path": "limits + ledger vs neither (throughput)",
+                                 "ratio": round(statistics.median(both), 3),
+                                 "ratio_range": f"{both[0]:.3f}-{both[-1]:.3f}"})
                 curve = sorted(c.steady_rps / p.steady_rps for c, p in
                                zip(runs[f"window {window:g}"], runs["no CURVE"]))
                 rows.append({"concurrency": concurrency, "path": "CURVE vs none (throughput)",

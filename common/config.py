@@ -115,6 +115,10 @@ class ServerSettings:
         True, "COHORT_FAIR_SHARES",
         doc="users take turns in each model's queue, by tokens; async and batch work only fills idle capacity (0: one line, oldest first)",
     )
+    usage_ledger: bool = env_field(
+        True, "COHORT_USAGE_LEDGER",
+        doc="one row per finished request in the store, for /v1/usage (0: none kept, and /v1/usage says so)",
+    )
     metrics_per_user: bool = env_field(
         False, "COHORT_METRICS_PER_USER",
         doc="/metrics gains requests and tokens per user and model (a label per user: off by default)",

@@ -45,7 +45,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     cohort.store = Store(settings.db_url)
     cohort.auth = Auth(settings, cohort.store)
     cohort.tasks = TaskRunner(cohort)
-    cohort.usage = UsageLedger(cohort.store)
+    cohort.usage = UsageLedger(cohort.store, settings.usage_ledger)
     app.gateway = cohort  # type: ignore[attr-defined]
     for module in (openai, ops, tasks, tokens, usage, admin, docs):
         app.register_blueprint(module.blueprint)

@@ -24,8 +24,9 @@ FLUSH_ROWS = 500
 
 
 class UsageLedger:
-    def __init__(self, store) -> None:
+    def __init__(self, store, enabled: bool = True) -> None:
         self.store = store
+        self.enabled = enabled  # COHORT_USAGE_LEDGER
         self._send, self._receive = trio.open_memory_channel[dict[str, Any]](math.inf)
         self.written = 0
 
@@ -33,6 +34,8 @@ class UsageLedger:
                prompt_tokens: int, completion_tokens: int, queue_s: float,
                ttft_s: float | None, total_s: float) -> None:
         """Note a finished request; never waits, never touches the store."""
+        if not self.enabled:
+            return
         self._send.send_nowait({
             "at": utcnow(), "user_id": user_id, "key_id": key_id, "model": model,
             "route": route, "status": status, "prompt_tokens": prompt_tokens,

@@ -7,7 +7,7 @@ import datetime
 
 from quart import Blueprint, request
 
-from server.errors import BadRequest
+from server.errors import BadRequest, NotFound
 from server.routes.context import caller, gateway
 from server.store import USAGE_GROUPS, utcnow
 
@@ -37,6 +37,8 @@ async def usage():
 
 async def usage_report(user_id: int | None) -> dict:
     """The usage of one user (None: everyone) over the query's period, grouped as it asks."""
+    if not gateway().usage.enabled:
+        raise NotFound("this gateway keeps no usage ledger (COHORT_USAGE_LEDGER=0)")
     now = utcnow()
     start = _moment("start", datetime.datetime.combine(now.date(), datetime.time()))
     end = _moment("end", now + datetime.timedelta(seconds=1))

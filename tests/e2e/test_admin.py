@@ -105,8 +105,8 @@ def test_the_cli_refuses_what_the_api_refuses(make_cluster):
         assert done.returncode != 0 and reason in done.stderr, (args, done.stderr)
 
 
-async def test_per_user_metrics_only_where_the_operator_enables_them(make_cluster):
-    counted = make_cluster(COHORT_METRICS_PER_USER="1")
+async def test_per_user_metrics_where_enabled_and_no_ledger_where_disabled(make_cluster):
+    counted = make_cluster(COHORT_METRICS_PER_USER="1", COHORT_USAGE_LEDGER="0")
     counted.start_front()
     counted.start_worker("worker1")
     counted.api_key = counted.add_user("erin")
@@ -116,6 +116,8 @@ async def test_per_user_metrics_only_where_the_operator_enables_them(make_cluste
         for _ in range(2):
             assert (await http.post("/v1/completions", json=BODY)).status_code == 200
         metrics = (await http.get("/metrics")).text
+        no_ledger = await http.get("/v1/usage")
+    assert no_ledger.status_code == 404 and "COHORT_USAGE_LEDGER" in no_ledger.json()["error"]["message"]
     assert f'cohort_user_requests_total{{model="{MODEL}",status="200",user="erin"}} 2.0' in metrics
     assert f'cohort_user_tokens_total{{kind="completion",model="{MODEL}",user="erin"}} 8.0' in metrics
 
