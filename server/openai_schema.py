@@ -227,7 +227,7 @@ FEATURES: dict[str, Any] = {
     "continue_final_message": (False,), "chat_template_kwargs": (None, {}),
     "dimensions": (None,), "return_token_strs": (None, False),
     "functions": (None,), "function_call": (None,), "metadata": (None,), "store": (None, False),
-    "service_tier": (None, "auto", "default"), "reasoning_effort": (None,),
+    "service_tier": (None, "auto", "default", "flex"),  # flex: the front's batch tier "reasoning_effort": (None,),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
     "web_search_options": (None,),
 }
@@ -355,7 +355,9 @@ def parse_chat(body: Any, settings: ServerSettings, trace_id: str = "") -> JobSp
     return JobSpec(request.model, "chat", body, stream=bool(request.stream), trace_id=trace_id,
                    features=features_used(request), dropped=dropped, seqs=request.n,
                    prompt_text=chat_prompt_text(request.messages),
-                   cost=chars // 4 + request.n * asked)
+                   cost=chars // 4 + request.n * asked,
+                   # OpenAI's flex processing: slower and cheaper, here the idle-capacity tier
+                   tier="batch" if request.service_tier == "flex" else "interactive")
 
 
 def parse_completion(body: Any, settings: ServerSettings, trace_id: str = "") -> JobSpec:

@@ -116,7 +116,9 @@ async def _answer(parse) -> Response:
     spec = parse(await _body(), cohort.settings, g.request_id)
     principal.check_model(spec.model)
     spec.tenant = principal.tenant
-    spec.weight, spec.tier = principal.share()
+    spec.weight, tier = principal.share()
+    if tier == "batch":  # a key in the batch tier stays there; a request may only step down
+        spec.tier = tier
     ticket = cohort.limiter.admit(list(principal.limits), spec.cost, trio.current_time(),
                                   utcnow().date())
     return await _serve(spec, ticket, principal)

@@ -111,3 +111,10 @@ def test_embeddings_and_tokens_are_declared_too():
     assert refused(lambda b, s: parse_tokens("tokenize", b, s), {"model": "m"}).param == "prompt"
     assert refused(lambda b, s: parse_tokens("detokenize", b, s),
                    {"model": "m", "tokens": ["x"]}).param.startswith("tokens")
+
+
+def test_service_tier_flex_is_the_batch_tier_and_other_tiers_stay_features():
+    flex = parse_chat({**CHAT, "service_tier": "flex"}, SETTINGS)
+    assert flex.tier == "batch" and "service_tier" not in flex.features
+    assert parse_chat({**CHAT, "service_tier": "auto"}, SETTINGS).tier == "interactive"
+    assert "service_tier" in parse_chat({**CHAT, "service_tier": "priority"}, SETTINGS).features
