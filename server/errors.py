@@ -99,6 +99,11 @@ class QuotaExceeded(CohortError):
     error_type = "insufficient_quota"
     code = "insufficient_quota"
 
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        # the openai client retries a 429 unless told not to: a quota renews only at midnight
+        self.headers.setdefault("x-should-retry", "false")
+
 
 class LoginThrottled(CohortError):
     """Too many failed logins for a user or from an address: wait, whatever the password."""
