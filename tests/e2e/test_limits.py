@@ -1,5 +1,5 @@
 """Limits set with `python -m server.users limit`, through a real front: OpenAI's 429 codes,
-Retry-After and x-ratelimit headers, per user and per key."""
+Retry-After and x-ratelimit headers, per user and per key; on async tasks and batches."""
 
 import httpx
 import trio
@@ -75,3 +75,55 @@ async def test_every_finished_request_lands_in_the_usage_ledger(make_cluster):
                                  "prompt_tokens": usage["prompt_tokens"],
                                  "completion_tokens": 12}]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "group_by"
+
+
+async def test_async_tasks_and_batches_count_against_the_rate_all_or_none(make_cluster):
+    cluster = make_cluster()
+    cluster.start_front()
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user("erin")
+    cluster.users("limit", "erin", "--rpm", "3", "--concurrency", "1")
+    await cluster.wait_ready(1)
+    async with httpx.AsyncClient(timeout=30, headers=cluster.headers()) as http:
+        one = await http.post(cluster.url + "/inference/async", json=BODY)
+        three = await http.post(cluster.url + "/inference/batch", json={
+            "model": MODEL, "max_tokens": 4, "prompts": ["a", "b", "c"], "wait": False})
+        stored = (await http.get(cluster.url + "/tasks")).json()["total"]
+        two = await http.post(cluster.url + "/inference/batch", json={
+            "model": MODEL, "max_tokens": 4, "prompts": ["a", "b"], "wait": False})
+        waited = await http.post(cluster.url + "/inference/batch", json={
+            "model": MODEL, "max_tokens": 4, "prompts": ["a"]})
+        plain = await http.post(cluster.url + "/v1/completions", json=BODY)
+    # concurrency 1 did not refuse the batch of two: stored tasks hold no slot
+    assert one.status_code == 202 and one.headers["x-ratelimit-remaining-requests"] == "2"
+    assert three.status_code == 429 and three.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "this batch counts 3" in three.json()["error"]["message"]
+    assert int(three.headers["Retry-After"]) >= 1
+    assert stored == 1  # the refused batch stored nothing
+    assert two.status_code == 202 and two.headers["x-ratelimit-remaining-requests"] == "0"
+    assert waited.status_code == 429 and plain.status_code == 429
+
+
+async def test_a_task_gives_back_the_tokens_it_did_not_use(make_cluster):
+    cluster = make_cluster()
+    cluster.start_front()
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user("frank")
+    cluster.users("limit", "frank", "--tokens-per-day", "300")
+    await cluster.wait_ready(1)
+    long = {**BODY, "max_tokens": 200}  # costs 202 up front; the mock's echo uses a few
+    async with httpx.AsyncClient(timeout=30, headers=cluster.headers()) as http:
+        both = await http.post(cluster.url + "/inference/batch", json={
+            "requests": [long, long], "wait": False})
+        waited = await http.post(cluster.url + "/inference/batch", json={"requests": [long]})
+        first = await http.post(cluster.url + "/inference/async", json=long)
+        with trio.fail_after(30):
+            while (task := (await http.get(cluster.url + "/tasks/" + first.json()["id"])).json())[
+                    "status"] in ("queued", "running"):
+                await trio.sleep(0.05)
+        second = await http.post(cluster.url + "/inference/async", json=long)
+    assert both.status_code == 429 and both.json()["error"]["code"] == "insufficient_quota"
+    assert waited.status_code == 200 and waited.json()["data"][0]["status"] == "completed"
+    assert first.status_code == 202 and task["status"] == "completed"
+    assert second.status_code == 202  # 202 + 202 > 300: it fits only with the first's refund
+
