@@ -1,8 +1,14 @@
 """Limits set with `python -m server.users limit`, through a real front: OpenAI's 429 codes,
-Retry-After and x-ratelimit headers, per user and per key; on async tasks and batches."""
+Retry-After and x-ratelimit headers, per user and per key; on async tasks and batches; and one
+limit held by two fronts on one store."""
+
+import math
 
 import httpx
+import pytest
 import trio
+
+from tests.e2e.cluster import free_port, procfile
 
 MODEL = "cohort-mock"
 BODY = {"model": MODEL, "prompt": "count me", "max_tokens": 4}
@@ -127,3 +133,64 @@ async def test_a_task_gives_back_the_tokens_it_did_not_use(make_cluster):
     assert first.status_code == 202 and task["status"] == "completed"
     assert second.status_code == 202  # 202 + 202 > 300: it fits only with the first's refund
 
+
+async def health_syncs(http: httpx.AsyncClient, url: str) -> int:
+    return (await http.get(url + "/health")).json()["limit_sync"]["syncs"]
+
+
+async def synced(http: httpx.AsyncClient, *urls: str) -> None:
+    """Wait until each front in turn has run two whole syncs from now: what the one before it
+    wrote is then read by it (a signal, not a guess at the time it takes)."""
+    for url in urls:
+        start = await health_syncs(http, url)
+        with trio.fail_after(30):
+            while await health_syncs(http, url) < start + 2:
+                await trio.sleep(0.02)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+async def test_a_keys_rate_holds_across_two_fronts_on_one_store(make_cluster, store, request):
+    """A key with rpm N gets N requests through the two fronts together, plus what refills
+    while the test runs (N/60 a second); each phase waits for the sync, so the overshoot a
+    sync window allows ((N-1) x what was left, for N fronts) does not arise here."""
+    rpm = 12
+    env = {"COHORT_LIMIT_SYNC_S": "0.1"}
+    if store == "postgres":
+        env["DATABASE_URL"] = request.getfixturevalue("database_url_postgres")
+    cluster = make_cluster(**env)
+    port_b, zmq_b = free_port(), free_port()
+    cluster.env["COHORT_CONNECT"] = f"tcp://127.0.0.1:{cluster.zmq_port},tcp://127.0.0.1:{zmq_b}"
+    url_a, url_b = cluster.url, f"http://127.0.0.1:{port_b}"
+    cluster.start_front()
+    cluster._spawn("front_b", procfile()["front"], COHORT_PORT=str(port_b),
+                   COHORT_ZMQ_BIND=f"tcp://127.0.0.1:{zmq_b}")
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user("alice")
+    limited = cluster.users("key", "alice", "--name", "ci")
+    cluster.users("limit", "alice", "--key", "ci", "--rpm", str(rpm))
+    await cluster.wait_ready(1)
+    async with httpx.AsyncClient(timeout=30, headers=cluster.headers()) as http:
+        with trio.fail_after(60):
+            while (await http.get(url_b + "/ready")).status_code != 200:
+                await trio.sleep(0.05)
+        started = trio.current_time()
+
+        async def complete(url: str) -> httpx.Response:
+            return await http.post(url + "/v1/completions", json=BODY,
+                                   headers=cluster.headers(limited))
+
+        through = 0
+        for url in (url_a, url_b):  # each front begins to count the key
+            assert (await complete(url)).status_code == 200
+            through += 1
+        await synced(http, url_a, url_b, url_a)
+        while (await complete(url_a)).status_code == 200:  # A takes what is left
+            through += 1
+            assert through <= 2 * rpm, "front A never refused: the fronts do not share counts"
+        await synced(http, url_a, url_b)
+        on_b = [await complete(url_b) for _ in range(3)]
+        refill = math.floor((trio.current_time() - started) * rpm / 60)
+    assert rpm <= through <= rpm + refill, (through, refill)
+    assert [answer.status_code for answer in on_b] == [429] * 3
+    assert on_b[0].json()["error"]["code"] == "rate_limit_exceeded"
+    assert on_b[0].headers["x-ratelimit-remaining-requests"] == "0"
