@@ -144,7 +144,8 @@ class LimitSync:
                 self.failures += 1
                 if self.failures == 1 or self.failures % 60 == 0:
                     log.warning("could not share limit counts with the other fronts (%s); each "
-                                "front counts for itself until the store answers", error)
+                                "front counts for itself until the store answers", error,
+                                exc_info=self.failures == 1)
             else:
                 if self.failures:
                     log.info("limit counts shared again after %d failed sync(s)", self.failures)
