@@ -171,6 +171,10 @@ class ServerSettings:
         15.0, "COHORT_TASK_LEASE_S",
         doc="a front holds the tasks it runs this long, renewed every third of it; a dead front's tasks go to another front after it",
     )
+    limit_sync_s: float = env_field(
+        1.0, "COHORT_LIMIT_SYNC_S",
+        doc="fronts sharing a store share their limit counts this often, so limits hold across them (0: each front counts for itself)",
+    )
     log_level: str = env_field("INFO", "COHORT_LOG_LEVEL")
 
     def check(self) -> None:
@@ -188,6 +192,8 @@ class ServerSettings:
             raise SettingError("VLLM_BATCH_WAIT_TIMEOUT / COHORT_BATCH_WAIT_S must be >= 0")
         if self.worker_timeout_s <= 0:
             raise SettingError("COHORT_WORKER_TIMEOUT_S must be > 0")
+        if self.limit_sync_s < 0:
+            raise SettingError("COHORT_LIMIT_SYNC_S must be >= 0 (0 turns the sync off)")
 
     @property
     def db_url(self) -> str:

@@ -21,6 +21,7 @@ from server import connections
 from server.auth import Auth
 from server.errors import BadRequest, BodyTooLarge, CohortError, Draining, NotFound
 from server.gateway import Gateway
+from server.limit_sync import LimitSync
 from server.routes import admin, docs, ops, openai, tasks, tokens, usage
 from server.store import Store
 from server.task_runner import TaskRunner
@@ -46,6 +47,8 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     cohort.auth = Auth(settings, cohort.store)
     cohort.tasks = TaskRunner(cohort)
     cohort.usage = UsageLedger(cohort.store, settings.usage_ledger)
+    cohort.limit_sync = LimitSync(cohort.limiter, cohort.store, cohort.dispatcher.front_id,
+                                  settings.limit_sync_s)
     app.gateway = cohort  # type: ignore[attr-defined]
     for module in (openai, ops, tasks, tokens, usage, admin, docs):
         app.register_blueprint(module.blueprint)
@@ -64,6 +67,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
                         await nursery.start(cohort.run)
                         await nursery.start(cohort.tasks.run)
                         await nursery.start(cohort.usage.run)
+                        await nursery.start(cohort.limit_sync.run)
                         nursery.start_soon(cohort.drain_on_signal)
                         cohort.services_up = True
                         task_status.started()

@@ -4,9 +4,18 @@ tokens per minute, concurrent requests and tokens per day, with OpenAI's 429s an
 A request is admitted only if every subject it counts against (its user, and its key) has room;
 then it is counted against all of them at once. Tokens are charged up front at the request's
 cost (its prompt's estimated tokens plus the `max_tokens` it asks for) and settled when it ends
-against what it really used, so a short answer gives back what it did not take. Each front
-counts for itself: with N fronts behind a balancer a subject may get up to N times its limits
-(the bound on overshoot); give each front 1/N of a limit where that matters.
+against what it really used, so a short answer gives back what it did not take.
+
+Several fronts on one store share their counts through it (server/limit_sync.py), never on the
+request path: every COHORT_LIMIT_SYNC_S each front writes what it admitted and reads what the
+others did, takes their use from its own buckets (into debt if need be, so an overshoot is paid
+back, not forgiven) and adds their requests in flight and tokens of today to its checks. The
+bound on overshoot: until a front hears of the others' use, it admits what it saw remaining. A
+front's admissions reach another within one sync window W (at most two periods: the writer's,
+then the reader's), so with N fronts a subject may get, within W, up to (N-1) times what was left
+at the last sync plus (N-1) x rate x W beyond its limit (rpm and tpm; concurrency and the daily
+quota likewise, (N-1) times what was left). With COHORT_LIMIT_SYNC_S=0 each front counts for
+itself and the bound is N times every limit.
 
 The headers are OpenAI's: `x-ratelimit-limit-requests`, `x-ratelimit-remaining-requests`,
 `x-ratelimit-reset-requests` (and `-tokens`), on every response of a limited subject.
@@ -42,13 +51,33 @@ class Limits:
 
 @dataclass
 class Counters:
-    """What one subject has used, as this front counted it."""
+    """What one subject has used: this front's count, and the other fronts' as last synced."""
 
-    requests: TokenBucket | None = None
+    requests: TokenBucket | None = None  # the other fronts' use is taken from these too
     tokens: TokenBucket | None = None
     in_flight: int = 0
     day: datetime.date | None = None
     day_tokens: int = 0
+    remote_in_flight: int = 0
+    remote_day: datetime.date | None = None
+    remote_day_tokens: int = 0
+    unsynced_requests: int = 0  # admitted here since the last sync
+    unsynced_tokens: int = 0  # charged here since the last sync, net of refunds
+
+
+@dataclass(frozen=True)
+class CountChange:
+    """One subject's counts on this front for the other fronts: admitted and charged since the
+    last sync, and what stands now (in flight, today's tokens, what its buckets hold)."""
+
+    subject: str
+    requests: int
+    tokens: int
+    in_flight: int
+    day: datetime.date | None
+    day_tokens: int
+    requests_left: float | None
+    tokens_left: float | None
 
 
 @dataclass
@@ -58,6 +87,8 @@ class Ticket:
     subjects: list[tuple[str, Limits]]
     charged: int
     headers: dict[str, str] = field(default_factory=dict)
+    day: datetime.date | None = None  # its tokens count on that day's quota
+    holds_slot: bool = True  # counted in flight (a stored task is not: it runs later)
 
 
 def _duration(seconds: float) -> str:
@@ -69,17 +100,26 @@ def _duration(seconds: float) -> str:
 
 
 class Limiter:
+    """Every limited subject's counters on this front; `take_changes` and `tracked` are for the
+    limit sync, the rest for the routes."""
+
     def __init__(self) -> None:
         self._counters: dict[str, Counters] = {}
+        self._changed: set[str] = set()  # counts moved since the last sync
+        self._new: set[str] = set()  # tracked since the last sync: the others' rows not read yet
 
     def _of(self, subject: str, limits: Limits, now: float) -> Counters:
         counters = self._counters.get(subject)
         if counters is None:
             if len(self._counters) >= MAX_SUBJECTS:
+                # an idle subject goes, with at most one sync period of counts not yet shared
                 idle = next((s for s, c in self._counters.items() if not c.in_flight), None)
                 if idle is not None:
                     del self._counters[idle]
+                    self._changed.discard(idle)
+                    self._new.discard(idle)
             counters = self._counters[subject] = Counters()
+            self._new.add(subject)
         if limits.rpm and (counters.requests is None or counters.requests.burst != limits.rpm):
             counters.requests = TokenBucket(limits.rpm / 60, limits.rpm, updated=now)
         if limits.tpm and (counters.tokens is None or counters.tokens.burst != limits.tpm):
@@ -87,26 +127,42 @@ class Limiter:
         return counters
 
     def admit(self, subjects: list[tuple[str, Limits]], cost: int, now: float,
-              today: datetime.date) -> Ticket:
-        """Count a request of `cost` tokens against every limited subject, or refuse it with a
-        429 that says which limit and when to retry (nothing is counted then)."""
+              today: datetime.date, *, requests: int = 1, holds_slot: bool = True) -> Ticket:
+        """Count `requests` requests of `cost` tokens in all against every limited subject, or
+        refuse them all with a 429 that says which limit and when to retry (nothing is counted
+        then). `holds_slot=False` (stored tasks) leaves the concurrency limit out."""
         limited = [(subject, limits) for subject, limits in subjects if limits.limiting]
         for subject, limits in limited:
-            self._check(subject, limits, cost, now, today)
+            self._check(subject, limits, cost, now, today, requests, holds_slot)
         for subject, limits in limited:
             counters = self._of(subject, limits, now)
+            # after the check there is room for all of it, unless it is over a whole burst:
+            # then it may start from a full bucket, and the rest is a debt paid back by the rate
             if counters.requests is not None:
-                counters.requests.take(now)
+                counters.requests.force_take(now, requests)
             if counters.tokens is not None:
-                counters.tokens.take(now, min(cost, counters.tokens.burst))
-            counters.in_flight += 1
+                counters.tokens.force_take(now, cost)
+            if holds_slot:
+                counters.in_flight += 1
             counters.day_tokens += cost
-        ticket = Ticket(limited, cost)
+            counters.unsynced_requests += requests
+            counters.unsynced_tokens += cost
+            self._changed.add(subject)
+        ticket = Ticket(limited, cost, day=today, holds_slot=holds_slot)
         ticket.headers = self.headers(limited, now)
         return ticket
 
+    def admit_batch(self, subjects: list[tuple[str, Limits]], costs: list[int], now: float,
+                    today: datetime.date) -> list[Ticket]:
+        """Count a batch of stored tasks as `len(costs)` requests and the sum of their costs, all
+        or none; one ticket per task, so each settles against its own use."""
+        whole = self.admit(subjects, sum(costs), now, today, requests=len(costs),
+                           holds_slot=False)
+        return [Ticket(whole.subjects, cost, whole.headers, today, holds_slot=False)
+                for cost in costs]
+
     def _check(self, subject: str, limits: Limits, cost: int, now: float,
-               today: datetime.date) -> None:
+               today: datetime.date, requests: int, holds_slot: bool) -> None:
         counters = self._of(subject, limits, now)
         if counters.day != today:
             counters.day, counters.day_tokens = today, 0
@@ -115,41 +171,85 @@ class Limiter:
         def headers() -> dict[str, str]:  # built only for a refusal: admitting stays cheap
             return self.headers([(subject, limits)], now)
 
-        if limits.tokens_per_day and counters.day_tokens + cost > limits.tokens_per_day:
+        day_tokens = counters.day_tokens + (
+            counters.remote_day_tokens if counters.remote_day == today else 0)
+        if limits.tokens_per_day and day_tokens + cost > limits.tokens_per_day:
             midnight = datetime.datetime.combine(today + datetime.timedelta(days=1),
                                                  datetime.time())
             wait = (midnight - datetime.datetime.now(datetime.timezone.utc).replace(
                 tzinfo=None)).total_seconds()
             raise QuotaExceeded(
                 f"this {who}'s quota of {limits.tokens_per_day} tokens a day is used up "
-                f"({counters.day_tokens} so far, this request may take {cost}); it renews at "
+                f"({day_tokens} so far, this request may take {cost}); it renews at "
                 "midnight UTC", headers={**headers(), "Retry-After": str(max(1, math.ceil(wait)))})
-        if limits.concurrency and counters.in_flight >= limits.concurrency:
-            raise RateLimited(f"this {who} has {counters.in_flight} requests running, its limit "
+        in_flight = counters.in_flight + counters.remote_in_flight
+        if holds_slot and limits.concurrency and in_flight >= limits.concurrency:
+            raise RateLimited(f"this {who} has {in_flight} requests running, its limit "
                               f"is {limits.concurrency} at once",
                               headers={**headers(), "Retry-After": "1"})
-        for bucket, name, amount, per in ((counters.requests, "requests", 1, limits.rpm),
+        for bucket, name, amount, per in ((counters.requests, "requests", requests, limits.rpm),
                                           (counters.tokens, "tokens", cost, limits.tpm)):
             if bucket is None:
                 continue
             # a request above a whole minute's worth waits for a full bucket, not forever
             wait = bucket.wait_s(now, min(amount, bucket.burst))
             if wait > 0:
+                batch = f" (this batch counts {requests})" if name == "requests" and \
+                    requests > 1 else ""
                 raise RateLimited(
-                    f"rate limit reached for this {who}: {per} {name} per minute; retry in "
-                    f"{wait:.1f} s", headers={**headers(), "Retry-After": str(max(1, math.ceil(wait)))})
+                    f"rate limit reached for this {who}: {per} {name} per minute{batch}; retry "
+                    f"in {wait:.1f} s",
+                    headers={**headers(), "Retry-After": str(max(1, math.ceil(wait)))})
 
     def settle(self, ticket: Ticket, used_tokens: int | None, now: float) -> None:
-        """The request ended: free its concurrency slot, give back the tokens it did not use."""
+        """The request ended: free its concurrency slot, give back the tokens it did not use
+        (to the daily quota only on the day they were charged)."""
         refund = 0 if used_tokens is None else max(0, ticket.charged - used_tokens)
         for subject, _ in ticket.subjects:
             counters = self._counters.get(subject)
             if counters is None:
                 continue
-            counters.in_flight = max(0, counters.in_flight - 1)
-            counters.day_tokens = max(0, counters.day_tokens - refund)
-            if counters.tokens is not None and refund:
-                counters.tokens.give_back(now, refund)
+            if ticket.holds_slot:
+                counters.in_flight = max(0, counters.in_flight - 1)
+            if refund:
+                if counters.day == ticket.day:
+                    counters.day_tokens = max(0, counters.day_tokens - refund)
+                if counters.tokens is not None:
+                    counters.tokens.give_back(now, refund)
+                counters.unsynced_tokens -= refund
+            self._changed.add(subject)
+
+    # --- for the limit sync (server/limit_sync.py) ------------------------------------------
+
+    def tracked(self, subject: str) -> Counters | None:
+        """A subject's counters, unless it is not tracked here or was first tracked after the
+        last `take_changes` (the other fronts' rows for it are read at the next sync)."""
+        return None if subject in self._new else self._counters.get(subject)
+
+    def take_changes(self, now: float) -> tuple[list[CountChange], set[str]]:
+        """What changed since the last call (its unsynced counts now handed over), and the
+        subjects first tracked since; a sync that fails gives both back with `restore`."""
+        changes = []
+        for subject in self._changed:
+            counters = self._counters[subject]
+            changes.append(CountChange(
+                subject, counters.unsynced_requests, counters.unsynced_tokens,
+                counters.in_flight, counters.day, counters.day_tokens,
+                counters.requests.level(now) if counters.requests is not None else None,
+                counters.tokens.level(now) if counters.tokens is not None else None))
+            counters.unsynced_requests = counters.unsynced_tokens = 0
+        new, self._changed, self._new = self._new, set(), set()
+        return changes, new
+
+    def restore(self, changes: list[CountChange], new: set[str]) -> None:
+        """Take back what a failed sync did not share, to share it at the next."""
+        for change in changes:
+            counters = self._counters.get(change.subject)
+            if counters is not None:
+                counters.unsynced_requests += change.requests
+                counters.unsynced_tokens += change.tokens
+                self._changed.add(change.subject)
+        self._new |= {subject for subject in new if subject in self._counters}
 
     def headers(self, subjects: list[tuple[str, Limits]], now: float) -> dict[str, str]:
         """OpenAI's x-ratelimit headers, for the tightest of the subjects' minute limits."""
@@ -165,7 +265,7 @@ class Limiter:
                     tightest = bucket
             if tightest is not None:
                 out[f"x-ratelimit-limit-{name}"] = str(int(tightest.burst))
-                out[f"x-ratelimit-remaining-{name}"] = str(int(tightest.tokens))
+                out[f"x-ratelimit-remaining-{name}"] = str(max(0, int(tightest.tokens)))
                 out[f"x-ratelimit-reset-{name}"] = _duration(
                     (tightest.burst - tightest.tokens) / tightest.rate)
         return out

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import peewee
 import trio
+from peewee import EXCLUDED
 from playhouse.db_url import connect, parse
 from playhouse.migrate import SchemaMigrator, migrate
 from playhouse.pool import PooledPostgresqlDatabase
@@ -117,7 +118,27 @@ class Usage(BaseModel):
     total_s = peewee.FloatField(default=0.0)
 
 
-MODELS = [SchemaVersion, User, Token, Task, Limit, Usage]
+class LimitCount(BaseModel):
+    """One front's counts of one limited subject, for the other fronts (server/limit_sync.py):
+    requests admitted and tokens charged (net of refunds) since the front began counting it,
+    in flight now, tokens of `day`, and what its buckets held at `updated_at`."""
+
+    front = peewee.CharField(max_length=128)
+    subject = peewee.CharField(max_length=40, index=True)
+    requests = peewee.BigIntegerField(default=0)
+    tokens = peewee.BigIntegerField(default=0)
+    in_flight = peewee.IntegerField(default=0)
+    day = peewee.DateField(null=True)
+    day_tokens = peewee.BigIntegerField(default=0)
+    requests_left = peewee.FloatField(null=True)
+    tokens_left = peewee.FloatField(null=True)
+    updated_at = peewee.DateTimeField(index=True)
+
+    class Meta:
+        primary_key = peewee.CompositeKey("front", "subject")
+
+
+MODELS = [SchemaVersion, User, Token, Task, Limit, Usage, LimitCount]
 USAGE_GROUPS = {"model": Usage.model, "key": Usage.key_id, "user": Usage.user_id,
                 "day": peewee.fn.substr(peewee.Cast(Usage.at, "text"), 1, 10).coerce(False)}
 LIMIT_FIELDS = ("rpm", "tpm", "concurrency", "tokens_per_day", "weight", "priority")
@@ -146,6 +167,22 @@ class TokenOwner:
     key_id: int
     models: tuple[str, ...] | None  # None: every model
     limits: dict[str, dict]
+
+
+@dataclass(frozen=True)
+class FrontCount:
+    """Another front's counts of one subject, as read by the limit sync."""
+
+    front: str
+    subject: str
+    requests: int
+    tokens: int
+    in_flight: int
+    day: datetime.date | None
+    day_tokens: int
+    requests_left: float | None
+    tokens_left: float | None
+    updated_at: datetime.datetime
 
 
 def _stamp(value: datetime.datetime | None) -> str | None:
@@ -408,6 +445,45 @@ class Store:
                 for bucket in answer["buckets"]:
                     bucket["user"] = names.get(bucket["user"], f"#{bucket['user']}")
         return answer
+
+    # --- limit counts shared by the fronts -----------------------------------------------------
+
+    def sync_limit_counts(self, front: str, changes: list[dict[str, Any]],
+                          since: datetime.datetime, subjects: list[str],
+                          now: datetime.datetime) -> list[FrontCount]:
+        """In one transaction: add this front's new counts to its rows (and set what stands now),
+        mark its rows with requests in flight as alive at `now`, and read the other fronts' rows
+        updated since `since`, and every row of `subjects` (those it has just begun to count)."""
+        with self.db.atomic():
+            rows = [dict(change, front=front, updated_at=now) for change in changes]
+            for start in range(0, len(rows), 500):
+                LimitCount.insert_many(rows[start:start + 500]).on_conflict(
+                    conflict_target=[LimitCount.front, LimitCount.subject],
+                    update={LimitCount.requests: LimitCount.requests + EXCLUDED.requests,
+                            LimitCount.tokens: LimitCount.tokens + EXCLUDED.tokens,
+                            **{column: getattr(EXCLUDED, column.name) for column in (
+                                LimitCount.in_flight, LimitCount.day, LimitCount.day_tokens,
+                                LimitCount.requests_left, LimitCount.tokens_left,
+                                LimitCount.updated_at)}}).execute()
+            LimitCount.update(updated_at=now).where(
+                LimitCount.front == front, LimitCount.in_flight > 0,
+                LimitCount.updated_at < now).execute()
+            found = {}
+            queries = [LimitCount.select().where(LimitCount.front != front,
+                                                 LimitCount.updated_at >= since)]
+            queries += [LimitCount.select().where(LimitCount.front != front,
+                                                  LimitCount.subject.in_(subjects[i:i + 500]))
+                        for i in range(0, len(subjects), 500)]
+            for query in queries:
+                for row in query:
+                    found[row.front, row.subject] = FrontCount(
+                        row.front, row.subject, row.requests, row.tokens, row.in_flight, row.day,
+                        row.day_tokens, row.requests_left, row.tokens_left, row.updated_at)
+        return list(found.values())
+
+    def prune_limit_counts(self, before: datetime.datetime) -> int:
+        """Forget counts not updated since `before`: fronts long gone, subjects long idle."""
+        return LimitCount.delete().where(LimitCount.updated_at < before).execute()
 
     # --- leases -----------------------------------------------------------------------------
 

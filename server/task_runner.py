@@ -9,6 +9,12 @@ draining front hands back what it could not finish. A task is run at most `MAX_T
 times; one that cannot run again (its body no longer valid under today's settings) or that broke
 its runner is quarantined: failed with the cause, never re-run, so no stored row can keep a front
 down.
+
+Submitting counts against the caller's limits, as requests do: a batch of K tasks is K requests
+and the sum of their costs against rpm, tpm and the daily quota, admitted whole or refused whole
+with the same 429. Not against the concurrency limit: a stored task runs later, in the batch tier,
+and holds no connection. A task that completes on the front that took it gives back the tokens
+it did not use; one that fails, or that another front takes over, keeps its charge.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import trio
 
 from server.errors import BadRequest, CohortError, Draining, NoWorkers, NotFound, QueueFull
 from server.jobs import JobSpec
+from server.limits import Limits, Ticket
 from server.openai_schema import parse_chat, parse_completion
 from server.store import utcnow
 
@@ -123,8 +130,11 @@ class TaskRunner:
         if claimed:
             log.info("took over %d task(s) whose front stopped", len(claimed))
 
-    async def submit(self, user_id: int, bodies: list[Any]) -> list[str]:
-        """Store tasks (validated first, all in one transaction), then start them; their ids."""
+    async def submit(self, user_id: int, bodies: list[Any],
+                     limits: tuple[tuple[str, Limits], ...] = ()) -> tuple[list[str],
+                                                                          dict[str, str]]:
+        """Store tasks (validated, then counted against `limits`, then stored in one
+        transaction), then start them; their ids, and the x-ratelimit headers to answer with."""
         rows, specs = [], []
         for body in bodies:
             kind, spec = parse_task_body(body, self.settings)
@@ -135,11 +145,19 @@ class TaskRunner:
             task_id = "task-" + secrets.token_hex(10)
             rows.append((task_id, user_id, kind, {k: v for k, v in body.items() if k != "kind"}))
             specs.append((task_id, spec))
-        await self.store.run(self.store.add_tasks, rows, self.owner, self._lease_until())
+        limiter = self.gateway.limiter
+        tickets = limiter.admit_batch(list(limits), [spec.cost for _, spec in specs],
+                                      trio.current_time(), utcnow().date())
+        try:
+            await self.store.run(self.store.add_tasks, rows, self.owner, self._lease_until())
+        except BaseException:  # nothing stored: no token was spent
+            for ticket in tickets:
+                limiter.settle(ticket, 0, trio.current_time())
+            raise
         assert self._nursery is not None
-        for task_id, spec in specs:
-            self._nursery.start_soon(self._run_task, task_id, batch_tier(spec, user_id))
-        return [task_id for task_id, _ in specs]
+        for (task_id, spec), ticket in zip(specs, tickets):
+            self._nursery.start_soon(self._run_task, task_id, batch_tier(spec, user_id), ticket)
+        return [task_id for task_id, _ in specs], tickets[0].headers if tickets else {}
 
     async def cancel(self, user_id: int, task_id: str) -> dict | None:
         """Cancel a caller's own task; None when it is not theirs (or does not exist)."""
@@ -161,7 +179,7 @@ class TaskRunner:
                 except (NoWorkers, NotFound, QueueFull):
                     await self.gateway.dispatcher.wait_for_change()
 
-    async def _run_task(self, task_id: str, spec: JobSpec) -> None:
+    async def _run_task(self, task_id: str, spec: JobSpec, ticket: Ticket | None = None) -> None:
         with trio.CancelScope() as scope:
             self._running[task_id] = scope
             try:
@@ -173,6 +191,9 @@ class TaskRunner:
                     raise NoWorkers(f"no worker took model {spec.model!r} within "
                                     f"{self.settings.request_timeout_s:g} s") from None
                 body = json.loads(await self.gateway.complete(job, "task"))
+                if ticket is not None:  # settled before the outcome is seen: a client that
+                    # reads "completed" may submit again at once
+                    self.gateway.limiter.settle(ticket, job.used_tokens, trio.current_time())
                 await self._finish(task_id, "completed", body, None)
             except Draining:  # not the task's fault: another front (or our successor) runs it
                 await self.store.run(self.store.release_leases, self.owner, [task_id])

@@ -28,7 +28,9 @@ async def health():
             "zmq_endpoint": cohort.dispatcher.endpoint,
             "mode": "+".join(engines) or "no workers",
             "auth": "disabled" if cohort.settings.auth_disabled else "required",
-            "config": describe(cohort.settings), "workers": workers}
+            "config": describe(cohort.settings), "workers": workers,
+            "limit_sync": {"syncs": cohort.limit_sync.syncs,
+                           "failures": cohort.limit_sync.failures}}
 
 
 @blueprint.get("/ready")

@@ -1,4 +1,8 @@
-"""Async and batch inference: `/inference/async`, `/inference/batch`, `/tasks`, `/tasks/{id}`."""
+"""Async and batch inference: `/inference/async`, `/inference/batch`, `/tasks`, `/tasks/{id}`.
+
+Both count against the caller's rpm, tpm and daily quota when they are submitted (a batch of K
+items as K requests and the sum of their costs, all or none), not against the concurrency limit:
+their work runs in the batch tier, after the interactive requests that limit protects."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from quart import Blueprint, request
 
 from server.errors import BadRequest, CohortError, NotFound
 from server.routes.context import caller, gateway, json_body
-from server.store import FINAL
+from server.store import FINAL, utcnow
 from server.task_runner import parse_task_body
 
 blueprint = Blueprint("tasks", __name__)
@@ -21,8 +25,9 @@ STATUSES = ("queued", "running") + FINAL
 @blueprint.post("/inference/async")
 async def inference_async():
     principal = await caller()
-    [task_id] = await gateway().tasks.submit(principal.user_id, [await json_body()])
-    return {"object": "task", "id": task_id, "status": "queued"}, 202
+    [task_id], headers = await gateway().tasks.submit(principal.user_id, [await json_body()],
+                                                      principal.limits)
+    return {"object": "task", "id": task_id, "status": "queued"}, 202, headers
 
 
 def _batch_items(body: Any) -> list[dict]:
@@ -49,25 +54,36 @@ async def inference_batch():
     items = _batch_items(body)
     cohort = gateway()
     if body.get("wait", True) is False:
-        ids = await cohort.tasks.submit(principal.user_id, items)
+        ids, headers = await cohort.tasks.submit(principal.user_id, items, principal.limits)
         return {"object": "batch", "tasks": [{"index": i, "id": task_id}
-                                             for i, task_id in enumerate(ids)]}, 202
+                                             for i, task_id in enumerate(ids)]}, 202, headers
     results: list[dict[str, Any]] = [{}] * len(items)
-
-    async def run(index: int, item: Any) -> None:
+    specs = []
+    for index, item in enumerate(items):
         try:
             _, spec = parse_task_body(item, cohort.settings)
-            spec.tenant, spec.tier = f"user:{principal.user_id}", "batch"
+        except CohortError as error:  # one item's failure is that item's answer only
+            results[index] = {"index": index, "status": "failed", "error": error.body()["error"]}
+            continue
+        spec.tenant, spec.tier = f"user:{principal.user_id}", "batch"
+        specs.append((index, spec))
+    # the items that will run count, all or none, before any of them runs
+    tickets = cohort.limiter.admit_batch(list(principal.limits), [s.cost for _, s in specs],
+                                         trio.current_time(), utcnow().date())
+
+    async def run(index: int, spec, ticket) -> None:
+        try:
             job = cohort.submit(spec)
             result = json.loads(await cohort.complete(job, "batch"))
+            cohort.limiter.settle(ticket, job.used_tokens, trio.current_time())
             results[index] = {"index": index, "status": "completed", "result": result}
-        except CohortError as error:  # one item's failure is that item's answer only
+        except CohortError as error:
             results[index] = {"index": index, "status": "failed", "error": error.body()["error"]}
 
     async with trio.open_nursery() as nursery:  # every item submitted at once: they batch
-        for index, item in enumerate(items):
-            nursery.start_soon(run, index, item)
-    return {"object": "batch", "data": results}
+        for (index, spec), ticket in zip(specs, tickets):
+            nursery.start_soon(run, index, spec, ticket)
+    return {"object": "batch", "data": results}, 200, tickets[0].headers if tickets else {}
 
 
 @blueprint.get("/tasks")

@@ -34,6 +34,13 @@ class TokenBucket:
         self._refill(now)
         self.tokens = min(self.burst, self.tokens + amount)
 
+    def force_take(self, now: float, amount: float) -> None:
+        """Spend `amount` whether or not there is that much (it was spent elsewhere: another
+        front, or a batch larger than the burst): the bucket may go into debt, below zero, and
+        refills from there, so the excess is paid back, not forgiven."""
+        self._refill(now)
+        self.tokens -= amount
+
     def take(self, now: float, amount: float = 1.0) -> bool:
         """Spend `amount` if there is that much now; False (and nothing spent) if not."""
         self._refill(now)

@@ -70,3 +70,42 @@ def test_unlimited_subjects_cost_nothing_and_get_no_headers():
     limiter = Limiter()
     ticket = limiter.admit([("user:1", Limits())], 10, now=0, today=DAY)
     assert ticket.headers == {} and ticket.subjects == []
+
+
+def test_a_batch_counts_its_requests_and_costs_all_or_none_without_a_concurrency_slot():
+    limiter = Limiter()
+    user = [("user:1", Limits(rpm=5, tpm=1000, concurrency=1))]
+    limiter.admit(user, 10, now=0, today=DAY)  # one request in flight: the slot is taken
+    tickets = limiter.admit_batch(user, [100, 200, 300], now=0, today=DAY)
+    assert [t.charged for t in tickets] == [100, 200, 300] and not tickets[0].holds_slot
+    assert tickets[0].headers["x-ratelimit-remaining-requests"] == "1"
+    with pytest.raises(RateLimited, match="this batch counts 2"):
+        limiter.admit_batch(user, [1, 1], now=0, today=DAY)
+    limiter.settle(tickets[2], used_tokens=50, now=0)  # each item settles its own
+    assert limiter.headers(user, 0)["x-ratelimit-remaining-tokens"] == str(1000 - 610 + 250)
+    with pytest.raises(RateLimited, match="1 requests running"):
+        limiter.admit(user, 10, now=0, today=DAY)  # settling a task freed no slot
+
+
+def test_a_batch_over_a_whole_minute_waits_for_a_full_bucket_then_owes_the_rest():
+    limiter = Limiter()
+    user = [("user:1", Limits(rpm=4))]
+    limiter.admit(user, 1, now=0, today=DAY)
+    with pytest.raises(RateLimited):
+        limiter.admit_batch(user, [1] * 10, now=0, today=DAY)
+    limiter.admit_batch(user, [1] * 10, now=15, today=DAY)  # full again: it takes 10 of 4
+    with pytest.raises(RateLimited) as refused:
+        limiter.admit(user, 1, now=15, today=DAY)
+    assert refused.value.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.value.headers["Retry-After"] == "105"  # 7 requests at one every 15 s
+
+
+def test_a_refund_after_midnight_leaves_the_new_days_quota_alone():
+    limiter = Limiter()
+    user = [("user:1", Limits(tokens_per_day=100))]
+    ticket = limiter.admit(user, 90, now=0, today=DAY)
+    tomorrow = DAY + datetime.timedelta(days=1)
+    limiter.admit(user, 90, now=0, today=tomorrow)
+    limiter.settle(ticket, used_tokens=0, now=0)  # yesterday's refund
+    with pytest.raises(QuotaExceeded):
+        limiter.admit(user, 20, now=0, today=tomorrow)

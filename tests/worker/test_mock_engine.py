@@ -122,7 +122,7 @@ async def test_waiting_requests_start_by_priority_then_arrival_as_in_vllm(autoju
     order = [("r1", 0), ("r2", 5), ("r3", 5), ("r4", 1)]  # r1 runs; the rest wait behind it
     requests = [dict(request(int(rid[1]), max_tokens=2, stream=False), priority=p)
                 for rid, p in order]
-    seen = await run(mock, requests)
+    seen = await run(mock, requests, gap_s=0.001)  # in this order, all before r1 ends
     done_at = {rid: seen[rid][-1][0] for rid, _ in order}
     assert sorted(done_at, key=done_at.get) == ["r1", "r4", "r2", "r3"]
 
