@@ -23,6 +23,7 @@ import datetime
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -131,13 +132,16 @@ class TaskRunner:
             log.info("took over %d task(s) whose front stopped", len(claimed))
 
     async def submit(self, user_id: int, bodies: list[Any],
-                     limits: tuple[tuple[str, Limits], ...] = ()) -> tuple[list[str],
-                                                                          dict[str, str]]:
-        """Store tasks (validated, then counted against `limits`, then stored in one
-        transaction), then start them; their ids, and the x-ratelimit headers to answer with."""
+                     limits: tuple[tuple[str, Limits], ...] = (),
+                     check_model: Callable[[str], None] = lambda model: None,
+                     ) -> tuple[list[str], dict[str, str]]:
+        """Store tasks (validated, their models checked against the caller's key, counted
+        against `limits`, then stored in one transaction), then start them; their ids, and the
+        x-ratelimit headers to answer with."""
         rows, specs = [], []
         for body in bodies:
             kind, spec = parse_task_body(body, self.settings)
+            check_model(spec.model)
             try:  # a model nobody serves is refused now; one that is loading is waited for
                 self.gateway.dispatcher.check_model(spec.model)
             except NoWorkers:

@@ -26,7 +26,7 @@ STATUSES = ("queued", "running") + FINAL
 async def inference_async():
     principal = await caller()
     [task_id], headers = await gateway().tasks.submit(principal.user_id, [await json_body()],
-                                                      principal.limits)
+                                                      principal.limits, principal.check_model)
     return {"object": "task", "id": task_id, "status": "queued"}, 202, headers
 
 
@@ -54,7 +54,8 @@ async def inference_batch():
     items = _batch_items(body)
     cohort = gateway()
     if body.get("wait", True) is False:
-        ids, headers = await cohort.tasks.submit(principal.user_id, items, principal.limits)
+        ids, headers = await cohort.tasks.submit(principal.user_id, items, principal.limits,
+                                                 principal.check_model)
         return {"object": "batch", "tasks": [{"index": i, "id": task_id}
                                              for i, task_id in enumerate(ids)]}, 202, headers
     results: list[dict[str, Any]] = [{}] * len(items)
@@ -62,10 +63,12 @@ async def inference_batch():
     for index, item in enumerate(items):
         try:
             _, spec = parse_task_body(item, cohort.settings)
+            principal.check_model(spec.model)
         except CohortError as error:  # one item's failure is that item's answer only
             results[index] = {"index": index, "status": "failed", "error": error.body()["error"]}
             continue
-        spec.tenant, spec.tier = f"user:{principal.user_id}", "batch"
+        spec.tenant, spec.tier = principal.tenant, "batch"
+        spec.weight = principal.share()[0]
         specs.append((index, spec))
     # the items that will run count, all or none, before any of them runs
     tickets = cohort.limiter.admit_batch(list(principal.limits), [s.cost for _, s in specs],

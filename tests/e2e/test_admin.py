@@ -90,6 +90,12 @@ async def test_a_key_limited_to_some_models_is_refused_the_others(make_cluster):
     assert refused.value.body["code"] == "model_not_allowed"
     assert (await client.models.list()).data == []
     await client.close()
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=30,
+                                 headers=cluster.headers()) as http:
+        stored = await http.post("/inference/async", json=BODY)
+        batch = await http.post("/inference/batch", json={"prompts": ["a"], "model": MODEL})
+    assert stored.status_code == 403 and stored.json()["error"]["code"] == "model_not_allowed"
+    assert batch.json()["data"][0]["error"]["code"] == "model_not_allowed"
 
 
 def test_the_cli_refuses_what_the_api_refuses(make_cluster):

@@ -52,6 +52,7 @@ async def test_a_daily_token_quota_is_insufficient_quota(make_cluster):
             statuses.append(answer.status_code)
             if answer.status_code == 429:
                 assert answer.json()["error"]["code"] == "insufficient_quota"
+                assert answer.headers["x-should-retry"] == "false"  # the openai client gives up
                 break
     assert statuses[0] == 200 and statuses[-1] == 429
     listed = cluster.users("limits")
