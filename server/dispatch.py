@@ -377,12 +377,25 @@ class Dispatcher:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def send_batch(self, model: str, jobs: list[Job], *, force: bool = False) -> list[Job]:
+    def held(self, model: str) -> dict[str, tuple[int, float]]:
+        """Per tenant, the sequences it has on the ready workers of `model`, and its weight."""
+        held: dict[str, tuple[int, float]] = {}
+        for worker in self.registry.ready(model):
+            for job in worker.jobs.values():
+                seqs, _ = held.get(job.spec.tenant, (0, 1.0))
+                held[job.spec.tenant] = (seqs + job.seqs, job.spec.weight)
+        return held
+
+    def capacity(self, model: str) -> int:
+        return sum(w.load.max_num_seqs for w in self.registry.ready(model))
+
+    async def send_batch(self, model: str, jobs: list[Job], *, force: bool = False,
+                         beyond_backlog: bool = False) -> list[Job]:
         """Place the jobs (see Placement) and send each worker its share as one batch; return
         the jobs no worker could take now."""
         workers = {w.identity: w for w in self.registry.ready(model)}
         plan, left = self.placement.assign(jobs, {key: w.load for key, w in workers.items()},
-                                           force=force)
+                                           force=force, beyond_backlog=beyond_backlog)
         for identity, assigned in plan.items():
             worker = workers[identity]
             if worker.state != "ready":  # it died while an earlier share was being sent

@@ -6,7 +6,9 @@ there is). Only while every worker is full do requests gather; they leave when r
 once the oldest has waited `max_wait_s` (VLLM_BATCH_WAIT_TIMEOUT), into the least loaded engine's
 own queue, as `vllm serve` would have queued them. The window never delays a request while a
 worker is idle. What leaves is chosen by the queue's fair shares (`server.scheduling.queue`):
-interactive before batch, tenants by turns; batch work only ever takes room that is free.
+interactive before batch, tenants by turns; batch work only ever takes room that is free. A user
+holding less than its share of the engines skips the window: its requests go into an engine's
+queue at once, where their priority starts them before the busier users' (engine_priority).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import trio
 
 from server.errors import CohortError, NoWorkers
 from server.jobs import Job
-from server.scheduling.queue import ModelQueue
+from server.scheduling.queue import ModelQueue, under_share
 
 INTERACTIVE = ("interactive",)
 
@@ -34,11 +36,19 @@ class BatchSink(Protocol):
     def backlog_room(self, model: str) -> int:
         """Sequences that may still be forced into the engines' own queues (0: none)."""
 
+    def held(self, model: str) -> dict[str, tuple[int, float]]:
+        """Per tenant, the sequences it has on the ready workers of `model`, and its weight."""
+
+    def capacity(self, model: str) -> int:
+        """Sequences the ready workers of `model` run at once (their max_num_seqs together)."""
+
     async def wait_for_change(self) -> None:
         """Return at the next change of the workers' load or state."""
 
-    async def send_batch(self, model: str, jobs: list[Job], *, force: bool = False) -> list[Job]:
-        """Place jobs on workers with room (`force`: on any that reads); return those left over."""
+    async def send_batch(self, model: str, jobs: list[Job], *, force: bool = False,
+                         beyond_backlog: bool = False) -> list[Job]:
+        """Place jobs on workers with room (`force`: on any that reads, within the backlog
+        bound unless `beyond_backlog`); return those left over."""
 
 
 class Scheduler:
@@ -100,6 +110,27 @@ class Scheduler:
     def queued(self) -> dict[str, int]:
         return {model: queue.live_count() for model, queue in self.queues.items()}
 
+    def _short(self, model: str, queue: ModelQueue) -> dict[str, int]:
+        """Interactive users waiting while they hold less than their share of the engines."""
+        if not self.fair:
+            return {}
+        waiting = queue.waiting_tenants("interactive")
+        if not waiting:
+            return {}
+        return under_share(waiting, self.sink.held(model), self.sink.capacity(model))
+
+    async def _send_short(self, model: str, queue: ModelQueue) -> None:
+        """Send the jobs of users below their share into the engines' queues at once, beyond
+        the backlog bound: their engine priority starts them at the next free slot, ahead of
+        what the busiest users queued there. Each goes only up to its share."""
+        jobs = queue.take_from(self._short(model, queue), "interactive")
+        if not jobs:
+            return
+        left = await self.sink.send_batch(model, jobs, force=True, beyond_backlog=True)
+        if left:
+            queue.push_front(left)
+            await self.sink.wait_for_change()
+
     async def _batch_loop(self, model: str, queue: ModelQueue) -> None:
         while True:
             while queue.oldest_arrival() is None:
@@ -113,10 +144,16 @@ class Scheduler:
                     await self._either(self.sink.wait_for_change, queue.wait_changed)
                     continue
                 # Every worker is full: requests gather until one has room, or until the oldest
-                # has waited the window; then the engines' own queues take them.
+                # has waited the window; then the engines' own queues take them. A user below
+                # its share of the engines does not wait: see _send_short.
                 with trio.move_on_at(oldest + self.max_wait_s) as window:
                     while not (room := self.sink.room(model)):
-                        await self.sink.wait_for_change()
+                        if self._short(model, queue):
+                            break
+                        await self._either(self.sink.wait_for_change, queue.wait_changed)
+                if not room and not window.cancelled_caught:
+                    await self._send_short(model, queue)
+                    continue
                 force = window.cancelled_caught
                 if force and not (room := self.sink.backlog_room(model)):
                     # the engines' queues hold their share: the rest waits here, in fair order

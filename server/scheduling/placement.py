@@ -112,13 +112,16 @@ class Placement:
         return max(0, allowed - load.outstanding)
 
     def assign(self, jobs: Sequence[Placeable], workers: dict[Hashable, WorkerLoad], *,
-               force: bool = False) -> tuple[dict[Hashable, list], list]:
+               force: bool = False, beyond_backlog: bool = False
+               ) -> tuple[dict[Hashable, list], list]:
         """Give each job a worker with room (with `force`, any worker not behind on acks whose
-        backlog has room: the engine queues it). Returns {worker: jobs} and the jobs no worker
-        can take now."""
+        backlog has room, or any at all `beyond_backlog`: the engine queues it). Returns
+        {worker: jobs} and the jobs no worker can take now."""
         extra = dict.fromkeys(workers, 0)
         room = {key: self.room(load) for key, load in workers.items()}
-        backlog = {key: self.backlog_room(load) if force else 0 for key, load in workers.items()}
+        backlog = {key: (self.backlog_room(load) if not beyond_backlog
+                         else 0 if load.unacked_batches >= self.max_unacked_batches else 1 << 30)
+                   if force else 0 for key, load in workers.items()}
         plan: dict[Hashable, list] = {}
         left = []
         for job in jobs:

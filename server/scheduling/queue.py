@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 from collections.abc import Iterable
 
 import trio
@@ -27,6 +28,26 @@ from server.jobs import Job
 TIERS = ("interactive", "batch")
 QUANTUM_TOKENS = 512  # a turn's worth of tokens: one long request, or a few short ones
 TOTAL_FACTOR = 4
+
+
+def under_share(waiting: dict[str, float], held: dict[str, tuple[int, float]],
+                capacity: int) -> dict[str, int]:
+    """The waiting tenants that hold less than their share of the model's engines, and how many
+    sequences short each is. A tenant's share is `capacity` (the sequences the ready engines run
+    at once) split by weight between every tenant that waits or holds some; these may go
+    straight into an engine's queue, where their priority puts them first (see
+    server.scheduling.engine_priority), instead of waiting behind the batch window."""
+    weights = {tenant: weight for tenant, (_, weight) in held.items()} | waiting
+    total = sum(weights.values())
+    if len(weights) < 2 or not capacity:  # one user alone has no one to be fair to
+        return {}
+    short = {}
+    for tenant in waiting:
+        share = capacity * weights[tenant] / total
+        missing = math.ceil(share - held.get(tenant, (0, 1.0))[0])
+        if missing > 0:
+            short[tenant] = missing
+    return short
 
 
 class ModelQueue:
@@ -128,6 +149,34 @@ class ModelQueue:
             self._deficit[tenant] = max(0.0, deficit) if len(batch) < max_jobs else deficit
         else:
             self._deficit.pop(tenant, None)  # an empty line keeps no credit
+
+    def waiting_tenants(self, tier: str) -> dict[str, float]:
+        """The tenants with a live job of `tier` waiting, and their weights."""
+        found = {}
+        for tenant, line in self._lines[tier].items():
+            self._drop_cancelled(line)
+            if line:
+                found[tenant] = line[0].spec.weight
+        return found
+
+    def take_from(self, quotas: dict[str, int], tier: str) -> list[Job]:
+        """Up to `quotas[tenant]` sequences' worth of each named tenant's waiting jobs of `tier`
+        (at least one job each), oldest first; their turns in the round are left as they were."""
+        batch: list[Job] = []
+        for tenant, quota in quotas.items():
+            line = self._lines[tier].get(tenant)
+            taken = 0
+            while line and (taken < quota or not taken):
+                job = line.popleft()
+                self._size -= 1
+                if job.state != "queued":
+                    continue
+                batch.append(job)
+                taken += job.seqs
+            if line is not None and not line:
+                del self._lines[tier][tenant]
+                self._deficit.pop(tenant, None)
+        return batch
 
     def drain(self) -> list[Job]:
         jobs = [job for lines in self._lines.values() for line in lines.values() for job in line

@@ -6,7 +6,7 @@ import trio
 
 from server.errors import QueueFull
 from server.jobs import Job, JobSpec
-from server.scheduling.queue import ModelQueue
+from server.scheduling.queue import ModelQueue, under_share
 from tests.server.test_scheduler import MAX_WAIT_S, RecordingSink, started
 
 
@@ -97,3 +97,32 @@ def test_a_tenant_of_weight_two_gets_twice_the_tokens():
         queue.push(job("U", cost=64))
     taken = tenants(queue.take(24))
     assert taken.count("W") == 2 * taken.count("U")
+
+
+def test_a_user_below_its_share_of_the_engines_is_short_by_the_difference():
+    held = {"A": (16, 1.0), "B": (3, 1.0)}
+    assert under_share({"A": 1.0, "B": 1.0}, held, capacity=16) == {"B": 5}
+    assert under_share({"A": 1.0}, held, capacity=16) == {}  # A holds more than half
+    heavy = {"A": (8, 3.0), "B": (3, 1.0)}  # weight 3 against 1: A's share is 12 of 16
+    assert under_share({"A": 3.0, "B": 1.0}, heavy, capacity=16) == {"A": 4, "B": 1}
+    assert under_share({"A": 1.0}, {}, capacity=16) == {}  # alone: no one to be fair to
+
+
+async def test_a_user_below_its_share_skips_the_window_and_the_backlog(autojump_clock, nursery):
+    sink = RecordingSink(free=0)
+    sink.backlog = 0  # the engines' queues hold their bound of the busy user's work
+    sink.seqs, sink.holding = 16, {"A": (18, 1.0), "B": (7, 1.0)}
+    scheduler = await started(sink, nursery=nursery)
+    flood = [job("A", at=trio.current_time()) for _ in range(5)]
+    for queued in flood:
+        scheduler.submit(queued)
+    few = [job("B", at=trio.current_time()) for _ in range(3)]
+    for queued in few:
+        scheduler.submit(queued)
+    await trio.sleep(0)
+    await trio.sleep(0)
+    assert sink.beyond == few[:1]  # B is one short of its 8, at once, with no window
+    assert trio.current_time() == 0
+    await trio.sleep(10 * MAX_WAIT_S)
+    assert sink.beyond == few[:1]  # the rest of B and all of A wait for room
+    assert all(not any(j in flood for j in jobs) for _, jobs, _ in sink.sent)

@@ -151,11 +151,18 @@ class SimulatedWorkers:
     def backlog_room(self, model: str) -> int:
         return sum(self.policy.backlog_room(load) for load in self.loads.values())
 
+    def held(self, model: str) -> dict[str, tuple[int, float]]:
+        return {}  # one user: fair shares have no say
+
+    def capacity(self, model: str) -> int:
+        return sum(load.max_num_seqs for load in self.loads.values())
+
     async def wait_for_change(self) -> None:
         await self._changed.wait()
 
-    async def send_batch(self, model, jobs, *, force=False):
-        plan, left = self.policy.assign(jobs, self.loads, force=force)
+    async def send_batch(self, model, jobs, *, force=False, beyond_backlog=False):
+        plan, left = self.policy.assign(jobs, self.loads, force=force,
+                                        beyond_backlog=beyond_backlog)
         for name, assigned in plan.items():
             self.policy.sent(name, self.loads[name], assigned)
             self.sent.append((trio.current_time(), name, len(assigned), force))

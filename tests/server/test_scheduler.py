@@ -19,7 +19,10 @@ class RecordingSink:
         self.free = free
         self.takes = takes  # False: no worker reads (every send comes back)
         self.backlog = 1_000  # what may be forced into the engines' queues
+        self.holding: dict[str, tuple[int, float]] = {}  # per tenant: sequences held, weight
+        self.seqs = 0  # the engines' max_num_seqs together (0: no shares to keep)
         self.sent: list[tuple[float, list[Job], bool]] = []
+        self.beyond: list[Job] = []  # sent beyond the backlog bound
         self._changed = trio.Event()
 
     def room(self, model: str) -> int:
@@ -28,14 +31,25 @@ class RecordingSink:
     def backlog_room(self, model: str) -> int:
         return self.backlog
 
+    def held(self, model: str) -> dict[str, tuple[int, float]]:
+        return self.holding
+
+    def capacity(self, model: str) -> int:
+        return self.seqs
+
     async def wait_for_change(self) -> None:
         await self._changed.wait()
 
-    async def send_batch(self, model: str, jobs: list[Job], *, force: bool = False) -> list[Job]:
+    async def send_batch(self, model: str, jobs: list[Job], *, force: bool = False,
+                         beyond_backlog: bool = False) -> list[Job]:
         if not self.takes:
             return jobs
         self.free = max(0, self.free - len(jobs))
         self.sent.append((trio.current_time(), jobs, force))
+        self.beyond.extend(jobs if beyond_backlog else [])
+        for sent in jobs:  # what the dispatcher's `held` would count next
+            seqs, weight = self.holding.get(sent.spec.tenant, (0, sent.spec.weight))
+            self.holding[sent.spec.tenant] = (seqs + sent.seqs, weight)
         return []
 
     def set_free(self, free: int) -> None:
