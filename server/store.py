@@ -414,10 +414,18 @@ class Store:
     # --- usage ------------------------------------------------------------------------------
 
     def add_usage(self, rows: list[dict[str, Any]]) -> None:
-        """A batch of finished requests in one transaction (never one commit per request)."""
+        """A batch of finished requests in one transaction (never one commit per request), in
+        one `executemany`: peewee's insert_many, which builds each row's SQL, took ten times as
+        long (30 ms of the front's time a second at 1,000 requests a second)."""
+        columns = [name for name in Usage._meta.sorted_field_names if name != "id"]
+        sql = 'INSERT INTO "{}" ({}) VALUES ({})'.format(
+            Usage._meta.table_name, ", ".join(f'"{name}"' for name in columns),
+            ", ".join(self.db.param for _ in columns))
+        as_text = isinstance(self.db, peewee.SqliteDatabase)  # peewee's own DATETIME format
+        values = [tuple(str(row[name]) if as_text and name == "at" else row[name]
+                        for name in columns) for row in rows]
         with self.db.atomic():
-            for start in range(0, len(rows), 500):
-                Usage.insert_many(rows[start:start + 500]).execute()
+            self.db.cursor().executemany(sql, values)
 
     def usage_of(self, user_id: int | None, start: datetime.datetime, end: datetime.datetime,
                  group_by: str | None) -> dict[str, Any]:
