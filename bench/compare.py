@@ -163,13 +163,15 @@ class Bench:
         unledgered_header = {"Authorization": f"Bearer {bare_auth.add_user('bench')}"}
         try:
             for concurrency, total in ((1, self.args.requests // 4), (64, self.args.requests)):
-                # Rounds alternate bare and Cohort so a slow moment of the machine hits both; a
-                # ratio is the median of its rounds' ratios, the latencies are pooled.
+                # Rounds alternate bare and Cohort so a slow moment of the machine hits both, in
+                # an order that turns; a ratio is the median of its rounds' ratios, the
+                # latencies are pooled.
                 names = ["bare", *(t for t in targets
                                    if not t.startswith("auth") or concurrency == 64)]
                 runs: dict[str, list[Result]] = {name: [] for name in names}
                 for round_ in range(self.args.rounds):
-                    for name in names:
+                    turn = round_ % len(names)  # each round starts elsewhere: no path always last
+                    for name in names[turn:] + names[:turn]:
                         url = bare_url if name == "bare" else targets[name].url + "/v1/completions"
                         runs[name].append(await self.load(
                             f"{name} c={concurrency} #{round_}", url, total=total,

@@ -106,7 +106,7 @@ class Usage(BaseModel):
     """One finished request: who, what, how many tokens, how long (the usage ledger)."""
 
     at = peewee.DateTimeField(index=True)
-    user_id = peewee.IntegerField(index=True)
+    user_id = peewee.IntegerField()  # no index of its own: each costs every insert; `at` narrows
     key_id = peewee.IntegerField(default=0)
     model = peewee.CharField(max_length=200)
     route = peewee.CharField(max_length=16)
