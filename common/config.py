@@ -171,6 +171,13 @@ class ServerSettings:
         15.0, "COHORT_TASK_LEASE_S",
         doc="a front holds the tasks it runs this long, renewed every third of it; a dead front's tasks go to another front after it",
     )
+    batch_concurrency: int = env_field(
+        256, "COHORT_BATCH_CONCURRENCY",
+        doc="lines of one Batch API batch a front runs at once (they take idle capacity only)",
+    )
+    max_file_bytes: int = env_field(
+        100 << 20, "COHORT_MAX_FILE_BYTES", doc="the largest file /v1/files takes (50,000 lines at most)"
+    )
     limit_sync_s: float = env_field(
         1.0, "COHORT_LIMIT_SYNC_S",
         doc="fronts sharing a store share their limit counts this often, so limits hold across them (0: each front counts for itself)",
@@ -184,6 +191,7 @@ class ServerSettings:
             raise SettingError("COHORT_ZMQ_MAX_MESSAGE_BYTES must hold a whole batch: at least "
                                "COHORT_MAX_BATCH_SIZE x COHORT_MAX_BODY_BYTES + 1 MiB")
         positive = ("max_batch_size", "max_batches_per_worker", "max_queue", "max_body_bytes",
+                    "batch_concurrency", "max_file_bytes",
                     "max_tokens_limit", "max_n", "zmq_port_span")
         for name in positive:
             if getattr(self, name) < 1:

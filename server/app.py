@@ -22,7 +22,8 @@ from server.auth import Auth
 from server.errors import BadRequest, BodyTooLarge, CohortError, Draining, NotFound
 from server.gateway import Gateway
 from server.limit_sync import LimitSync
-from server.routes import admin, docs, ops, openai, tasks, tokens, usage
+from server.batch_runner import BatchRunner
+from server.routes import admin, batches, docs, ops, openai, tasks, tokens, usage
 from server.store import Store
 from server.task_runner import TaskRunner
 from server.usage import UsageLedger
@@ -50,7 +51,8 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     cohort.limit_sync = LimitSync(cohort.limiter, cohort.store, cohort.dispatcher.front_id,
                                   settings.limit_sync_s)
     app.gateway = cohort  # type: ignore[attr-defined]
-    for module in (openai, ops, tasks, tokens, usage, admin, docs):
+    cohort.batches = BatchRunner(cohort)
+    for module in (openai, ops, tasks, tokens, usage, admin, batches, docs):
         app.register_blueprint(module.blueprint)
 
     services = trio.CancelScope()
@@ -66,6 +68,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(cohort.run)
                         await nursery.start(cohort.tasks.run)
+                        await nursery.start(cohort.batches.run)
                         await nursery.start(cohort.usage.run)
                         await nursery.start(cohort.limit_sync.run)
                         nursery.start_soon(cohort.drain_on_signal)

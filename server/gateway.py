@@ -39,6 +39,7 @@ class Gateway:
         self.store: Any = None
         self.auth: Any = None
         self.tasks: Any = None
+        self.batches: Any = None  # the Batch API's runner
         self.limit_sync: Any = None
         self.services_up = False  # set once dispatcher, scheduler and task runner all run
         self.draining = False  # set by SIGTERM/SIGINT: no new requests, those in flight finish

@@ -28,22 +28,13 @@ from playhouse.db_url import connect, parse
 from playhouse.migrate import SchemaMigrator, migrate
 from playhouse.pool import PooledPostgresqlDatabase
 
+from server.batch_store import BATCH_MODELS, BatchQueries
+from server.db import BaseModel, database, stamp, utcnow
+
 log = logging.getLogger("cohort.store")
 
 SCHEMA_VERSION = 4  # 2: task leases; 3: limits, the usage ledger; 4: roles, keys limited to models
 T = TypeVar("T")
-
-database = peewee.DatabaseProxy()
-
-
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
-
-
-class BaseModel(peewee.Model):
-    class Meta:
-        database = database
-
 
 class SchemaVersion(BaseModel):
     """The schema version this store was created or last migrated at."""
@@ -138,7 +129,7 @@ class LimitCount(BaseModel):
         primary_key = peewee.CompositeKey("front", "subject")
 
 
-MODELS = [SchemaVersion, User, Token, Task, Limit, Usage, LimitCount]
+MODELS = [SchemaVersion, User, Token, Task, Limit, Usage, LimitCount, *BATCH_MODELS]
 USAGE_GROUPS = {"model": Usage.model, "key": Usage.key_id, "user": Usage.user_id,
                 "day": peewee.fn.substr(peewee.Cast(Usage.at, "text"), 1, 10).coerce(False)}
 LIMIT_FIELDS = ("rpm", "tpm", "concurrency", "tokens_per_day", "weight", "priority")
@@ -185,22 +176,18 @@ class FrontCount:
     updated_at: datetime.datetime
 
 
-def _stamp(value: datetime.datetime | None) -> str | None:
-    return value.replace(tzinfo=datetime.timezone.utc).isoformat() if value else None
-
-
 def task_view(task: Task) -> dict[str, Any]:
     """A task as the API shows it."""
     return {"id": task.id, "status": task.status, "kind": task.kind,
-            "created_at": _stamp(task.created_at), "started_at": _stamp(task.started_at),
-            "finished_at": _stamp(task.finished_at), "attempts": task.attempts,
+            "created_at": stamp(task.created_at), "started_at": stamp(task.started_at),
+            "finished_at": stamp(task.finished_at), "attempts": task.attempts,
             "request": json.loads(task.request),
             "result": json.loads(task.result) if task.result else None,
             "error": json.loads(task.error) if task.error else None}
 
 
-class Store:
-    """The database and its queries; call the `a*` coroutines from trio, never the sync ones."""
+class Store(BatchQueries):
+    """The database and its queries, each run in a worker thread by `run` from trio."""
 
     def __init__(self, url: str) -> None:
         if url.startswith("sqlite:///"):
@@ -305,7 +292,7 @@ class Store:
         keys = Token.select().where(Token.user == user, Token.kind == "api_key",
                                     Token.revoked == False).count()  # noqa: E712
         return {"object": "user", "username": user.username, "role": user.role,
-                "disabled": user.disabled, "created_at": _stamp(user.created_at),
+                "disabled": user.disabled, "created_at": stamp(user.created_at),
                 "api_keys": keys, "limits": self.limits_of(f"user:{user.id}")}
 
     def add_token(self, user: User | int, digest: str, kind: str,
@@ -328,7 +315,7 @@ class Store:
 
     def key_view(self, token: Token) -> dict[str, Any]:
         return {"object": "api_key", "id": token.id, "name": token.name,
-                "created_at": _stamp(token.created_at), "revoked": token.revoked,
+                "created_at": stamp(token.created_at), "revoked": token.revoked,
                 "models": json.loads(token.models) if token.models else None,
                 "limits": self.limits_of(f"key:{token.id}")}
 

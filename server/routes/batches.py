@@ -1,0 +1,158 @@
+"""OpenAI's Files and Batch API: `/v1/files` (purpose `batch`, JSONL checked line by line) and
+`/v1/batches` (create, retrieve, list, cancel); the batches run in server.batch_runner."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import Any
+
+from quart import Blueprint, Response, request
+
+from server.batch_runner import chunked_lines, request_line
+from server.batch_store import File, batch_view, file_view
+from server.errors import BadRequest, NotFound
+from server.routes.context import caller, gateway, json_body
+from server.store import utcnow
+
+blueprint = Blueprint("batches", __name__)
+MAX_FILE_LINES = 50_000
+
+
+def _page_args() -> tuple[int, str | None]:
+    try:
+        limit = int(request.args.get("limit", 20))
+    except ValueError:
+        raise BadRequest("limit must be an integer", param="limit") from None
+    if not 1 <= limit <= 100:
+        raise BadRequest("limit must be 1 to 100", param="limit")
+    return limit, request.args.get("after") or None
+
+
+def _listing(page: dict[str, Any]) -> dict[str, Any]:
+    data = page["data"]
+    return {"object": "list", "data": data, "has_more": page["has_more"],
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+@blueprint.post("/v1/files")
+async def upload():
+    """A JSONL file for a batch, checked line by line before it is kept (the error names the
+    line), with its size, line count and SHA-256."""
+    principal = await caller()
+    settings = gateway().settings
+    request.max_content_length = settings.max_file_bytes + (64 << 10)  # the form around it
+    form, files = await request.form, await request.files
+    if form.get("purpose") != "batch":
+        raise BadRequest("purpose must be `batch` (the only purpose Cohort keeps files for)",
+                         param="purpose")
+    upload = files.get("file")
+    if upload is None:
+        raise BadRequest("send the file as the multipart field `file`", param="file")
+    data = upload.read()
+    if len(data) > settings.max_file_bytes:
+        raise BadRequest(f"the file is over {settings.max_file_bytes} bytes "
+                         "(COHORT_MAX_FILE_BYTES)", param="file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the file is not UTF-8", param="file") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise BadRequest("the file has no lines", param="file")
+    if len(lines) > MAX_FILE_LINES:
+        raise BadRequest(f"the file has {len(lines)} lines; a batch takes at most "
+                         f"{MAX_FILE_LINES}", param="file")
+    seen: set[str] = set()
+    for number, line in enumerate(lines, start=1):
+        request_line(line, number, seen)
+    kept = "".join(line + "\n" for line in lines).encode()
+    row = {"id": "file-" + secrets.token_hex(12), "user_id": principal.user_id, "purpose": "batch",
+           "filename": (upload.filename or "input.jsonl")[:255], "bytes": len(kept),
+           "lines": len(lines), "sha256": hashlib.sha256(kept).hexdigest(), "created_at": utcnow()}
+    store = gateway().store
+    file = await store.run(store.add_file, row, chunked_lines(lines))
+    return file_view(file)
+
+
+@blueprint.get("/v1/files")
+async def list_files():
+    principal = await caller()
+    limit, after = _page_args()
+    store = gateway().store
+    return _listing(await store.run(store.files_of, principal.user_id,
+                                    request.args.get("purpose") or None, limit, after))
+
+
+async def _file(file_id: str) -> File:
+    principal = await caller()
+    store = gateway().store
+    file = await store.run(store.file_of, principal.user_id, file_id)
+    if file is None:
+        raise NotFound(f"no file {file_id!r}")
+    return file
+
+
+@blueprint.get("/v1/files/<file_id>")
+async def show_file(file_id: str):
+    return file_view(await _file(file_id))
+
+
+@blueprint.get("/v1/files/<file_id>/content")
+async def file_content(file_id: str):
+    """The file's bytes, streamed a chunk (about 1 MB) at a time."""
+    file = await _file(file_id)
+    store = gateway().store
+
+    async def chunks():
+        seq = 0
+        while (data := await store.run(store.file_chunk, file.id, seq)) is not None:
+            yield data.encode()
+            seq += 1
+
+    response = Response(chunks(), mimetype="application/jsonl",
+                        headers={"Content-Length": str(file.bytes)})
+    response.timeout = None
+    return response
+
+
+@blueprint.delete("/v1/files/<file_id>")
+async def delete_file(file_id: str):
+    principal = await caller()
+    store = gateway().store
+    if not await store.run(store.delete_file, principal.user_id, file_id):
+        raise NotFound(f"no file {file_id!r}")
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+@blueprint.post("/v1/batches")
+async def create_batch():
+    principal = await caller()
+    return await gateway().batches.create(principal, await json_body())
+
+
+@blueprint.get("/v1/batches")
+async def list_batches():
+    principal = await caller()
+    limit, after = _page_args()
+    store = gateway().store
+    return _listing(await store.run(store.batches_of, principal.user_id, limit, after))
+
+
+@blueprint.get("/v1/batches/<batch_id>")
+async def show_batch(batch_id: str):
+    principal = await caller()
+    store = gateway().store
+    batch = await store.run(store.batch_of, principal.user_id, batch_id)
+    if batch is None:
+        raise NotFound(f"no batch {batch_id!r}")
+    return batch_view(batch)
+
+
+@blueprint.post("/v1/batches/<batch_id>/cancel")
+async def cancel_batch(batch_id: str):
+    principal = await caller()
+    batch = await gateway().batches.cancel(principal.user_id, batch_id)
+    if batch is None:
+        raise NotFound(f"no batch {batch_id!r}")
+    return batch
