@@ -380,6 +380,70 @@ class Bench:
             "rows": rows, "engine": "GPU-like mock, two workers, max_num_seqs 8 each, 16-token "
                                     "replies; A: 640 at a time, B: 40 requests, 8 at a time"}
 
+
+    async def batch_api(self) -> None:
+        """A Batch API batch of `--batch-lines` lines on the GPU-like mock (two workers) while an
+        interactive user streams 4 at a time: the interactive TTFT with and without the batch,
+        and the batch's lines/s alone and beside the interactive user."""
+        lines = self.args.batch_lines
+        cluster = await self.mock_cluster(workers=2, **GPU_LIKE, COHORT_MAX_NUM_SEQS="8",
+                                          MOCK_REPLY_LENGTH="max_tokens", COHORT_AUTH_DISABLED="0")
+        person = {"Authorization": f"Bearer {cluster.add_user('person')}"}
+        offline = {"Authorization": f"Bearer {cluster.add_user('offline')}"}
+        url = cluster.url + "/v1/completions"
+        body = {"model": "cohort-mock", "max_tokens": 16}
+        content = "".join(json.dumps({
+            "custom_id": f"line-{i}", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "cohort-mock", "prompt": f"offline {i}", "max_tokens": 16}}) + "\n"
+            for i in range(lines)).encode()
+
+        async def run_batch(http: httpx.AsyncClient) -> float:
+            """Upload, create, wait: the batch's lines per second from create to completed."""
+            file = (await http.post("/v1/files", data={"purpose": "batch"}, headers=offline,
+                                    files={"file": ("in.jsonl", content)})).json()
+            start = trio.current_time()
+            batch = (await http.post("/v1/batches", headers=offline, json={
+                "input_file_id": file["id"], "endpoint": "/v1/completions",
+                "completion_window": "24h"})).json()
+            with trio.fail_after(600):
+                while (batch := (await http.get(f"/v1/batches/{batch['id']}",
+                                                headers=offline)).json())["status"] != "completed":
+                    if batch["status"] in ("failed", "cancelled", "expired"):
+                        raise RuntimeError(f"the bench batch ended {batch['status']}")
+                    await trio.sleep(0.05)
+            assert batch["request_counts"]["completed"] == lines
+            return lines / (trio.current_time() - start)
+
+        try:
+            async with httpx.AsyncClient(base_url=cluster.url, timeout=600) as http:
+                alone = await self.load("interactive alone", url, total=200, concurrency=4,
+                                        stream=True, headers=person, body=body)
+                batch_alone = await run_batch(http)
+                beside: dict[str, float] = {}
+                async with trio.open_nursery() as nursery:
+                    async def batch_then_stop() -> None:
+                        beside["lines_per_s"] = await run_batch(http)
+                    nursery.start_soon(batch_then_stop)
+                    await trio.sleep(1.0)  # the batch is validated and running
+                    with_batch = await self.load("interactive beside the batch", url,
+                                                 total=200, concurrency=4, stream=True,
+                                                 headers=person, body=body)
+        finally:
+            cluster.stop()
+        a, b = alone.summary(), with_batch.summary()
+        self.results["12 Batch API"] = {"rows": [
+            {"interactive": "alone", "ttft_p50_ms": a["ttft_p50_ms"], "ttft_p99_ms": a["ttft_p99_ms"],
+             "p50_ms": a["p50_ms"], "errors": alone.errors},
+            {"interactive": f"beside a {lines}-line batch", "ttft_p50_ms": b["ttft_p50_ms"],
+             "ttft_p99_ms": b["ttft_p99_ms"], "p50_ms": b["p50_ms"], "errors": with_batch.errors},
+            {"interactive": "ratio (beside / alone)",
+             "ttft_p50_ms": round(b["ttft_p50_ms"] / a["ttft_p50_ms"], 2),
+             "ttft_p99_ms": round(b["ttft_p99_ms"] / a["ttft_p99_ms"], 2),
+             "p50_ms": round(b["p50_ms"] / a["p50_ms"], 2)},
+        ], "batch_lines_per_s_alone": round(batch_alone, 1),
+            "batch_lines_per_s_beside_interactive": round(beside["lines_per_s"], 1),
+            "engine": "GPU-like mock, two workers, max_num_seqs 8 each, 16-token answers; the "
+                      "interactive user streams 4 at a time (half the slots)"}
     async def real_engine(self) -> None:
         from worker.models import default_model_path, is_prepared
         path = os.environ.get("COHORT_MODEL") or default_model_path()
@@ -468,7 +532,7 @@ def plot(bench: Bench, folder: Path) -> None:
 
 SCENARIOS = {1: "sequential_vs_batched", 2: "gateway_overhead", 3: "streaming", 4: "scaling",
              5: "real_engine", 6: "front_scale_out", 7: "store_writes", 8: "gateway_cost",
-             9: "mixed_lengths", 10: "prefix_affinity", 11: "fair_shares"}
+             9: "mixed_lengths", 10: "prefix_affinity", 11: "fair_shares", 12: "batch_api"}
 
 
 def main() -> None:
@@ -487,6 +551,7 @@ def main() -> None:
                         help="concurrencies of scenario 5")
     parser.add_argument("--tasks", type=int, default=2000, help="task lives in scenario 7")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-lines", type=int, default=2000, help="lines of scenario 12's batch")
     parser.add_argument("--batch-wait", type=float, default=0.1)
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--plot", type=Path, nargs="?", const=Path("bench/results"),

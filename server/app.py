@@ -43,6 +43,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     app = QuartTrio("cohort")
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, RESPONSE_TIMEOUT=None,
                       BODY_TIMEOUT=60, JSON_SORT_KEYS=False)
+    app.request_class = batches.with_upload_limit(app.request_class, settings.max_file_bytes)
     cohort = Gateway(settings)
     cohort.store = Store(settings.db_url)
     cohort.auth = Auth(settings, cohort.store)
@@ -113,9 +114,11 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException):
         if error.code == 413:  # the body is left unread: the connection cannot serve another
-            mapped: CohortError = BodyTooLarge(
-                f"the body is over {settings.max_body_bytes} bytes (COHORT_MAX_BODY_BYTES)",
-                headers={"Connection": "close"})
+            limit, name = ((settings.max_file_bytes, "COHORT_MAX_FILE_BYTES")
+                           if request.path == "/v1/files"
+                           else (settings.max_body_bytes, "COHORT_MAX_BODY_BYTES"))
+            mapped: CohortError = BodyTooLarge(f"the body is over {limit} bytes ({name})",
+                                               headers={"Connection": "close"})
         elif error.code == 404:
             mapped = NotFound(f"no route {request.method} {request.path}")
         elif error.code == 405:

@@ -64,7 +64,7 @@ def request_line(text: str, number: int, seen: set[str]) -> dict[str, Any]:
     seen.add(custom_id)
     if item.get("method") != "POST":
         raise refuse("method must be POST")
-    if item.get("url") not in ENDPOINTS:
+    if not isinstance(item.get("url"), str) or item["url"] not in ENDPOINTS:
         raise refuse(f"url must be one of {', '.join(ENDPOINTS)}")
     if not isinstance(item.get("body"), dict):
         raise refuse("body must be a JSON object")
@@ -158,10 +158,10 @@ class BatchRunner:
         if unknown:
             raise BadRequest(f"unknown field {', '.join(unknown)}", param=unknown[0],
                              code="unknown_parameter")
-        if body.get("endpoint") not in ENDPOINTS:
+        if not isinstance(body.get("endpoint"), str) or body["endpoint"] not in ENDPOINTS:
             raise BadRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
         window = body.get("completion_window")
-        if window not in WINDOWS:
+        if not isinstance(window, str) or window not in WINDOWS:
             raise BadRequest(f"completion_window must be one of {', '.join(WINDOWS)}",
                              param="completion_window")
         metadata = body.get("metadata")
@@ -170,9 +170,10 @@ class BatchRunner:
                 for k, v in metadata.items())):
             raise BadRequest("metadata holds at most 16 string pairs (keys up to 64 characters, "
                              "values up to 512)", param="metadata")
-        file = await self.store.run(self.store.file_of, principal.user_id,
-                                    body.get("input_file_id"))
-        if file is None or not isinstance(body.get("input_file_id"), str):
+        file_id = body.get("input_file_id")
+        file = (await self.store.run(self.store.file_of, principal.user_id, file_id)
+                if isinstance(file_id, str) else None)
+        if file is None:
             raise NotFound(f"no file {body.get('input_file_id')!r}", param="input_file_id")
         if file.purpose != "batch":
             raise BadRequest(f"file {file.id} has purpose {file.purpose!r}; a batch reads a file "

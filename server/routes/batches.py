@@ -19,6 +19,21 @@ blueprint = Blueprint("batches", __name__)
 MAX_FILE_LINES = 50_000
 
 
+def with_upload_limit(request_class: type, max_file_bytes: int) -> type:
+    """The app's request class, whose bodies may be a file's size on `POST /v1/files` only.
+    quart fixes a request's body limit when it makes the request (before any hook or route
+    runs), and every other route keeps COHORT_MAX_BODY_BYTES."""
+    limit = max_file_bytes + (64 << 10)  # the multipart form around the file
+
+    class UploadRequest(request_class):
+        def __init__(self, method: str, scheme: str, path: str, *args: Any, **kwargs: Any):
+            if method == "POST" and path == "/v1/files":
+                kwargs["max_content_length"] = limit
+            super().__init__(method, scheme, path, *args, **kwargs)
+
+    return UploadRequest
+
+
 def _page_args() -> tuple[int, str | None]:
     try:
         limit = int(request.args.get("limit", 20))
@@ -41,7 +56,6 @@ async def upload():
     line), with its size, line count and SHA-256."""
     principal = await caller()
     settings = gateway().settings
-    request.max_content_length = settings.max_file_bytes + (64 << 10)  # the form around it
     form, files = await request.form, await request.files
     if form.get("purpose") != "batch":
         raise BadRequest("purpose must be `batch` (the only purpose Cohort keeps files for)",

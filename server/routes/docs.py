@@ -86,6 +86,36 @@ ADMIN_PATHS = {
 }
 
 
+FILE_ID = {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}
+BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+PAGE = [{"name": "limit", "in": "query", "schema": {"type": "integer"}},
+        {"name": "after", "in": "query", "schema": {"type": "string"}}]
+BATCH_PATHS = {
+    "/v1/files": {
+        "get": {**_operation("Your files (OpenAI's cursor pagination)"), "parameters": PAGE},
+        "post": {**_operation("Upload a JSONL file for a batch (multipart: purpose, file)"),
+                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                     "type": "object", "required": ["purpose", "file"], "properties": {
+                         "purpose": {"type": "string"},
+                         "file": {"type": "string", "format": "binary"}}}}}}}},
+    "/v1/files/{file_id}": {"get": {**_operation("One file"), "parameters": [FILE_ID]},
+                            "delete": {**_operation("Delete a file"), "parameters": [FILE_ID]}},
+    "/v1/files/{file_id}/content": {"get": {**_operation("A file's bytes"),
+                                            "parameters": [FILE_ID]}},
+    "/v1/batches": {
+        "get": {**_operation("Your batches, newest first"), "parameters": PAGE},
+        "post": {**_operation("Create a batch from an uploaded file"),
+                 "requestBody": _object(input_file_id={"type": "string"},
+                                        endpoint={"enum": ["/v1/chat/completions",
+                                                           "/v1/completions", "/v1/embeddings"]},
+                                        completion_window={"enum": ["24h"]},
+                                        metadata={"type": "object"})}},
+    "/v1/batches/{batch_id}": {"get": {**_operation("One batch"), "parameters": [BATCH_ID]}},
+    "/v1/batches/{batch_id}/cancel": {"post": {**_operation("Cancel a batch"),
+                                               "parameters": [BATCH_ID]}},
+}
+
+
 def openapi() -> dict:
     """The OpenAPI 3.1 document: the request models' JSON schemas under components."""
     models = (ChatRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest)
@@ -121,6 +151,7 @@ def openapi() -> dict:
                 {"name": "group_by", "in": "query",
                  "schema": {"type": "string", "enum": ["model", "key", "day", "user"]}}]}},
             **ADMIN_PATHS,
+            **BATCH_PATHS,
             "/tasks/{task_id}": {"get": {**_operation("One task"), "parameters": [
                 {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}]}},
             "/inference/async": {"post": _operation("Store a chat or completion as a durable task",

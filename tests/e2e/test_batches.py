@@ -11,6 +11,9 @@ import openai
 import pytest
 import trio
 
+from tests.e2e.cluster import free_port, procfile
+from tests.e2e.test_fronts import wait_ready_at
+
 MODEL = "cohort-mock"
 
 
@@ -44,6 +47,11 @@ async def test_a_batch_runs_with_the_openai_client_from_file_to_output(make_clus
         **chat_line(13)["body"], "model": "no-such-model"}}]
     first = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
     assert (first.purpose, first.bytes) == ("batch", len(jsonl(lines)))
+
+    big = jsonl([chat_line(i, stop=["x" * 1000]) for i in range(1500)])  # over the 1 MB of a
+    large = await client.files.create(file=("big.jsonl", big), purpose="batch")  # request body
+    assert (large.bytes, large.lines) == (len(big), 1500)
+    assert (await client.files.content(large.id)).content == big  # streamed back, chunk by chunk
 
     with pytest.raises(openai.BadRequestError) as bad:
         await client.files.create(file=("bad.jsonl", jsonl(lines[:2]) + b"{oops\n"), purpose="batch")
@@ -103,12 +111,16 @@ async def test_a_cancelled_batch_ends_with_what_ran_and_an_error_line_for_the_re
     await client.close()
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_a_batch_survives_sigkills_of_the_whole_deployment(make_cluster, seed):
+@pytest.mark.parametrize("seed, store", [(1, "sqlite"), (2, "sqlite"), (3, "postgres")])
+async def test_a_batch_survives_sigkills_of_the_whole_deployment(make_cluster, seed, store,
+                                                                 request):
     """200 lines; front and worker SIGKILLed at a random moment (the seed picks it), restarted on
     the same data: exactly 200 output lines, each custom_id once."""
-    cluster = make_cluster(MOCK_TOKEN_S="0.02", COHORT_TASK_LEASE_S="2",
-                           COHORT_BATCH_CONCURRENCY="8")  # about 5 s of work: killed mid-way
+    env = {"MOCK_TOKEN_S": "0.02", "COHORT_TASK_LEASE_S": "2",
+           "COHORT_BATCH_CONCURRENCY": "8"}  # about 5 s of work: killed mid-way
+    if store == "postgres":
+        env["DATABASE_URL"] = request.getfixturevalue("database_url_postgres")
+    cluster = make_cluster(**env)
     cluster.start_front()
     cluster.start_worker("worker1")
     cluster.api_key = cluster.add_user("carol")
@@ -141,3 +153,37 @@ async def test_a_batch_survives_sigkills_of_the_whole_deployment(make_cluster, s
     custom_ids = [json.loads(line)["custom_id"] for line in output]
     assert len(custom_ids) == 200 and set(custom_ids) == {f"req-{i}" for i in range(200)}
     await client.close()
+
+
+async def test_a_killed_fronts_batch_is_finished_by_the_other_front(make_cluster):
+    """Two fronts on one store: the one running a batch is SIGKILLed; the other takes the batch
+    over when its lease lapses and ends it with one output line per custom_id."""
+    cluster = make_cluster(MOCK_TOKEN_S="0.02", COHORT_TASK_LEASE_S="2",
+                           COHORT_BATCH_CONCURRENCY="8")
+    port_b, zmq_b = free_port(), free_port()
+    cluster.env["COHORT_CONNECT"] = f"tcp://127.0.0.1:{cluster.zmq_port},tcp://127.0.0.1:{zmq_b}"
+    url_b = f"http://127.0.0.1:{port_b}"
+    cluster.start_front()
+    cluster._spawn("front_b", procfile()["front"], COHORT_PORT=str(port_b),
+                   COHORT_ZMQ_BIND=f"tcp://127.0.0.1:{zmq_b}")
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user("dora")
+    await cluster.wait_ready(1)
+    await wait_ready_at(url_b, cluster.headers(), 1)
+    lines = [chat_line(i, max_tokens=8, ignore_eos=True) for i in range(120)]
+    client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key=cluster.api_key)
+    file = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    batch = await client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    with trio.fail_after(30):
+        while (await client.batches.retrieve(batch.id)).request_counts.completed < 20:
+            await trio.sleep(0.05)
+    cluster.signal("front", signal.SIGKILL)
+    other = openai.AsyncOpenAI(base_url=url_b + "/v1", api_key=cluster.api_key)
+    done = await finished(other, batch.id, timeout_s=60)
+    assert done.status == "completed" and done.request_counts.completed == 120
+    output = (await other.files.content(done.output_file_id)).text.splitlines()
+    assert sorted(json.loads(line)["custom_id"] for line in output) == sorted(
+        f"req-{i}" for i in range(120))
+    await client.close()
+    await other.close()
