@@ -24,8 +24,10 @@ from typing import Any
 import trio
 
 from server.batch_store import File, batch_view
-from server.errors import BadRequest, CohortError, Draining, NoWorkers, NotFound, QueueFull
+from server.errors import (BadRequest, CohortError, Draining, NoWorkers, NotFound, QueueFull,
+                           QuotaExceeded, RateLimited)
 from server.jobs import JobSpec
+from server.limits import Limits, Ticket
 from server.openai_schema import parse_chat, parse_completion, parse_embeddings
 from server.store import utcnow
 
@@ -290,7 +292,7 @@ class BatchRunner:
         second; stop early when the batch is cancelled or its window passes."""
         outcomes: list[tuple[int, str, str | None, str | None]] = []
         limiter = trio.CapacityLimiter(self.settings.batch_concurrency)
-        state = {"stop": None}
+        state: dict[str, Any] = {"stop": None, "limits": await self._limits(batch)}
 
         async def flush() -> None:
             written, outcomes[:] = list(outcomes), []
@@ -302,6 +304,7 @@ class BatchRunner:
             while True:
                 await trio.sleep(FLUSH_EVERY_S)
                 await flush()
+                state["limits"] = await self._limits(batch)  # an admin's change counts soon
                 now_batch = await self.store.run(self.store.batch_of, None, batch.id)
                 if now_batch.status == "cancelling":
                     state["stop"] = "cancelling"
@@ -313,7 +316,7 @@ class BatchRunner:
 
         async def run_line(line) -> None:
             try:
-                outcomes.append(await self._run_line(batch, line))
+                outcomes.append(await self._run_line(batch, line, state))
             finally:
                 limiter.release_on_behalf_of(line)
 
@@ -340,14 +343,32 @@ class BatchRunner:
                 batch.id, self.owner, status="finalizing", finalizing_at=now))
         return await self.store.run(self.store.batch_of, None, batch.id)
 
-    async def _run_line(self, batch, line) -> tuple[int, str, str | None, str | None]:
+    async def _limits(self, batch) -> list[tuple[str, Limits]]:
+        """The creator's limits (its user's and its key's), which its lines count against."""
+        subjects = [f"user:{batch.user_id}", f"key:{batch.key_id}"]
+        found = await self.store.run(lambda: [(s, self.store.limits_of(s)) for s in subjects])
+        return [(subject, Limits(**values)) for subject, values in found if values]
+
+    async def _admitted(self, spec: JobSpec, state: dict[str, Any]) -> Ticket:
+        """Count a line against its creator's rpm, tpm and daily quota (not concurrency: it
+        holds no connection); over a limit it waits for the time the refusal names, so a batch
+        spreads itself over the window instead of spending past a limit."""
+        while True:
+            try:
+                return self.gateway.limiter.admit_batch(
+                    state["limits"], [spec.cost], trio.current_time(), utcnow().date())[0]
+            except (RateLimited, QuotaExceeded) as error:
+                await trio.sleep(max(1, int(error.headers.get("Retry-After", "1"))))
+
+    async def _run_line(self, batch, line, state) -> tuple[int, str, str | None, str | None]:
         """One line through the gateway, in the batch tier: (line, status, response, error)."""
         request_id = f"batch_req_{hashlib.sha256(f'{batch.id}/{line.line}'.encode()).hexdigest()[:24]}"
         _, route = ENDPOINTS[batch.endpoint]
-        job = None
+        job = ticket = None
         try:
             spec = self._parse(batch.endpoint, json.loads(line.request))
             spec.tenant, spec.tier = f"user:{batch.user_id}", "batch"
+            ticket = await self._admitted(spec, state)
             with trio.fail_after(self.settings.request_timeout_s):
                 while True:
                     try:
@@ -365,6 +386,9 @@ class BatchRunner:
             status, code = "failed", 503
         except CohortError as error:
             body, status, code = error.body(), "failed", error.status
+        if ticket is not None:
+            self.gateway.limiter.settle(ticket, job.used_tokens if job else None,
+                                        trio.current_time())
         if job is not None:
             self.gateway.usage.record(
                 user_id=batch.user_id, key_id=batch.key_id, model=job.spec.model, route="batch",

@@ -187,3 +187,31 @@ async def test_a_killed_fronts_batch_is_finished_by_the_other_front(make_cluster
         f"req-{i}" for i in range(120))
     await client.close()
     await other.close()
+
+
+async def test_batch_lines_count_against_their_creators_daily_quota_and_wait_past_it(make_cluster):
+    cluster = make_cluster(MOCK_TOKEN_S="0.001")
+    cluster.start_front()
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user("erin")
+    cluster.users("limit", "erin", "--tokens-per-day", "100")
+    await cluster.wait_ready(1)
+    client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key=cluster.api_key,
+                                max_retries=0)
+    lines = [chat_line(i, max_tokens=4, ignore_eos=True) for i in range(20)]  # ~10 tokens each
+    file = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    batch = await client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    with trio.fail_after(30):  # the quota runs out part way: the rest wait for midnight
+        while (seen := await client.batches.retrieve(batch.id)).request_counts.completed < 5:
+            await trio.sleep(0.1)
+    with pytest.raises(openai.RateLimitError) as spent:
+        await client.chat.completions.create(model=MODEL, max_tokens=4, messages=[
+            {"role": "user", "content": "and me?"}])
+    assert spent.value.body["code"] == "insufficient_quota"
+    seen = await client.batches.retrieve(batch.id)
+    assert seen.status == "in_progress" and seen.request_counts.completed < 20
+    batch = await client.batches.cancel(batch.id)
+    batch = await finished(client, batch.id)
+    assert batch.status == "cancelled" and batch.request_counts.completed < 20
+    await client.close()
