@@ -378,7 +378,8 @@ class Bench:
                          "errors": alone.errors + behind.errors})
         self.results["11 fair shares"] = {
             "rows": rows, "engine": "GPU-like mock, two workers, max_num_seqs 8 each, 16-token "
-                                    "replies; A: 640 at a time, B: 40 requests, 8 at a time"}
+                                    "replies; A: 640 at a time, B: 8 at a time (200 requests "
+                                    "with fair shares, 40 behind one line, where each takes 8 s)"}
 
 
     async def batch_api(self) -> None:
@@ -409,7 +410,8 @@ class Bench:
                 while (batch := (await http.get(f"/v1/batches/{batch['id']}",
                                                 headers=offline)).json())["status"] != "completed":
                     if batch["status"] in ("failed", "cancelled", "expired"):
-                        raise RuntimeError(f"the bench batch ended {batch['status']}")
+                        raise RuntimeError(f"the bench batch ended {batch['status']}: "
+                                           f"{batch.get('errors')}")
                     await trio.sleep(0.05)
             assert batch["request_counts"]["completed"] == lines
             return lines / (trio.current_time() - start)

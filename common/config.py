@@ -171,6 +171,10 @@ class ServerSettings:
         15.0, "COHORT_TASK_LEASE_S",
         doc="a front holds the tasks it runs this long, renewed every third of it; a dead front's tasks go to another front after it",
     )
+    batch_headroom: float = env_field(
+        0.125, "COHORT_BATCH_HEADROOM",
+        doc="share of each engine's max_num_seqs that batch work leaves free, for interactive requests that arrive (0: batch fills every slot)",
+    )
     batch_concurrency: int = env_field(
         256, "COHORT_BATCH_CONCURRENCY",
         doc="lines of one Batch API batch a front runs at once (they take idle capacity only)",
@@ -202,6 +206,8 @@ class ServerSettings:
             raise SettingError("COHORT_WORKER_TIMEOUT_S must be > 0")
         if self.limit_sync_s < 0:
             raise SettingError("COHORT_LIMIT_SYNC_S must be >= 0 (0 turns the sync off)")
+        if not 0 <= self.batch_headroom < 1:
+            raise SettingError("COHORT_BATCH_HEADROOM must be from 0 up to (not including) 1")
 
     @property
     def db_url(self) -> str:

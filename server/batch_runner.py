@@ -21,6 +21,7 @@ import logging
 import secrets
 from typing import Any
 
+import peewee
 import trio
 
 from server.batch_store import File, batch_view
@@ -296,8 +297,14 @@ class BatchRunner:
 
         async def flush() -> None:
             written, outcomes[:] = list(outcomes), []
-            if written:
+            if not written:
+                return
+            try:
                 await self.store.run(self.store.record_lines, batch.id, self.owner, written)
+            except (peewee.OperationalError, peewee.InterfaceError) as error:
+                log.warning("batch %s: %d outcomes not written yet (%s); retrying",
+                            batch.id, len(written), error)
+                outcomes[:0] = written
 
         async def watch(scope: trio.CancelScope) -> None:
             """Flush once a second, and stop the lines on a cancel or at the window's end."""

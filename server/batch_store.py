@@ -134,6 +134,13 @@ class BatchQueries:
 
     db: peewee.Database
 
+    def _writing(self):
+        """A transaction that reads, then writes: on SQLite it takes the write lock at its start
+        (IMMEDIATE), since a reader that turns writer fails at once, without waiting, when
+        another writer got in between."""
+        return (self.db.atomic("IMMEDIATE") if isinstance(self.db, peewee.SqliteDatabase)
+                else self.db.atomic())
+
     # --- files ------------------------------------------------------------------------------
 
     def add_file(self, row: dict[str, Any], chunks: list[tuple[int, str]]) -> File:
@@ -215,7 +222,7 @@ class BatchQueries:
         """Write outcomes (line, status, response JSON, error JSON) in one transaction, each
         only if its line is still queued and the batch still `owner`'s; count them on the batch.
         Returns how many were written."""
-        with self.db.atomic():
+        with self._writing():
             held = Batch.select(Batch.id).where(Batch.id == batch_id, Batch.owner == owner)
             if not held.exists():
                 return 0
@@ -261,7 +268,7 @@ class BatchQueries:
     def finish_batch(self, batch_id: str, owner: str, status: str, files: list[File],
                      chunks: dict[str, list[tuple[int, str]]], **values: Any) -> bool:
         """Store the output files and end the batch, in one transaction, if it is still ours."""
-        with self.db.atomic():
+        with self._writing():
             held = Batch.select(Batch.id).where(Batch.id == batch_id, Batch.owner == owner,
                                                 Batch.status.in_(ACTIVE))
             if not held.exists():

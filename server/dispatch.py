@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import socket
 
@@ -388,6 +389,10 @@ class Dispatcher:
 
     def capacity(self, model: str) -> int:
         return sum(w.load.max_num_seqs for w in self.registry.ready(model))
+
+    def headroom(self, model: str) -> int:
+        share = self.settings.batch_headroom
+        return sum(math.ceil(w.load.max_num_seqs * share) for w in self.registry.ready(model))
 
     async def send_batch(self, model: str, jobs: list[Job], *, force: bool = False,
                          beyond_backlog: bool = False) -> list[Job]:

@@ -6,7 +6,8 @@ there is). Only while every worker is full do requests gather; they leave when r
 once the oldest has waited `max_wait_s` (VLLM_BATCH_WAIT_TIMEOUT), into the least loaded engine's
 own queue, as `vllm serve` would have queued them. The window never delays a request while a
 worker is idle. What leaves is chosen by the queue's fair shares (`server.scheduling.queue`):
-interactive before batch, tenants by turns; batch work only ever takes room that is free. A user
+interactive before batch, tenants by turns; batch work only ever takes room that is free, less
+a headroom (COHORT_BATCH_HEADROOM) kept for interactive requests that arrive. A user
 holding less than its share of the engines skips the window: its requests go into an engine's
 queue at once, where their priority starts them before the busier users' (engine_priority).
 """
@@ -41,6 +42,9 @@ class BatchSink(Protocol):
 
     def capacity(self, model: str) -> int:
         """Sequences the ready workers of `model` run at once (their max_num_seqs together)."""
+
+    def headroom(self, model: str) -> int:
+        """Sequences batch work leaves free on the ready workers of `model`."""
 
     async def wait_for_change(self) -> None:
         """Return at the next change of the workers' load or state."""
@@ -136,6 +140,12 @@ class Scheduler:
             while queue.oldest_arrival() is None:
                 await queue.wait_changed()
             room, force = self.sink.room(model), False
+            headroom = self.sink.headroom(model) if self.fair else 0
+            if 0 < room <= headroom and queue.oldest_arrival(INTERACTIVE) is None:
+                # Only batch work waits, and the room left is the headroom it leaves free, so
+                # that an interactive request that comes finds a slot at once.
+                await self._either(self.sink.wait_for_change, queue.wait_changed)
+                continue
             if not room:
                 oldest = queue.oldest_arrival(INTERACTIVE)
                 if oldest is None:
@@ -160,7 +170,8 @@ class Scheduler:
                     await self.sink.wait_for_change()
                     continue
             batch = (queue.take(min(self.max_batch_size, room), INTERACTIVE) if force
-                     else queue.take(min(self.max_batch_size, room)))
+                     else queue.take(min(self.max_batch_size, room),
+                                     lower_max=max(0, room - headroom)))
             if not batch:
                 continue
             left = await self.sink.send_batch(model, batch, force=force)

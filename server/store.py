@@ -273,7 +273,7 @@ class Store(BatchQueries):
 
     def delete_user(self, user: User) -> None:
         """The user, its credentials and tasks (by cascade) and its limits; its ledger rows stay."""
-        with self.db.atomic():
+        with self._writing():
             keys = [f"key:{token.id}" for token in Token.select(Token.id).where(Token.user == user)]
             Limit.delete().where(Limit.subject.in_([f"user:{user.id}", *keys])).execute()
             Task.delete().where(Task.user == user).execute()

@@ -112,14 +112,17 @@ class ModelQueue:
             self._drop_cancelled(line)
         return any(self._lines[tier].values())
 
-    def take(self, max_jobs: int, tiers: tuple[str, ...] = TIERS) -> list[Job]:
+    def take(self, max_jobs: int, tiers: tuple[str, ...] = TIERS,
+             lower_max: int | None = None) -> list[Job]:
         """Remove and return up to `max_jobs` live jobs: a lower tier only once the higher ones
-        are empty, and within a tier by turns between tenants."""
+        are empty (and only while the whole is under `lower_max`), and within a tier by turns
+        between tenants."""
         batch: list[Job] = []
         for tier in tiers:
             lines = self._lines[tier]
-            while lines and len(batch) < max_jobs:
-                self._serve_turn(lines, batch, max_jobs)
+            cap = max_jobs if tier == TIERS[0] or lower_max is None else min(max_jobs, lower_max)
+            while lines and len(batch) < cap:
+                self._serve_turn(lines, batch, cap)
             if lines:  # this tier still waits: nothing of a lower one goes before it
                 break
         return batch

@@ -126,3 +126,19 @@ async def test_a_user_below_its_share_skips_the_window_and_the_backlog(autojump_
     await trio.sleep(10 * MAX_WAIT_S)
     assert sink.beyond == few[:1]  # the rest of B and all of A wait for room
     assert all(not any(j in flood for j in jobs) for _, jobs, _ in sink.sent)
+
+
+async def test_batch_work_leaves_the_headroom_free_and_interactive_work_takes_it(autojump_clock,
+                                                                                 nursery):
+    sink = RecordingSink(free=4)
+    sink.reserve = 1  # a slot batch work leaves free
+    scheduler = await started(sink, nursery=nursery)
+    batch_jobs = [job("A", tier="batch", at=trio.current_time()) for _ in range(6)]
+    for queued in batch_jobs:
+        scheduler.submit(queued)
+    await trio.sleep(10 * MAX_WAIT_S)
+    assert [len(jobs) for _, jobs, _ in sink.sent] == [3]  # 4 free, 1 kept
+    interactive = job("B", at=trio.current_time())
+    scheduler.submit(interactive)
+    await trio.sleep(MAX_WAIT_S / 10)
+    assert sink.sent[-1][1] == [interactive] and sink.sent[-1][0] == 10 * MAX_WAIT_S  # at once

@@ -157,6 +157,9 @@ class SimulatedWorkers:
     def capacity(self, model: str) -> int:
         return sum(load.max_num_seqs for load in self.loads.values())
 
+    def headroom(self, model: str) -> int:
+        return 0
+
     async def wait_for_change(self) -> None:
         await self._changed.wait()
 

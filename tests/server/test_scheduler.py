@@ -21,6 +21,7 @@ class RecordingSink:
         self.backlog = 1_000  # what may be forced into the engines' queues
         self.holding: dict[str, tuple[int, float]] = {}  # per tenant: sequences held, weight
         self.seqs = 0  # the engines' max_num_seqs together (0: no shares to keep)
+        self.reserve = 0  # slots batch work leaves free
         self.sent: list[tuple[float, list[Job], bool]] = []
         self.beyond: list[Job] = []  # sent beyond the backlog bound
         self._changed = trio.Event()
@@ -36,6 +37,9 @@ class RecordingSink:
 
     def capacity(self, model: str) -> int:
         return self.seqs
+
+    def headroom(self, model: str) -> int:
+        return self.reserve
 
     async def wait_for_change(self) -> None:
         await self._changed.wait()
