@@ -315,7 +315,7 @@ class BatchRunner:
                 now_batch = await self.store.run(self.store.batch_of, None, batch.id)
                 if now_batch.status == "cancelling":
                     state["stop"] = "cancelling"
-                elif utcnow() >= batch.expires_at:
+                elif utcnow() >= now_batch.expires_at:
                     state["stop"] = "expired"
                 if state["stop"]:
                     scope.cancel()

@@ -2,8 +2,7 @@
 
 A file's lines are kept in the database in chunks of whole lines (about 1 MB each), so every
 front sharing the store reads any file and a large one streams chunk by chunk. A batch is one
-row, leased to the front that runs it as tasks are (`owner`, `lease_until`: renewed in one
-statement, a lapsed one claimed by exactly one other front by compare-and-set); each of its
+row, leased to the front that runs it as tasks are (server.leases); each of its
 lines is a row of its own that moves from `queued` to `completed` or `failed` once: an outcome
 is written only while the line is queued and its batch is still the writer's, so a line has
 exactly one outcome and the output file one line per `custom_id`, however often fronts die.
@@ -17,6 +16,7 @@ from typing import Any
 
 import peewee
 
+from server import leases
 from server.db import BaseModel, unix, utcnow
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
@@ -238,32 +238,15 @@ class BatchQueries:
             return counts["completed"] + counts["failed"]
 
     def renew_batch_leases(self, owner: str, until: datetime.datetime) -> set[str]:
-        with self.db.atomic():
-            Batch.update(lease_until=until).where(
-                Batch.owner == owner, Batch.status.in_(ACTIVE)).execute()
-            return {row.id for row in Batch.select(Batch.id).where(
-                Batch.owner == owner, Batch.status.in_(ACTIVE))}
+        return leases.renew(Batch, owner, until, ACTIVE)
 
     def claim_lapsed_batches(self, owner: str, now: datetime.datetime,
                              until: datetime.datetime, limit: int) -> list[str]:
-        """Take over active batches whose lease lapsed, each by a compare-and-set."""
-        claimed = []
-        for batch in Batch.select().where(
-                Batch.status.in_(ACTIVE),
-                Batch.lease_until.is_null() | (Batch.lease_until < now)).order_by(
-                Batch.created_at).limit(limit):
-            won = Batch.update(owner=owner, lease_until=until).where(
-                Batch.id == batch.id, Batch.status.in_(ACTIVE),
-                Batch.owner.is_null() if batch.owner is None else Batch.owner == batch.owner,
-                Batch.lease_until.is_null() if batch.lease_until is None
-                else Batch.lease_until == batch.lease_until).execute()
-            if won:
-                claimed.append(batch.id)
-        return claimed
+        """Take over active batches whose lease lapsed, each won by exactly one front."""
+        return [batch.id for batch in leases.claim_lapsed(Batch, owner, now, until, limit, ACTIVE)]
 
     def release_batches(self, owner: str, batch_ids: list[str]) -> int:
-        return Batch.update(owner=None, lease_until=None).where(
-            Batch.owner == owner, Batch.id.in_(batch_ids), Batch.status.in_(ACTIVE)).execute()
+        return leases.release(Batch, owner, batch_ids, ACTIVE)
 
     def finish_batch(self, batch_id: str, owner: str, status: str, files: list[File],
                      chunks: dict[str, list[tuple[int, str]]], **values: Any) -> bool:

@@ -5,10 +5,8 @@ by `DATABASE_URL` when several fronts share one store (pooled connections that r
 server restarts). Secrets are never stored: passwords as bcrypt hashes, tokens and API keys as
 SHA-256 digests.
 
-A task row names the front that runs it (`owner`) and until when (`lease_until`). The owner renews
-all its leases in one statement; a lapsed lease is taken over by exactly one other front, by a
-compare-and-set on the row; and only the owner may record the outcome. Every lease query takes
-`now` from its caller, so tests move time by hand. Fronts' clocks must agree to well within a lease.
+A task row names the front that runs it (`owner`) and until when (`lease_until`), leased as
+server.leases says; only the owner may record the outcome.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from playhouse.db_url import connect, parse
 from playhouse.migrate import SchemaMigrator, migrate
 from playhouse.pool import PooledPostgresqlDatabase
 
+from server import leases
 from server.batch_store import BATCH_MODELS, BatchQueries
 from server.db import BaseModel, database, stamp, utcnow
 
@@ -484,37 +483,18 @@ class Store(BatchQueries):
 
     def renew_leases(self, owner: str, until: datetime.datetime) -> set[str]:
         """Extend every unfinished lease of `owner` in one statement; the ids it still holds."""
-        with self.db.atomic():
-            Task.update(lease_until=until).where(
-                Task.owner == owner, Task.status.in_(UNFINISHED)).execute()
-            return {row.id for row in Task.select(Task.id).where(
-                Task.owner == owner, Task.status.in_(UNFINISHED))}
+        return leases.renew(Task, owner, until, UNFINISHED)
 
     def claim_lapsed(self, owner: str, now: datetime.datetime, until: datetime.datetime,
                      limit: int) -> list[Claimed]:
-        """Take over up to `limit` unfinished tasks whose lease lapsed (or that never had one):
-        each by a compare-and-set on the owner and lease read, so of several fronts that try at
-        once exactly one wins each task."""
-        candidates = list(Task.select().where(
-            Task.status.in_(UNFINISHED),
-            (Task.lease_until.is_null()) | (Task.lease_until < now)).order_by(
-            Task.created_at).limit(limit))
-        claimed = []
-        for task in candidates:
-            won = Task.update(owner=owner, lease_until=until).where(
-                Task.id == task.id, Task.status.in_(UNFINISHED),
-                Task.owner.is_null() if task.owner is None else Task.owner == task.owner,
-                Task.lease_until.is_null() if task.lease_until is None
-                else Task.lease_until == task.lease_until).execute()
-            if won:
-                claimed.append(Claimed(task.id, task.user_id, task.kind,
-                                       json.loads(task.request), task.attempts))
-        return claimed
+        """Take over up to `limit` unfinished tasks whose lease lapsed (or that never had one),
+        each won by exactly one of the fronts that try at once."""
+        return [Claimed(task.id, task.user_id, task.kind, json.loads(task.request), task.attempts)
+                for task in leases.claim_lapsed(Task, owner, now, until, limit, UNFINISHED)]
 
     def release_leases(self, owner: str, task_ids: list[str]) -> int:
         """Give tasks back at once (a draining front), for another front to take over now."""
-        return Task.update(owner=None, lease_until=None).where(
-            Task.owner == owner, Task.id.in_(task_ids), Task.status.in_(UNFINISHED)).execute()
+        return leases.release(Task, owner, task_ids, UNFINISHED)
 
     def task_of(self, user_id: int, task_id: str) -> dict | None:
         task = Task.get_or_none(Task.id == task_id, Task.user == user_id)

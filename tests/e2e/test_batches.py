@@ -11,6 +11,7 @@ import openai
 import pytest
 import trio
 
+from server.store import Store, utcnow
 from tests.e2e.cluster import free_port, procfile
 from tests.e2e.test_fronts import wait_ready_at
 
@@ -214,4 +215,33 @@ async def test_batch_lines_count_against_their_creators_daily_quota_and_wait_pas
     batch = await client.batches.cancel(batch.id)
     batch = await finished(client, batch.id)
     assert batch.status == "cancelled" and batch.request_counts.completed < 20
+    await client.close()
+
+
+async def test_a_batch_whose_window_passes_expires_with_an_error_line_for_what_never_ran(
+        make_cluster):
+    cluster = make_cluster(MOCK_TOKEN_S="0.02", COHORT_BATCH_CONCURRENCY="2")
+    cluster.start_front()
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user("fay")
+    await cluster.wait_ready(1)
+    client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key=cluster.api_key)
+    lines = [chat_line(i, max_tokens=50, ignore_eos=True) for i in range(30)]
+    file = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    batch = await client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    with trio.fail_after(30):
+        while (await client.batches.retrieve(batch.id)).status != "in_progress":
+            await trio.sleep(0.05)
+    # the 24 hours pass: the window's end is moved to now, in the store the front reads
+    store = Store(f"sqlite:///{cluster.tmp / 'data' / 'cohort.db'}")
+    with store.db.connection_context():
+        assert store.update_batch(batch.id, None, expires_at=utcnow())
+    batch = await finished(client, batch.id)
+    assert batch.status == "expired" and batch.expired_at
+    counts = batch.request_counts
+    assert counts.completed < 30 and counts.completed + counts.failed == 30
+    errors = [json.loads(line) for line in
+              (await client.files.content(batch.error_file_id)).text.splitlines()]
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
     await client.close()
