@@ -5,8 +5,8 @@ and ends the batch with its output and error files.
 A batch is leased to one front at a time (see server.batch_store); the front renews its leases
 every third of COHORT_TASK_LEASE_S and takes over those that lapsed, so a front that dies leaves
 no batch stranded and two fronts never run one. Lines stream from the store a page at a time
-and at most COHORT_BATCH_CONCURRENCY run at once per batch, so a batch of 50,000 lines costs the
-front no more memory than one of 500 (its output files are built in memory when it ends).
+and at most COHORT_BATCH_CONCURRENCY run at once per batch, and its output files are written a
+chunk at a time, so a batch of 50,000 lines costs the front no more memory than one of 500.
 Outcomes are written once a second in one transaction; a front that dies loses the outcomes of
 its last second, and those lines run again on the front that takes the batch over: a line runs
 at least once and is answered exactly once.
@@ -88,14 +88,8 @@ def chunked_lines(lines: list[str]) -> list[tuple[int, str]]:
     return chunks
 
 
-def new_file(user_id: int, purpose: str, filename: str, lines: list[str],
-             file_id: str | None = None) -> tuple[File, list[tuple[int, str]]]:
-    """A File row (not yet stored) and its chunks, for lines of text."""
-    data = "".join(line + "\n" for line in lines).encode()
-    row = File(id=file_id or "file-" + secrets.token_hex(12), user_id=user_id, purpose=purpose,
-               filename=filename, bytes=len(data), lines=len(lines),
-               sha256=hashlib.sha256(data).hexdigest(), created_at=utcnow())
-    return row, chunked_lines(lines)
+class TakenOver(Exception):
+    """Another front holds the batch now (this one stalled past its lease): it goes on there."""
 
 
 class BatchRunner:
@@ -214,6 +208,8 @@ class BatchRunner:
                     await self._finish(batch)
         except Draining:
             pass  # the lease goes back as the runner stops
+        except TakenOver:
+            log.info("batch %s was taken over by another front; it ends there", batch_id)
         except Exception:  # a bug: the batch fails with its cause, the front keeps serving
             log.exception("batch %s broke its runner", batch_id)
             try:
@@ -408,11 +404,21 @@ class BatchRunner:
 
     async def _finish(self, batch) -> None:
         """Write the output file (lines answered 200) and the error file (the others, and lines
-        that never ran when the batch was cancelled or expired), and end the batch."""
+        that never ran when the batch was cancelled or expired) a chunk at a time, then end the
+        batch; a front that takes the ending over starts the files again."""
         ending = "cancelled" if batch.status == "cancelling" else "completed"
         if ending == "cancelled" and batch.expired_at is not None:
             ending = "expired"
-        output, errors = [], []
+        files = {kind: OutputFile(batch, kind) for kind in ("output", "error")}
+        if not await self.store.run(self.store.clear_output, batch.id, self.owner,
+                                    [f.id for f in files.values()]):
+            return
+
+        async def write(chunk: tuple[str, int, int, str] | None) -> None:
+            if chunk is not None and not await self.store.run(
+                    self.store.add_output_chunk, batch.id, self.owner, *chunk):
+                raise TakenOver(batch.id)  # the new owner writes them again
+
         after = 0
         while page := await self.store.run(self.store.lines_page, batch.id, after, PAGE):
             for line in page:
@@ -420,32 +426,70 @@ class BatchRunner:
                     f"{batch.id}/{line.line}".encode()).hexdigest()[:24]
                 if line.response is not None:
                     response = json.loads(line.response)
+                    kind = "output" if response["status_code"] == 200 else "error"
                     entry = {"id": request_id, "custom_id": line.custom_id,
                              "response": response, "error": None}
-                    (output if response["status_code"] == 200 else errors).append(
-                        json.dumps(entry))
                 else:
+                    kind = "error"
                     code = "batch_expired" if ending == "expired" else "batch_cancelled"
-                    errors.append(json.dumps({"id": request_id, "custom_id": line.custom_id,
-                                              "response": None, "error": {
-                                                  "code": code, "message": f"this request did "
-                                                  f"not run: the batch was {ending}"}}))
+                    entry = {"id": request_id, "custom_id": line.custom_id, "response": None,
+                             "error": {"code": code, "message": "this request did not run: "
+                                                                f"the batch was {ending}"}}
+                await write(files[kind].add(json.dumps(entry)))
             after = page[-1].line
-        files, chunks = [], {}
+        for file in files.values():
+            await write(file.rest())
         values: dict[str, Any] = {f"{ending}_at": utcnow()}
         if ending != "completed":
-            values["failed"] = len(errors)
-            values["completed"] = len(output)
-        for kind, lines in (("output", output), ("error", errors)):
-            if not lines:
-                continue
-            # a fixed id per batch: a front that takes over the ending writes the same file
-            file_id = "file-" + hashlib.sha256(f"{batch.id}/{kind}".encode()).hexdigest()[:24]
-            file, file_chunks = new_file(batch.user_id, "batch_output",
-                                         f"{batch.id}_{kind}.jsonl", lines, file_id)
-            files.append(file)
-            chunks[file.id] = file_chunks
-            values[f"{kind}_file_id"] = file.id
+            values["failed"] = files["error"].lines
+            values["completed"] = files["output"].lines
+        rows = []
+        for kind, file in files.items():
+            if file.lines:
+                rows.append(file.row())
+                values[f"{kind}_file_id"] = file.id
         if not await self.store.run(lambda: self.store.finish_batch(
-                batch.id, self.owner, ending, files, chunks, **values)):
+                batch.id, self.owner, ending, rows, **values)):
             log.info("batch %s ended elsewhere", batch.id)
+
+
+class OutputFile:
+    """An output or error file being written: whole lines gathered into chunks of about
+    CHUNK_BYTES, its size, line count and SHA-256 kept as they go."""
+
+    def __init__(self, batch, kind: str) -> None:
+        # a fixed id per batch and kind: a front that takes the ending over writes the same file
+        self.id = "file-" + hashlib.sha256(f"{batch.id}/{kind}".encode()).hexdigest()[:24]
+        self.user_id = batch.user_id
+        self.filename = f"{batch.id}_{kind}.jsonl"
+        self.lines = self.bytes = self.seq = 0
+        self.sha256 = hashlib.sha256()
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._first_line = 1
+
+    def add(self, text: str) -> tuple[str, int, int, str] | None:
+        """Take a line; a chunk to write (file id, seq, first line, data) once one is full."""
+        data = text + "\n"
+        encoded = data.encode()
+        self.lines += 1
+        self.bytes += len(encoded)
+        self.sha256.update(encoded)
+        self._pending.append(data)
+        self._pending_bytes += len(encoded)
+        return self.rest() if self._pending_bytes >= CHUNK_BYTES else None
+
+    def rest(self) -> tuple[str, int, int, str] | None:
+        """The lines not yet written, as a chunk (None: there are none)."""
+        if not self._pending:
+            return None
+        chunk = (self.id, self.seq, self._first_line, "".join(self._pending))
+        self.seq += 1
+        self._first_line = self.lines + 1
+        self._pending, self._pending_bytes = [], 0
+        return chunk
+
+    def row(self) -> File:
+        return File(id=self.id, user_id=self.user_id, purpose="batch_output",
+                    filename=self.filename, bytes=self.bytes, lines=self.lines,
+                    sha256=self.sha256.hexdigest(), created_at=utcnow())

@@ -248,18 +248,41 @@ class BatchQueries:
     def release_batches(self, owner: str, batch_ids: list[str]) -> int:
         return leases.release(Batch, owner, batch_ids, ACTIVE)
 
-    def finish_batch(self, batch_id: str, owner: str, status: str, files: list[File],
-                     chunks: dict[str, list[tuple[int, str]]], **values: Any) -> bool:
-        """Store the output files and end the batch, in one transaction, if it is still ours."""
+    def _held(self, batch_id: str, owner: str) -> bool:
+        """Whether `owner` holds the batch, the row locked until the transaction ends (on
+        PostgreSQL; SQLite's IMMEDIATE transaction locks the whole store), so a front taking it
+        over waits for a write already begun instead of racing it."""
+        query = Batch.select(Batch.id).where(Batch.id == batch_id, Batch.owner == owner,
+                                             Batch.status.in_(ACTIVE))
+        if not isinstance(self.db, peewee.SqliteDatabase):
+            query = query.for_update()
+        return query.exists()
+
+    def clear_output(self, batch_id: str, owner: str, file_ids: list[str]) -> bool:
+        """Forget what an earlier attempt at ending the batch wrote of its output files."""
         with self._writing():
-            held = Batch.select(Batch.id).where(Batch.id == batch_id, Batch.owner == owner,
-                                                Batch.status.in_(ACTIVE))
-            if not held.exists():
+            if not self._held(batch_id, owner):
+                return False
+            FileChunk.delete().where(FileChunk.file_id.in_(file_ids)).execute()
+            return True
+
+    def add_output_chunk(self, batch_id: str, owner: str, file_id: str, seq: int,
+                         first_line: int, data: str) -> bool:
+        """One chunk of an output file, written only while the batch is `owner`'s."""
+        with self._writing():
+            if not self._held(batch_id, owner):
+                return False
+            FileChunk.create(file_id=file_id, seq=seq, first_line=first_line, data=data)
+            return True
+
+    def finish_batch(self, batch_id: str, owner: str, status: str, files: list[File],
+                     **values: Any) -> bool:
+        """Record the output files (their chunks written already) and end the batch, in one
+        transaction, if it is still ours."""
+        with self._writing():
+            if not self._held(batch_id, owner):
                 return False
             for file in files:
-                FileChunk.delete().where(FileChunk.file_id == file.id).execute()
-                for seq, (first_line, data) in enumerate(chunks[file.id]):
-                    FileChunk.create(file_id=file.id, seq=seq, first_line=first_line, data=data)
                 File.delete().where(File.id == file.id).execute()
                 file.save(force_insert=True)
             Batch.update(status=status, owner=None, lease_until=None, **values).where(
