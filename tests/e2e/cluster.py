@@ -75,6 +75,15 @@ class Cluster:
     def start_front(self, **env: str) -> None:
         self._spawn("front", procfile()["front"], **env)
 
+    def start_second_front(self) -> str:
+        """A second front (`front_b`) on the same store, with the workers started after this
+        told to connect to both fronts; its URL."""
+        port_b, zmq_b = free_port(), free_port()
+        self.env["COHORT_CONNECT"] = f"tcp://127.0.0.1:{self.zmq_port},tcp://127.0.0.1:{zmq_b}"
+        self._spawn("front_b", procfile()["front"], COHORT_PORT=str(port_b),
+                    COHORT_ZMQ_BIND=f"tcp://127.0.0.1:{zmq_b}")
+        return f"http://127.0.0.1:{port_b}"
+
     def start_worker(self, name: str, **env: str) -> None:
         command = procfile()["worker1"].replace("worker1", name)
         self._spawn(name, command, **env)

@@ -12,7 +12,6 @@ import pytest
 import trio
 
 from server.store import Store, utcnow
-from tests.e2e.cluster import free_port, procfile
 from tests.e2e.test_fronts import wait_ready_at
 
 MODEL = "cohort-mock"
@@ -28,6 +27,27 @@ def chat_line(i: int, **body) -> dict:
                      "max_tokens": 4, **body}}
 
 
+async def serving(make_cluster, user: str, *limits: str, **env) -> tuple:
+    """A front and one mock worker, and an `openai` client of a new user's (with `limits`:
+    `python -m server.users limit` flags)."""
+    cluster = make_cluster(**env)
+    cluster.start_front()
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user(user)
+    if limits:
+        cluster.users("limit", user, *limits)
+    await cluster.wait_ready(1)
+    return cluster, openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key=cluster.api_key,
+                                       max_retries=0)
+
+
+async def submitted(client: openai.AsyncOpenAI, lines: list[dict]):
+    """A batch of chat lines, uploaded and created."""
+    file = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    return await client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                                       completion_window="24h")
+
+
 async def finished(client: openai.AsyncOpenAI, batch_id: str, timeout_s: float = 60):
     with trio.fail_after(timeout_s):
         while (batch := await client.batches.retrieve(batch_id)).status not in (
@@ -37,12 +57,7 @@ async def finished(client: openai.AsyncOpenAI, batch_id: str, timeout_s: float =
 
 
 async def test_a_batch_runs_with_the_openai_client_from_file_to_output(make_cluster):
-    cluster = make_cluster(MOCK_TOKEN_S="0.001")
-    cluster.start_front()
-    cluster.start_worker("worker1")
-    cluster.api_key = cluster.add_user("alice")
-    await cluster.wait_ready(1)
-    client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key=cluster.api_key)
+    _, client = await serving(make_cluster, "alice", MOCK_TOKEN_S="0.001")
     lines = [chat_line(i) for i in range(12)]
     refused = [chat_line(12, max_tokens=10**9), {**chat_line(13), "body": {
         **chat_line(13)["body"], "model": "no-such-model"}}]
@@ -86,16 +101,10 @@ async def test_a_batch_runs_with_the_openai_client_from_file_to_output(make_clus
 
 
 async def test_a_cancelled_batch_ends_with_what_ran_and_an_error_line_for_the_rest(make_cluster):
-    cluster = make_cluster(MOCK_TOKEN_S="0.02", COHORT_BATCH_CONCURRENCY="2")
-    cluster.start_front()
-    cluster.start_worker("worker1")
-    cluster.api_key = cluster.add_user("bob")
-    await cluster.wait_ready(1)
-    client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key=cluster.api_key)
-    lines = [chat_line(i, max_tokens=50, ignore_eos=True) for i in range(40)]
-    file = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-    batch = await client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    _, client = await serving(make_cluster, "bob", MOCK_TOKEN_S="0.02",
+                              COHORT_BATCH_CONCURRENCY="2")
+    batch = await submitted(client, [chat_line(i, max_tokens=50, ignore_eos=True)
+                                     for i in range(40)])
     with trio.fail_after(30):
         while (await client.batches.retrieve(batch.id)).request_counts.completed < 2:
             await trio.sleep(0.1)
@@ -161,12 +170,8 @@ async def test_a_killed_fronts_batch_is_finished_by_the_other_front(make_cluster
     over when its lease lapses and ends it with one output line per custom_id."""
     cluster = make_cluster(MOCK_TOKEN_S="0.02", COHORT_TASK_LEASE_S="2",
                            COHORT_BATCH_CONCURRENCY="8")
-    port_b, zmq_b = free_port(), free_port()
-    cluster.env["COHORT_CONNECT"] = f"tcp://127.0.0.1:{cluster.zmq_port},tcp://127.0.0.1:{zmq_b}"
-    url_b = f"http://127.0.0.1:{port_b}"
     cluster.start_front()
-    cluster._spawn("front_b", procfile()["front"], COHORT_PORT=str(port_b),
-                   COHORT_ZMQ_BIND=f"tcp://127.0.0.1:{zmq_b}")
+    url_b = cluster.start_second_front()
     cluster.start_worker("worker1")
     cluster.api_key = cluster.add_user("dora")
     await cluster.wait_ready(1)
@@ -191,18 +196,10 @@ async def test_a_killed_fronts_batch_is_finished_by_the_other_front(make_cluster
 
 
 async def test_batch_lines_count_against_their_creators_daily_quota_and_wait_past_it(make_cluster):
-    cluster = make_cluster(MOCK_TOKEN_S="0.001")
-    cluster.start_front()
-    cluster.start_worker("worker1")
-    cluster.api_key = cluster.add_user("erin")
-    cluster.users("limit", "erin", "--tokens-per-day", "100")
-    await cluster.wait_ready(1)
-    client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key=cluster.api_key,
-                                max_retries=0)
-    lines = [chat_line(i, max_tokens=4, ignore_eos=True) for i in range(20)]  # ~10 tokens each
-    file = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-    batch = await client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    _, client = await serving(make_cluster, "erin", "--tokens-per-day", "100",
+                              MOCK_TOKEN_S="0.001")
+    batch = await submitted(client, [chat_line(i, max_tokens=4, ignore_eos=True)
+                                     for i in range(20)])  # about 10 tokens each
     with trio.fail_after(30):  # the quota runs out part way: the rest wait for midnight
         while (seen := await client.batches.retrieve(batch.id)).request_counts.completed < 5:
             await trio.sleep(0.1)
@@ -220,16 +217,10 @@ async def test_batch_lines_count_against_their_creators_daily_quota_and_wait_pas
 
 async def test_a_batch_whose_window_passes_expires_with_an_error_line_for_what_never_ran(
         make_cluster):
-    cluster = make_cluster(MOCK_TOKEN_S="0.02", COHORT_BATCH_CONCURRENCY="2")
-    cluster.start_front()
-    cluster.start_worker("worker1")
-    cluster.api_key = cluster.add_user("fay")
-    await cluster.wait_ready(1)
-    client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key=cluster.api_key)
-    lines = [chat_line(i, max_tokens=50, ignore_eos=True) for i in range(30)]
-    file = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-    batch = await client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    cluster, client = await serving(make_cluster, "fay", MOCK_TOKEN_S="0.02",
+                                    COHORT_BATCH_CONCURRENCY="2")
+    batch = await submitted(client, [chat_line(i, max_tokens=50, ignore_eos=True)
+                                     for i in range(30)])
     with trio.fail_after(30):
         while (await client.batches.retrieve(batch.id)).status != "in_progress":
             await trio.sleep(0.05)

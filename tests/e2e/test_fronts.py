@@ -7,7 +7,6 @@ import httpx
 import pytest
 import trio
 
-from tests.e2e.cluster import free_port, procfile
 
 MODEL = "cohort-mock"
 TASKS = 40
@@ -45,12 +44,8 @@ async def test_a_killed_fronts_tasks_finish_once_on_the_other_front(make_cluster
     if store == "postgres":
         env["DATABASE_URL"] = request.getfixturevalue("database_url_postgres")
     cluster = make_cluster(**env)
-    port_b, zmq_b = free_port(), free_port()
-    cluster.env["COHORT_CONNECT"] = f"tcp://127.0.0.1:{cluster.zmq_port},tcp://127.0.0.1:{zmq_b}"
-    url_b = f"http://127.0.0.1:{port_b}"
     cluster.start_front()
-    cluster._spawn("front_b", procfile()["front"], COHORT_PORT=str(port_b),
-                   COHORT_ZMQ_BIND=f"tcp://127.0.0.1:{zmq_b}")
+    url_b = cluster.start_second_front()
     for name in ("worker1", "worker2"):
         cluster.start_worker(name)
     cluster.api_key = cluster.add_user("alice")

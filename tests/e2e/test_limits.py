@@ -8,7 +8,6 @@ import httpx
 import pytest
 import trio
 
-from tests.e2e.cluster import free_port, procfile
 
 MODEL = "cohort-mock"
 BODY = {"model": MODEL, "prompt": "count me", "max_tokens": 4}
@@ -159,12 +158,8 @@ async def test_a_keys_rate_holds_across_two_fronts_on_one_store(make_cluster, st
     if store == "postgres":
         env["DATABASE_URL"] = request.getfixturevalue("database_url_postgres")
     cluster = make_cluster(**env)
-    port_b, zmq_b = free_port(), free_port()
-    cluster.env["COHORT_CONNECT"] = f"tcp://127.0.0.1:{cluster.zmq_port},tcp://127.0.0.1:{zmq_b}"
-    url_a, url_b = cluster.url, f"http://127.0.0.1:{port_b}"
     cluster.start_front()
-    cluster._spawn("front_b", procfile()["front"], COHORT_PORT=str(port_b),
-                   COHORT_ZMQ_BIND=f"tcp://127.0.0.1:{zmq_b}")
+    url_a, url_b = cluster.url, cluster.start_second_front()
     cluster.start_worker("worker1")
     cluster.api_key = cluster.add_user("alice")
     limited = cluster.users("key", "alice", "--name", "ci")
