@@ -254,11 +254,11 @@ class Limiter:
     def headers(self, subjects: list[tuple[str, Limits]], now: float) -> dict[str, str]:
         """OpenAI's x-ratelimit headers, for the tightest of the subjects' minute limits."""
         out: dict[str, str] = {}
-        for name, attr in (("requests", "requests"), ("tokens", "tokens")):
+        for name in ("requests", "tokens"):
             tightest = None
-            for subject, limits in subjects:
+            for subject, _ in subjects:
                 counters = self._counters.get(subject)
-                bucket = getattr(counters, attr) if counters else None
+                bucket = getattr(counters, name) if counters else None
                 if bucket is None:
                     continue
                 if tightest is None or bucket.level(now) < tightest.tokens:

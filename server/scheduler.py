@@ -123,11 +123,11 @@ class Scheduler:
             return {}
         return under_share(waiting, self.sink.held(model), self.sink.capacity(model))
 
-    async def _send_short(self, model: str, queue: ModelQueue) -> None:
-        """Send the jobs of users below their share into the engines' queues at once, beyond
-        the backlog bound: their engine priority starts them at the next free slot, ahead of
-        what the busiest users queued there. Each goes only up to its share."""
-        jobs = queue.take_from(self._short(model, queue), "interactive")
+    async def _send_short(self, model: str, queue: ModelQueue, short: dict[str, int]) -> None:
+        """Send the jobs of users below their share (`short`: how far below) into the engines'
+        queues at once, beyond the backlog bound: their engine priority starts them at the next
+        free slot, ahead of what the busiest users queued there. Each goes only up to its share."""
+        jobs = queue.take_from(short, "interactive")
         if not jobs:
             return
         left = await self.sink.send_batch(model, jobs, force=True, beyond_backlog=True)
@@ -156,13 +156,14 @@ class Scheduler:
                 # Every worker is full: requests gather until one has room, or until the oldest
                 # has waited the window; then the engines' own queues take them. A user below
                 # its share of the engines does not wait: see _send_short.
+                short: dict[str, int] = {}
                 with trio.move_on_at(oldest + self.max_wait_s) as window:
                     while not (room := self.sink.room(model)):
-                        if self._short(model, queue):
+                        if short := self._short(model, queue):
                             break
                         await self._either(self.sink.wait_for_change, queue.wait_changed)
-                if not room and not window.cancelled_caught:
-                    await self._send_short(model, queue)
+                if short and not room:
+                    await self._send_short(model, queue, short)
                     continue
                 force = window.cancelled_caught
                 if force and not (room := self.sink.backlog_room(model)):
