@@ -25,12 +25,13 @@ import peewee
 import trio
 
 from server.batch_store import File, batch_view
-from server.errors import (BadRequest, CohortError, Draining, NoWorkers, NotFound, QueueFull,
+from server.errors import (BadRequest, CohortError, Draining, NoWorkers, NotFound,
                            QuotaExceeded, RateLimited)
 from server.jobs import JobSpec
 from server.limits import Limits, Ticket
 from server.openai_schema import parse_chat, parse_completion, parse_embeddings
 from server.store import utcnow
+from server.task_runner import batch_tier
 
 log = logging.getLogger("cohort.batches")
 
@@ -74,18 +75,9 @@ def request_line(text: str, number: int, seen: set[str]) -> dict[str, Any]:
     return item
 
 
-def chunked_lines(lines: list[str]) -> list[tuple[int, str]]:
-    """Whole lines grouped into chunks of about CHUNK_BYTES: (first line number, text)."""
-    chunks, current, size, first = [], [], 0, 1
-    for number, line in enumerate(lines, start=1):
-        if current and size + len(line) > CHUNK_BYTES:
-            chunks.append((first, "".join(current)))
-            current, size, first = [], 0, number
-        current.append(line + "\n")
-        size += len(line) + 1
-    if current:
-        chunks.append((first, "".join(current)))
-    return chunks
+def request_id(batch_id: str, line: int) -> str:
+    """A line's id in the output files, the same whichever front ran or ended the batch."""
+    return "batch_req_" + hashlib.sha256(f"{batch_id}/{line}".encode()).hexdigest()[:24]
 
 
 class TakenOver(Exception):
@@ -287,7 +279,7 @@ class BatchRunner:
     async def _run_lines(self, batch):
         """Run every queued line, COHORT_BATCH_CONCURRENCY at a time, writing outcomes once a
         second; stop early when the batch is cancelled or its window passes."""
-        outcomes: list[tuple[int, str, str | None, str | None]] = []
+        outcomes: list[tuple[int, str, str]] = []
         limiter = trio.CapacityLimiter(self.settings.batch_concurrency)
         state: dict[str, Any] = {"stop": None, "limits": await self._limits(batch)}
 
@@ -363,30 +355,19 @@ class BatchRunner:
             except (RateLimited, QuotaExceeded) as error:
                 await trio.sleep(max(1, int(error.headers.get("Retry-After", "1"))))
 
-    async def _run_line(self, batch, line, state) -> tuple[int, str, str | None, str | None]:
-        """One line through the gateway, in the batch tier: (line, status, response, error)."""
-        request_id = f"batch_req_{hashlib.sha256(f'{batch.id}/{line.line}'.encode()).hexdigest()[:24]}"
+    async def _run_line(self, batch, line, state) -> tuple[int, str, str]:
+        """One line through the gateway, in the batch tier: (line, status, response JSON)."""
         _, route = ENDPOINTS[batch.endpoint]
         job = ticket = None
         try:
-            spec = self._parse(batch.endpoint, json.loads(line.request))
-            spec.tenant, spec.tier = f"user:{batch.user_id}", "batch"
+            spec = batch_tier(self._parse(batch.endpoint, json.loads(line.request)),
+                              batch.user_id)
             ticket = await self._admitted(spec, state)
-            with trio.fail_after(self.settings.request_timeout_s):
-                while True:
-                    try:
-                        job = self.gateway.submit(spec)
-                        break
-                    except (NoWorkers, NotFound, QueueFull):  # after a restart workers return
-                        await self.gateway.dispatcher.wait_for_change()
+            job = await self.gateway.submit_when_possible(spec)
             body = json.loads(await self.gateway.complete(job, route))
             status, code = "completed", 200
         except Draining:
             raise
-        except trio.TooSlowError:
-            body = NoWorkers(f"no worker took model within {self.settings.request_timeout_s:g} s"
-                             ).body()
-            status, code = "failed", 503
         except CohortError as error:
             body, status, code = error.body(), "failed", error.status
         if ticket is not None:
@@ -399,8 +380,9 @@ class BatchRunner:
                 completion_tokens=job.usage.get("completion_tokens", 0),
                 queue_s=(job.started_at or job.enqueued_at) - job.enqueued_at, ttft_s=None,
                 total_s=trio.current_time() - job.enqueued_at)
-        response = {"status_code": code, "request_id": request_id, "body": body}
-        return line.line, status, json.dumps(response), None
+        response = {"status_code": code, "request_id": request_id(batch.id, line.line),
+                    "body": body}
+        return line.line, status, json.dumps(response)
 
     async def _finish(self, batch) -> None:
         """Write the output file (lines answered 200) and the error file (the others, and lines
@@ -409,7 +391,7 @@ class BatchRunner:
         ending = "cancelled" if batch.status == "cancelling" else "completed"
         if ending == "cancelled" and batch.expired_at is not None:
             ending = "expired"
-        files = {kind: OutputFile(batch, kind) for kind in ("output", "error")}
+        files = {kind: FileWriter.output_of(batch, kind) for kind in ("output", "error")}
         if not await self.store.run(self.store.clear_output, batch.id, self.owner,
                                     [f.id for f in files.values()]):
             return
@@ -422,17 +404,16 @@ class BatchRunner:
         after = 0
         while page := await self.store.run(self.store.lines_page, batch.id, after, PAGE):
             for line in page:
-                request_id = "batch_req_" + hashlib.sha256(
-                    f"{batch.id}/{line.line}".encode()).hexdigest()[:24]
                 if line.response is not None:
                     response = json.loads(line.response)
                     kind = "output" if response["status_code"] == 200 else "error"
-                    entry = {"id": request_id, "custom_id": line.custom_id,
+                    entry = {"id": request_id(batch.id, line.line), "custom_id": line.custom_id,
                              "response": response, "error": None}
                 else:
                     kind = "error"
                     code = "batch_expired" if ending == "expired" else "batch_cancelled"
-                    entry = {"id": request_id, "custom_id": line.custom_id, "response": None,
+                    entry = {"id": request_id(batch.id, line.line),
+                             "custom_id": line.custom_id, "response": None,
                              "error": {"code": code, "message": "this request did not run: "
                                                                 f"the batch was {ending}"}}
                 await write(files[kind].add(json.dumps(entry)))
@@ -453,31 +434,37 @@ class BatchRunner:
             log.info("batch %s ended elsewhere", batch.id)
 
 
-class OutputFile:
-    """An output or error file being written: whole lines gathered into chunks of about
-    CHUNK_BYTES, its size, line count and SHA-256 kept as they go."""
+class FileWriter:
+    """A JSONL file being written: whole lines gathered into chunks of at most CHUNK_BYTES (a
+    longer line is a chunk of its own), its size, line count and SHA-256 kept as they go. An
+    upload and a batch's output files are cut the same way."""
 
-    def __init__(self, batch, kind: str) -> None:
-        # a fixed id per batch and kind: a front that takes the ending over writes the same file
-        self.id = "file-" + hashlib.sha256(f"{batch.id}/{kind}".encode()).hexdigest()[:24]
-        self.user_id = batch.user_id
-        self.filename = f"{batch.id}_{kind}.jsonl"
+    def __init__(self, file_id: str, user_id: int, purpose: str, filename: str) -> None:
+        self.id, self.user_id, self.purpose, self.filename = file_id, user_id, purpose, filename
         self.lines = self.bytes = self.seq = 0
         self.sha256 = hashlib.sha256()
         self._pending: list[str] = []
         self._pending_bytes = 0
         self._first_line = 1
 
+    @classmethod
+    def output_of(cls, batch, kind: str) -> FileWriter:
+        """A batch's output or error file: a fixed id per batch and kind, so a front that takes
+        the ending over writes the same file."""
+        file_id = "file-" + hashlib.sha256(f"{batch.id}/{kind}".encode()).hexdigest()[:24]
+        return cls(file_id, batch.user_id, "batch_output", f"{batch.id}_{kind}.jsonl")
+
     def add(self, text: str) -> tuple[str, int, int, str] | None:
-        """Take a line; a chunk to write (file id, seq, first line, data) once one is full."""
+        """Take a line; the chunk (file id, seq, first line, data) it completes, if it does."""
         data = text + "\n"
         encoded = data.encode()
+        full = self.rest() if self._pending_bytes + len(encoded) > CHUNK_BYTES else None
         self.lines += 1
         self.bytes += len(encoded)
         self.sha256.update(encoded)
         self._pending.append(data)
         self._pending_bytes += len(encoded)
-        return self.rest() if self._pending_bytes >= CHUNK_BYTES else None
+        return full
 
     def rest(self) -> tuple[str, int, int, str] | None:
         """The lines not yet written, as a chunk (None: there are none)."""
@@ -485,11 +472,11 @@ class OutputFile:
             return None
         chunk = (self.id, self.seq, self._first_line, "".join(self._pending))
         self.seq += 1
-        self._first_line = self.lines + 1
+        self._first_line += len(self._pending)
         self._pending, self._pending_bytes = [], 0
         return chunk
 
     def row(self) -> File:
-        return File(id=self.id, user_id=self.user_id, purpose="batch_output",
+        return File(id=self.id, user_id=self.user_id, purpose=self.purpose,
                     filename=self.filename, bytes=self.bytes, lines=self.lines,
                     sha256=self.sha256.hexdigest(), created_at=utcnow())

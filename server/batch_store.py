@@ -86,7 +86,6 @@ class BatchLine(BaseModel):
     status = peewee.CharField(max_length=16)  # queued | completed | failed
     request = peewee.TextField()
     response = peewee.TextField(null=True)  # {"status_code", "request_id", "body"}
-    error = peewee.TextField(null=True)  # {"code", "message"}: it never got a response
 
     class Meta:
         primary_key = peewee.CompositeKey("batch_id", "line")
@@ -143,12 +142,14 @@ class BatchQueries:
 
     # --- files ------------------------------------------------------------------------------
 
-    def add_file(self, row: dict[str, Any], chunks: list[tuple[int, str]]) -> File:
-        """A file and its chunks (first line number, whole lines), in one transaction."""
+    def add_file(self, file: File, chunks: list[tuple[str, int, int, str]]) -> File:
+        """A file and its chunks (file id, seq, first line number, whole lines), in one
+        transaction."""
         with self.db.atomic():
-            for seq, (first_line, data) in enumerate(chunks):
-                FileChunk.create(file_id=row["id"], seq=seq, first_line=first_line, data=data)
-            return File.create(**row)
+            for file_id, seq, first_line, data in chunks:
+                FileChunk.create(file_id=file_id, seq=seq, first_line=first_line, data=data)
+            file.save(force_insert=True)
+            return file
 
     def file_of(self, user_id: int, file_id: str) -> File | None:
         return File.get_or_none(File.id == file_id, File.user_id == user_id)
@@ -218,18 +219,16 @@ class BatchQueries:
             .order_by(BatchLine.line).limit(limit))
 
     def record_lines(self, batch_id: str, owner: str,
-                     outcomes: list[tuple[int, str, str | None, str | None]]) -> int:
-        """Write outcomes (line, status, response JSON, error JSON) in one transaction, each
-        only if its line is still queued and the batch still `owner`'s; count them on the batch.
-        Returns how many were written."""
+                     outcomes: list[tuple[int, str, str]]) -> int:
+        """Write outcomes (line, status, response JSON) in one transaction, each only if its
+        line is still queued and the batch still `owner`'s; count them on the batch. Returns how
+        many were written."""
         with self._writing():
-            held = Batch.select(Batch.id).where(Batch.id == batch_id, Batch.owner == owner)
-            if not held.exists():
+            if not self._held(batch_id, owner):
                 return 0
             counts = {"completed": 0, "failed": 0}
-            for line, status, response, error in outcomes:
-                counts[status] += BatchLine.update(status=status, response=response,
-                                                   error=error).where(
+            for line, status, response in outcomes:
+                counts[status] += BatchLine.update(status=status, response=response).where(
                     BatchLine.batch_id == batch_id, BatchLine.line == line,
                     BatchLine.status == "queued").execute()
             Batch.update(completed=Batch.completed + counts["completed"],

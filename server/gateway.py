@@ -12,7 +12,8 @@ import trio
 
 from common.config import ServerSettings
 from server.dispatch import Dispatcher
-from server.errors import CohortError, DeadlineExceeded, Draining, EngineRefused
+from server.errors import (CohortError, DeadlineExceeded, Draining, EngineRefused, NoWorkers,
+                           NotFound, QueueFull)
 from server.jobs import Job, JobSpec, Restart
 from server.limits import Limiter
 from server.metrics import Metrics
@@ -89,6 +90,18 @@ class Gateway:
             job.prefix = prefix_blocks(spec.prompt_text)
         self.scheduler.submit(job)
         return job
+
+    async def submit_when_possible(self, spec: JobSpec) -> Job:
+        """Submit stored work (a task, a batch line), waiting within the request timeout for a
+        worker of its model: after a restart the workers reconnect. NoWorkers past it."""
+        with trio.move_on_after(self.settings.request_timeout_s):
+            while True:
+                try:
+                    return self.submit(spec)
+                except (NoWorkers, NotFound, QueueFull):
+                    await self.dispatcher.wait_for_change()
+        raise NoWorkers(f"no worker took model {spec.model!r} within "
+                        f"{self.settings.request_timeout_s:g} s")
 
     def _observe_end(self, job: Job, last: dict[str, Any], route: str) -> None:
         took = trio.current_time() - job.enqueued_at

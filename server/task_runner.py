@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from server.errors import BadRequest, CohortError, Draining, NoWorkers, NotFound, QueueFull
+from server.errors import BadRequest, CohortError, Draining, NoWorkers
 from server.jobs import JobSpec
 from server.limits import Limits, Ticket
 from server.openai_schema import parse_chat, parse_completion
@@ -174,26 +174,13 @@ class TaskRunner:
             scope.cancel()
         return await self.store.run(self.store.task_of, user_id, task_id)
 
-    async def _submit_when_possible(self, spec: JobSpec):
-        """Submit, waiting (within the deadline) for a worker: after a restart they reconnect."""
-        with trio.fail_after(self.settings.request_timeout_s):
-            while True:
-                try:
-                    return self.gateway.submit(spec)
-                except (NoWorkers, NotFound, QueueFull):
-                    await self.gateway.dispatcher.wait_for_change()
-
     async def _run_task(self, task_id: str, spec: JobSpec, ticket: Ticket | None = None) -> None:
         with trio.CancelScope() as scope:
             self._running[task_id] = scope
             try:
                 if not await self.store.run(self.store.task_started, task_id, self.owner):
                     return  # cancelled, or taken over, before it began here
-                try:
-                    job = await self._submit_when_possible(spec)
-                except trio.TooSlowError:
-                    raise NoWorkers(f"no worker took model {spec.model!r} within "
-                                    f"{self.settings.request_timeout_s:g} s") from None
+                job = await self.gateway.submit_when_possible(spec)
                 body = json.loads(await self.gateway.complete(job, "task"))
                 if ticket is not None:  # settled before the outcome is seen: a client that
                     # reads "completed" may submit again at once

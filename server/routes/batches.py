@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from typing import Any
 
 from quart import Blueprint, Response, request
 
-from server.batch_runner import chunked_lines, request_line
+from server.batch_runner import FileWriter, request_line
 from server.batch_store import File, batch_view, file_view
 from server.errors import BadRequest, NotFound
 from server.routes.context import caller, gateway, json_body
-from server.store import utcnow
 
 blueprint = Blueprint("batches", __name__)
 MAX_FILE_LINES = 50_000
@@ -78,14 +76,15 @@ async def upload():
         raise BadRequest(f"the file has {len(lines)} lines; a batch takes at most "
                          f"{MAX_FILE_LINES}", param="file")
     seen: set[str] = set()
+    writer = FileWriter("file-" + secrets.token_hex(12), principal.user_id, "batch",
+                        (upload.filename or "input.jsonl")[:255])
+    chunks = []
     for number, line in enumerate(lines, start=1):
         request_line(line, number, seen)
-    kept = "".join(line + "\n" for line in lines).encode()
-    row = {"id": "file-" + secrets.token_hex(12), "user_id": principal.user_id, "purpose": "batch",
-           "filename": (upload.filename or "input.jsonl")[:255], "bytes": len(kept),
-           "lines": len(lines), "sha256": hashlib.sha256(kept).hexdigest(), "created_at": utcnow()}
+        chunks.append(writer.add(line))
+    chunks = [chunk for chunk in [*chunks, writer.rest()] if chunk is not None]
     store = gateway().store
-    file = await store.run(store.add_file, row, chunked_lines(lines))
+    file = await store.run(store.add_file, writer.row(), chunks)
     return file_view(file)
 
 

@@ -15,7 +15,7 @@ from quart import Blueprint, request
 from server.errors import BadRequest, CohortError, NotFound
 from server.routes.context import caller, gateway, json_body
 from server.store import FINAL, utcnow
-from server.task_runner import parse_task_body
+from server.task_runner import batch_tier, parse_task_body
 
 blueprint = Blueprint("tasks", __name__)
 MAX_BATCH_ITEMS = 1024
@@ -67,7 +67,7 @@ async def inference_batch():
         except CohortError as error:  # one item's failure is that item's answer only
             results[index] = {"index": index, "status": "failed", "error": error.body()["error"]}
             continue
-        spec.tenant, spec.tier = principal.tenant, "batch"
+        batch_tier(spec, principal.user_id)
         spec.weight = principal.share()[0]
         specs.append((index, spec))
     # the items that will run count, all or none, before any of them runs

@@ -1,13 +1,13 @@
-"""A batch's output file written chunk by chunk: whole lines, numbered, its size and checksum."""
+"""Batch files written chunk by chunk: whole lines, numbered, their size and checksum."""
 
 import hashlib
 from types import SimpleNamespace
 
-from server.batch_runner import CHUNK_BYTES, OutputFile, chunked_lines
+from server.batch_runner import CHUNK_BYTES, FileWriter
 
 
 def test_an_output_file_comes_out_in_chunks_of_whole_lines_with_its_checksum():
-    file = OutputFile(SimpleNamespace(id="batch_x", user_id=7), "output")
+    file = FileWriter.output_of(SimpleNamespace(id="batch_x", user_id=7), "output")
     lines = [f'{{"custom_id": "r{i}", "pad": "{"x" * 1000}"}}' for i in range(2500)]
     chunks = [chunk for line in lines if (chunk := file.add(line))] + [file.rest()]
     data = "".join(line + "\n" for line in lines)
@@ -24,6 +24,8 @@ def test_an_output_file_comes_out_in_chunks_of_whole_lines_with_its_checksum():
 
 
 def test_an_uploaded_file_is_cut_the_same_way():
+    upload = FileWriter("file-up", 7, "batch", "in.jsonl")
     lines = ["y" * 600_000, "z" * 600_000, "short"]
-    assert [(first, len(text)) for first, text in chunked_lines(lines)] == [
+    chunks = [chunk for line in lines if (chunk := upload.add(line))] + [upload.rest()]
+    assert [(first, len(text)) for _, _, first, text in chunks] == [
         (1, 600_001), (2, 600_007)]
