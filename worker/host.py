@@ -122,6 +122,10 @@ class Worker:
         for link in self.links:
             await link.send(protocol.Ready(self.load_time_s, self.engine.model,
                                            self.capabilities()))
+            # the engine's real limits at once, not at the next heartbeat: until a report the
+            # front places as if every engine ran 256 sequences
+            await link.send(protocol.Heartbeat(self.engine.unfinished(), self.state,
+                                               self.load(link.received)))
 
     def load(self, received: int) -> dict:
         """The engine's load for a link's report; what it has not seen yet counts as waiting."""
