@@ -91,7 +91,10 @@ async def test_concurrent_requests_spread_by_the_engines_own_load(real):
 
         async def one(i):
             r = await http.post(real.url + "/v1/completions", json={
-                "model": MODEL, "prompt": f"{i} plus {i} equals", "max_tokens": 6, "temperature": 0})
+                # long enough that the 50 ms polls below see the engines mid-run (6 tokens
+                # could end between two polls, and then no report showed a KV cache in use)
+                "model": MODEL, "prompt": f"{i} plus {i} equals", "max_tokens": 24,
+                "temperature": 0})
             answers.append(r)
 
         async def watch():
