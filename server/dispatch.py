@@ -294,6 +294,7 @@ class Dispatcher:
                 continue
             self._release(job)
             if engine_fault and self._may_run_elsewhere(job, worker):
+                job.failed_on.add(worker.identity)
                 job.restart()
                 retry.append(job)
             else:
@@ -313,7 +314,8 @@ class Dispatcher:
 
     def _count_failure(self, worker: WorkerHandle, reason: str) -> None:
         """One more engine failure in a row; enough of them pause the worker (its breaker)."""
-        if not worker.breaker.failed(trio.current_time()) or worker.state not in ("ready", "failing"):
+        if not worker.breaker.failed(trio.current_time(), running=len(worker.jobs)) \
+                or worker.state not in ("ready", "failing"):
             return
         worker.state = "failing"
         worker.error = f"{worker.breaker.failures} requests in a row failed; last: {reason}"

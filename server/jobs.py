@@ -53,6 +53,7 @@ class Job:
     batch_id: str = ""
     started_at: float = 0.0
     prefix: tuple[int, ...] = ()  # the prompt's prefix blocks, for placement by affinity
+    failed_on: set[bytes] = field(default_factory=set)  # workers whose engine failed it: not again
     used_tokens: int | None = None  # prompt and completion tokens, once it ended well
     usage: dict[str, int] = field(default_factory=dict)  # the engine's counts, once it ended
     first_output_at: float = 0.0

@@ -2,9 +2,14 @@
 
 Without it a worker that fails every request at once (its upstream down, its engine broken in a
 way that does not kill it) finishes its jobs fastest, so it looks least busy and draws the most
-traffic. After `trip_after` engine failures in a row it gets nothing for a pause that doubles
-from `first_pause_s` to `max_pause_s`; then it is tried again, and one more failure pauses it
+traffic. After `TRIP_AFTER` engine failures in a row it gets nothing for a pause that doubles
+from `FIRST_PAUSE_S` to `MAX_PAUSE_S`; then it is tried again, and one more failure pauses it
 again, while one success closes the breaker.
+
+"In a row" is judged once the worker has answered everything it was given: a request that fails
+at once overtakes a request of the same batch that succeeds a second later, so failures counted
+while other requests still run say nothing yet about the worker (a few bad requests in a batch
+would otherwise pause a sound worker, and with it every request behind them).
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ class Breaker:
     pause_s: float = 0.0
     paused_until: float = 0.0
 
-    def failed(self, now: float) -> bool:
-        """Count one failure; True if the worker must pause now (until `paused_until`)."""
+    def failed(self, now: float, running: int = 0) -> bool:
+        """Count one failure; True if the worker must pause now (until `paused_until`).
+
+        `running`: the worker's requests still unanswered, any of which may yet succeed."""
         self.failures += 1
-        if self.failures < TRIP_AFTER:
+        if self.failures < TRIP_AFTER or running:
             return False
         self.pause_s = min(MAX_PAUSE_S, self.pause_s * 2 if self.pause_s else FIRST_PAUSE_S)
         self.paused_until = now + self.pause_s

@@ -7,14 +7,15 @@ worker that stops reading gets no more). Among workers with room, the one with t
 work (waiting + unacknowledged, then KV use, then running, then fewest sent) gets the request,
 unless the worker that was last sent this prompt's prefix holds at most `affinity_margin`
 sequences more than it: that one likely skips the prefill. The margin bounds the imbalance
-affinity may cause, so it cannot build a hot spot.
+affinity may cause, so it cannot build a hot spot. A job re-run after an engine failed it goes to
+another worker while there is one (it waits for that one's room rather than fail there again).
 """
 
 from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +30,7 @@ class Placeable(Protocol):
     """What placement reads of a job: its choices and its prompt's prefix blocks."""
 
     prefix: tuple[int, ...]
+    failed_on: Collection[Hashable]  # workers whose engine failed this job
 
     @property
     def seqs(self) -> int: ...
@@ -125,7 +127,8 @@ class Placement:
         plan: dict[Hashable, list] = {}
         left = []
         for job in jobs:
-            open_ = [key for key in workers
+            candidates = [key for key in workers if key not in job.failed_on] or list(workers)
+            open_ = [key for key in candidates
                      if max(room[key], backlog[key]) >= extra[key] + job.seqs]
             if not open_:
                 left.append(job)

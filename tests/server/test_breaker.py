@@ -30,3 +30,13 @@ def test_one_success_closes_the_breaker():
         breaker.failed(now=0)
     breaker.succeeded()
     assert breaker.failures == 0 and not breaker.failed(now=0)
+
+
+def test_failures_do_not_trip_it_while_requests_that_may_succeed_still_run():
+    """Fast failures overtake slow successes of the same batch: the verdict waits for them."""
+    breaker = Breaker()
+    assert not any(breaker.failed(now=0, running=3) for _ in range(3 * TRIP_AFTER))
+    breaker.succeeded()  # one of the slow ones succeeded: the worker is sound
+    assert breaker.failures == 0
+    assert not any(breaker.failed(now=0, running=1) for _ in range(TRIP_AFTER))
+    assert breaker.failed(now=0, running=0)  # the last one failed too: every request failed

@@ -44,6 +44,18 @@ def test_a_batch_spreads_by_room_and_what_fits_nowhere_is_left():
     assert left == jobs[3:]
 
 
+def test_a_job_an_engine_failed_waits_for_another_worker_rather_than_go_back():
+    workers = loads(broken=dict(), sound=dict(max_num_seqs=1, running=1))
+    failed = job()
+    failed.failed_on.add("broken")
+    plan, left = placement().assign([failed, job()], workers)
+    assert plan == {"broken": [plan["broken"][0]]} and left == [failed]  # broken is emptier
+    workers["sound"].running = 0
+    assert placement().assign([failed], workers)[0] == {"sound": [failed]}
+    alone = {"broken": workers["broken"]}  # no other worker: it may try there again
+    assert placement().assign([failed], alone)[0] == {"broken": [failed]}
+
+
 def test_choices_count_as_sequences():
     workers = loads(a=dict(max_num_seqs=4))
     plan, left = placement().assign([job(n=3), job(n=3)], workers)
