@@ -1,0 +1,48 @@
+"""The front's verdict on silent workers, under trio's MockClock: a worker silent past
+`worker_timeout_s` is dead, but not because the front itself stopped running for a while."""
+
+import trio
+
+from common.config import ServerSettings
+from server.dispatch import Dispatcher
+from server.metrics import Metrics
+from server.workers import WorkerHandle
+
+
+def dispatcher_with_a_worker() -> tuple[Dispatcher, WorkerHandle]:
+    dispatcher = Dispatcher(ServerSettings(worker_timeout_s=2.0), Metrics())
+    worker = WorkerHandle(b"w1", "w1", "mock", "m", 8, "cpu", 1, "ready", trio.current_time())
+    dispatcher.workers[worker.identity] = worker
+    return dispatcher, worker
+
+
+async def test_a_worker_silent_past_the_timeout_is_dead(autojump_clock):
+    dispatcher, worker = dispatcher_with_a_worker()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dispatcher._liveness_loop)
+        await trio.sleep(1.9)
+        assert worker.state == "ready"
+        await trio.sleep(0.7)
+        assert worker.state == "dead" and "silent" in worker.error
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_front_that_stalled_reads_its_heartbeats_before_it_judges(mock_clock):
+    dispatcher, worker = dispatcher_with_a_worker()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dispatcher._liveness_loop)
+        await trio.sleep(0)  # it sleeps until its first round
+        mock_clock.jump(5)  # the front does not run for 5 s (a blocking call, or no CPU)
+        await trio.sleep(0)
+        await trio.sleep(0)  # the liveness loop has woken, 4.5 s late, and looked
+        assert worker.state == "ready"  # with the heartbeats of those 5 s still unread
+        worker.last_seen = trio.current_time()  # the receive loop reads them
+        mock_clock.jump(1.0)
+        await trio.sleep(0)
+        assert worker.state == "ready"
+        worker.last_seen -= 10  # now really silent: judged at the next round
+        mock_clock.jump(0.6)
+        await trio.sleep(0)
+        await trio.sleep(0)
+        assert worker.state == "dead"
+        nursery.cancel_scope.cancel()
