@@ -2,6 +2,7 @@
 `worker_timeout_s` is dead, but not because the front itself stopped running for a while."""
 
 import trio
+import trio.testing
 
 from common.config import ServerSettings
 from server.dispatch import Dispatcher
@@ -27,22 +28,23 @@ async def test_a_worker_silent_past_the_timeout_is_dead(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
+async def pass_time(clock, seconds: float) -> None:
+    """Let `seconds` pass at once, then let every task woken by it take its turn."""
+    clock.jump(seconds)
+    await trio.testing.wait_all_tasks_blocked()
+
+
 async def test_a_front_that_stalled_reads_its_heartbeats_before_it_judges(mock_clock):
     dispatcher, worker = dispatcher_with_a_worker()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(dispatcher._liveness_loop)
-        await trio.sleep(0)  # it sleeps until its first round
-        mock_clock.jump(5)  # the front does not run for 5 s (a blocking call, or no CPU)
-        await trio.sleep(0)
-        await trio.sleep(0)  # the liveness loop has woken, 4.5 s late, and looked
-        assert worker.state == "ready"  # with the heartbeats of those 5 s still unread
+        await trio.testing.wait_all_tasks_blocked()  # it sleeps until its first round
+        await pass_time(mock_clock, 5)  # the front did not run for 5 s (blocked, or no CPU)
+        assert worker.state == "ready"  # the liveness loop looked, the heartbeats still unread
         worker.last_seen = trio.current_time()  # the receive loop reads them
-        mock_clock.jump(1.0)
-        await trio.sleep(0)
+        await pass_time(mock_clock, 0.5)
         assert worker.state == "ready"
         worker.last_seen -= 10  # now really silent: judged at the next round
-        mock_clock.jump(0.6)
-        await trio.sleep(0)
-        await trio.sleep(0)
+        await pass_time(mock_clock, 0.5)
         assert worker.state == "dead"
         nursery.cancel_scope.cancel()
