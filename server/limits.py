@@ -91,6 +91,11 @@ class Ticket:
     holds_slot: bool = True  # counted in flight (a stored task is not: it runs later)
 
 
+def _who(subject: str) -> str:
+    """`user` or `key`, from a subject such as `user:alice`."""
+    return subject.split(":")[0]
+
+
 def _duration(seconds: float) -> str:
     """OpenAI's reset format: `1s`, `6m0s`, `1h2m3s`."""
     seconds = max(0, math.ceil(seconds))
@@ -132,10 +137,9 @@ class Limiter:
         refuse them all with a 429 that says which limit and when to retry (nothing is counted
         then). `holds_slot=False` (stored tasks) leaves the concurrency limit out."""
         limited = [(subject, limits) for subject, limits in subjects if limits.limiting]
-        for subject, limits in limited:
-            self._check(subject, limits, cost, now, today, requests, holds_slot)
-        for subject, limits in limited:
-            counters = self._of(subject, limits, now)
+        checked = [self._check(subject, limits, cost, now, today, requests, holds_slot)
+                   for subject, limits in limited]
+        for (subject, _), counters in zip(limited, checked):
             # after the check there is room for all of it, unless it is over a whole burst:
             # then it may start from a full bucket, and the rest is a debt paid back by the rate
             if counters.requests is not None:
@@ -162,15 +166,11 @@ class Limiter:
                 for cost in costs]
 
     def _check(self, subject: str, limits: Limits, cost: int, now: float,
-               today: datetime.date, requests: int, holds_slot: bool) -> None:
+               today: datetime.date, requests: int, holds_slot: bool) -> Counters:
+        """The subject's counters, if they have room for this; else the 429 that says why."""
         counters = self._of(subject, limits, now)
         if counters.day != today:
             counters.day, counters.day_tokens = today, 0
-        who = subject.split(":")[0]
-
-        def headers() -> dict[str, str]:  # built only for a refusal: admitting stays cheap
-            return self.headers([(subject, limits)], now)
-
         day_tokens = counters.day_tokens + (
             counters.remote_day_tokens if counters.remote_day == today else 0)
         if limits.tokens_per_day and day_tokens + cost > limits.tokens_per_day:
@@ -179,14 +179,14 @@ class Limiter:
             wait = (midnight - datetime.datetime.now(datetime.timezone.utc).replace(
                 tzinfo=None)).total_seconds()
             raise QuotaExceeded(
-                f"this {who}'s quota of {limits.tokens_per_day} tokens a day is used up "
-                f"({day_tokens} so far, this request may take {cost}); it renews at "
-                "midnight UTC", headers={**headers(), "Retry-After": str(max(1, math.ceil(wait)))})
+                f"this {_who(subject)}'s quota of {limits.tokens_per_day} tokens a day is used "
+                f"up ({day_tokens} so far, this request may take {cost}); it renews at "
+                "midnight UTC", headers=self._refusal(subject, limits, now, wait))
         in_flight = counters.in_flight + counters.remote_in_flight
         if holds_slot and limits.concurrency and in_flight >= limits.concurrency:
-            raise RateLimited(f"this {who} has {in_flight} requests running, its limit "
-                              f"is {limits.concurrency} at once",
-                              headers={**headers(), "Retry-After": "1"})
+            raise RateLimited(f"this {_who(subject)} has {in_flight} requests running, its "
+                              f"limit is {limits.concurrency} at once",
+                              headers=self._refusal(subject, limits, now, 1))
         for bucket, name, amount, per in ((counters.requests, "requests", requests, limits.rpm),
                                           (counters.tokens, "tokens", cost, limits.tpm)):
             if bucket is None:
@@ -197,9 +197,15 @@ class Limiter:
                 batch = f" (this batch counts {requests})" if name == "requests" and \
                     requests > 1 else ""
                 raise RateLimited(
-                    f"rate limit reached for this {who}: {per} {name} per minute{batch}; retry "
-                    f"in {wait:.1f} s",
-                    headers={**headers(), "Retry-After": str(max(1, math.ceil(wait)))})
+                    f"rate limit reached for this {_who(subject)}: {per} {name} per minute"
+                    f"{batch}; retry in {wait:.1f} s",
+                    headers=self._refusal(subject, limits, now, wait))
+        return counters
+
+    def _refusal(self, subject: str, limits: Limits, now: float, wait: float) -> dict[str, str]:
+        """A 429's headers: the subject's x-ratelimit figures and when to retry."""
+        return {**self.headers([(subject, limits)], now),
+                "Retry-After": str(max(1, math.ceil(wait)))}
 
     def settle(self, ticket: Ticket, used_tokens: int | None, now: float) -> None:
         """The request ended: free its concurrency slot, give back the tokens it did not use

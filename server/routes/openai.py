@@ -67,7 +67,7 @@ async def _serve(spec: JobSpec, ticket: Ticket | None = None, principal=None) ->
     if spec.dropped:  # COHORT_DROP_PARAMS: say what was dropped, never drop it silently
         response.headers["X-Cohort-Dropped-Params"] = ",".join(spec.dropped)
     if ticket is not None:
-        response.headers.update(ticket.headers)
+        response.headers.extend(ticket.headers)  # new names: no search for ones to replace
     return response
 
 
