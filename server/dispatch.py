@@ -320,7 +320,7 @@ class Dispatcher:
 
     def _count_failure(self, worker: WorkerHandle, reason: str) -> None:
         """One more engine failure in a row; enough of them pause the worker (its breaker)."""
-        if not worker.breaker.failed(trio.current_time(), running=len(worker.jobs)) \
+        if not worker.breaker.failed(trio.current_time(), running=worker.jobs.keys()) \
                 or worker.state not in ("ready", "failing"):
             return
         worker.state = "failing"

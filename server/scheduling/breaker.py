@@ -6,15 +6,18 @@ traffic. After `TRIP_AFTER` engine failures in a row it gets nothing for a pause
 from `FIRST_PAUSE_S` to `MAX_PAUSE_S`; then it is tried again, and one more failure pauses it
 again, while one success closes the breaker.
 
-"In a row" is judged once the worker has answered everything it was given: a request that fails
-at once overtakes a request of the same batch that succeeds a second later, so failures counted
-while other requests still run say nothing yet about the worker (a few bad requests in a batch
-would otherwise pause a sound worker, and with it every request behind them).
+"In a row" is judged once the requests the worker held when the run of failures began have
+answered: a request that fails at once overtakes a request of the same batch that succeeds a
+second later, so failures counted while those still run say nothing yet about the worker (a few
+bad requests in a batch would otherwise pause a sound worker, and with it every request behind
+them). Requests sent after the run began do not delay the verdict, so steady traffic to a
+broken worker cannot keep it from pausing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 TRIP_AFTER = 5
 FIRST_PAUSE_S = 1.0
@@ -26,13 +29,18 @@ class Breaker:
     failures: int = 0  # engine failures in a row
     pause_s: float = 0.0
     paused_until: float = 0.0
+    awaited: set[str] = field(default_factory=set)  # held when the failures began, unanswered
 
-    def failed(self, now: float, running: int = 0) -> bool:
+    def failed(self, now: float, running: Collection[str] = ()) -> bool:
         """Count one failure; True if the worker must pause now (until `paused_until`).
 
         `running`: the worker's requests still unanswered, any of which may yet succeed."""
+        if not self.failures:
+            self.awaited = set(running)  # what may still prove the worker sound
+        else:
+            self.awaited.intersection_update(running)  # those answered since: not any more
         self.failures += 1
-        if self.failures < TRIP_AFTER or running:
+        if self.failures < TRIP_AFTER or self.awaited:
             return False
         self.pause_s = min(MAX_PAUSE_S, self.pause_s * 2 if self.pause_s else FIRST_PAUSE_S)
         self.paused_until = now + self.pause_s

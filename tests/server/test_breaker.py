@@ -35,8 +35,17 @@ def test_one_success_closes_the_breaker():
 def test_failures_do_not_trip_it_while_requests_that_may_succeed_still_run():
     """Fast failures overtake slow successes of the same batch: the verdict waits for them."""
     breaker = Breaker()
-    assert not any(breaker.failed(now=0, running=3) for _ in range(3 * TRIP_AFTER))
+    slow = {"a", "b", "c"}
+    assert not any(breaker.failed(now=0, running=slow) for _ in range(3 * TRIP_AFTER))
     breaker.succeeded()  # one of the slow ones succeeded: the worker is sound
     assert breaker.failures == 0
-    assert not any(breaker.failed(now=0, running=1) for _ in range(TRIP_AFTER))
-    assert breaker.failed(now=0, running=0)  # the last one failed too: every request failed
+    assert not any(breaker.failed(now=0, running={"d"}) for _ in range(TRIP_AFTER))
+    assert breaker.failed(now=0, running=set())  # the last one failed too: every request failed
+
+
+def test_requests_sent_after_the_failures_began_do_not_hold_the_verdict_off():
+    """Steady traffic to a broken worker: something new is always in flight, yet it pauses."""
+    breaker = Breaker()
+    assert not breaker.failed(now=0, running={"first batch"})
+    verdicts = [breaker.failed(now=0, running={f"new {i}"}) for i in range(TRIP_AFTER)]
+    assert verdicts[-1] and not any(verdicts[:TRIP_AFTER - 2])
