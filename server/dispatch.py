@@ -319,7 +319,10 @@ class Dispatcher:
                 and any(other is not worker for other in self.registry.ready(worker.model)))
 
     def _count_failure(self, worker: WorkerHandle, reason: str) -> None:
-        """One more engine failure in a row; enough of them pause the worker (its breaker)."""
+        """One more engine failure in a row; enough of them pause the worker (its breaker).
+        Each shows in /health, so a worker failing some requests is not shown plainly ready."""
+        worker.jobs_failed += 1
+        worker.last_failure = reason
         if not worker.breaker.failed(trio.current_time(), running=worker.jobs.keys()) \
                 or worker.state not in ("ready", "failing"):
             return

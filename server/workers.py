@@ -39,6 +39,8 @@ class WorkerHandle:
     jobs: dict[str, Job] = field(default_factory=dict)
     batches_sent: int = 0
     jobs_done: int = 0
+    jobs_failed: int = 0  # by its engine (not the client's fault), paused for or not
+    last_failure: str = ""
 
 
 class WorkerRegistry:
@@ -145,6 +147,7 @@ class WorkerRegistry:
             "max_num_seqs": w.load.max_num_seqs,
             "max_num_batched_tokens": w.load.max_num_batched_tokens,
             "batches_sent": w.batches_sent, "jobs_done": w.jobs_done,
+            "jobs_failed": w.jobs_failed, "last_failure": w.last_failure,
             "last_seen_s_ago": round(now - w.last_seen, 3), "error": w.error,
         } for w in self.workers.values()]
 

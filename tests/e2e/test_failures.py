@@ -118,6 +118,9 @@ async def test_injected_engine_errors_fail_only_their_requests(make_cluster):
     assert codes.count(502) > 0 and codes.count(200) > 0 and set(codes) == {200, 502}
     failed = next(text for status, text in results if status == 502)
     assert "injected failure" in failed and '"type": "engine_error"' in failed.replace('":"', '": "')
+    worker = (await cluster.health())["workers"][0]  # still ready, but not plainly so
+    assert worker["state"] == "ready" and worker["jobs_failed"] == codes.count(502)
+    assert "injected failure" in worker["last_failure"]
 
 
 async def test_a_worker_that_fails_every_request_is_paused_and_its_requests_run_elsewhere(
