@@ -185,16 +185,18 @@ class Dispatcher:
 
     async def _liveness_loop(self) -> None:
         period = min(0.5, self.settings.worker_timeout_s / 4)
-        woke = trio.current_time()
+        woke, deferred = trio.current_time(), False
         while True:
             await trio.sleep(period)
             now = trio.current_time()
             # Woken late, the front itself did not run (starved of CPU, or a blocking call): the
             # heartbeats of that time still wait unread in its socket. Judging silence now would
-            # kill sound workers; the next round judges it, after the receive loop read them.
-            front_stalled, woke = now - woke > 2 * period, now
+            # kill sound workers; the next round judges it, after the receive loop read them
+            # (only one round waits: a front late every round still finds dead workers).
+            deferred = now - woke > 2 * period and not deferred
+            woke = now
             for worker in list(self.workers.values()):
-                if worker.state not in GONE and not front_stalled \
+                if worker.state not in GONE and not deferred \
                         and now - worker.last_seen > self.settings.worker_timeout_s:
                     self._mark_dead(worker, f"silent for over {self.settings.worker_timeout_s:g} s")
                 elif worker.state == "failing" and worker.breaker.may_resume(now):

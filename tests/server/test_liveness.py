@@ -48,3 +48,15 @@ async def test_a_front_that_stalled_reads_its_heartbeats_before_it_judges(mock_c
         await pass_time(mock_clock, 0.5)
         assert worker.state == "dead"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_front_late_every_round_still_finds_a_dead_worker(mock_clock):
+    dispatcher, worker = dispatcher_with_a_worker()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dispatcher._liveness_loop)
+        await trio.testing.wait_all_tasks_blocked()
+        await pass_time(mock_clock, 5)
+        assert worker.state == "ready"  # one late round waits for the socket to be read
+        await pass_time(mock_clock, 5)
+        assert worker.state == "dead"  # the next, late as well, judges: it was read meanwhile
+        nursery.cancel_scope.cancel()
