@@ -4,7 +4,9 @@ tokens per minute, concurrent requests and tokens per day, with OpenAI's 429s an
 A request is admitted only if every subject it counts against (its user, and its key) has room;
 then it is counted against all of them at once. Tokens are charged up front at the request's
 cost (its prompt's estimated tokens plus the `max_tokens` it asks for) and settled when it ends
-against what it really used, so a short answer gives back what it did not take.
+against what it really used: a short answer gives back what it did not take, and a prompt that
+was longer than its estimate is charged the difference, so a tpm limit or a daily quota holds
+against real use, overshot by at most the requests in flight when it runs out.
 
 Several fronts on one store share their counts through it (server/limit_sync.py), never on the
 request path: every COHORT_LIMIT_SYNC_S each front writes what it admitted and reads what the
@@ -208,21 +210,27 @@ class Limiter:
                 "Retry-After": str(max(1, math.ceil(wait)))}
 
     def settle(self, ticket: Ticket, used_tokens: int | None, now: float) -> None:
-        """The request ended: free its concurrency slot, give back the tokens it did not use
-        (to the daily quota only on the day they were charged)."""
-        refund = 0 if used_tokens is None else max(0, ticket.charged - used_tokens)
+        """The request ended: free its concurrency slot and charge what it really used instead
+        of its estimate: unused tokens go back (to the daily quota only on the day they were
+        charged), use above the estimate is charged too (the buckets may go into debt), so a
+        limit holds against real use, overshot by at most the requests in flight. `None`: its
+        use is unknown (cut off mid-run), and the estimate stands."""
+        delta = 0 if used_tokens is None else used_tokens - ticket.charged
         for subject, _ in ticket.subjects:
             counters = self._counters.get(subject)
             if counters is None:
                 continue
             if ticket.holds_slot:
                 counters.in_flight = max(0, counters.in_flight - 1)
-            if refund:
+            if delta:
                 if counters.day == ticket.day:
-                    counters.day_tokens = max(0, counters.day_tokens - refund)
+                    counters.day_tokens = max(0, counters.day_tokens + delta)
                 if counters.tokens is not None:
-                    counters.tokens.give_back(now, refund)
-                counters.unsynced_tokens -= refund
+                    if delta < 0:
+                        counters.tokens.give_back(now, -delta)
+                    else:
+                        counters.tokens.force_take(now, delta)
+                counters.unsynced_tokens += delta
             self._changed.add(subject)
 
     # --- for the limit sync (server/limit_sync.py) ------------------------------------------

@@ -109,3 +109,36 @@ def test_a_refund_after_midnight_leaves_the_new_days_quota_alone():
     limiter.settle(ticket, used_tokens=0, now=0)  # yesterday's refund
     with pytest.raises(QuotaExceeded):
         limiter.admit(user, 20, now=0, today=tomorrow)
+
+
+def test_use_above_the_estimate_is_charged_so_a_quota_holds_against_real_use():
+    """A request estimated at 13 tokens that used 26 costs 26: the quota of 100 is spent after
+    four such requests (overshot by the last one only), and the fifth is refused."""
+    limiter = Limiter()
+    user = [("user:1", Limits(tokens_per_day=100))]
+    served = 0
+    with pytest.raises(QuotaExceeded):
+        for _ in range(20):
+            ticket = limiter.admit(user, 13, now=0, today=DAY)
+            limiter.settle(ticket, used_tokens=26, now=0)
+            served += 1
+    assert served == 4  # 4 x 26 = 104: over by at most the one request that was in flight
+
+
+def test_use_above_the_estimate_puts_the_token_bucket_into_debt():
+    limiter = Limiter()
+    key = [("key:7", Limits(tpm=60))]
+    ticket = limiter.admit(key, 10, now=0, today=DAY)
+    limiter.settle(ticket, used_tokens=90, now=0)  # 30 beyond a whole minute's worth
+    with pytest.raises(RateLimited) as refused:
+        limiter.admit(key, 10, now=0, today=DAY)
+    assert refused.value.headers["Retry-After"] == "40"  # the debt of 30, then 10 more, at 1/s
+    limiter.admit(key, 10, now=40, today=DAY)
+
+
+def test_a_refusal_after_admission_gives_everything_back():
+    limiter = Limiter()
+    user = [("user:1", Limits(tokens_per_day=100, concurrency=1))]
+    ticket = limiter.admit(user, 90, now=0, today=DAY)
+    limiter.settle(ticket, used_tokens=0, now=0)  # refused at submit: nothing ran
+    limiter.admit(user, 90, now=0, today=DAY)
