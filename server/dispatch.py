@@ -27,6 +27,7 @@ from server.errors import (BadRequest, CohortError, EngineFailed, NoWorkers, Ups
 from server.jobs import Job
 from server.metrics import Metrics
 from server.scheduling.engine_priority import engine_priorities
+from server.scheduling.queue import batch_headroom
 from server.scheduling.placement import ENGINE_BACKLOG, Placement
 from server.scheduling.rate import TokenBucket
 from server.workers import GONE, WorkerHandle, WorkerRegistry
@@ -405,7 +406,7 @@ class Dispatcher:
 
     def headroom(self, model: str) -> int:
         share = self.settings.batch_headroom
-        return sum(math.ceil(w.load.max_num_seqs * share) for w in self.registry.ready(model))
+        return sum(batch_headroom(w.load.max_num_seqs, share) for w in self.registry.ready(model))
 
     async def send_batch(self, model: str, jobs: list[Job], *, force: bool = False,
                          beyond_backlog: bool = False) -> list[Job]:

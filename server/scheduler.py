@@ -7,7 +7,9 @@ once the oldest has waited `max_wait_s` (VLLM_BATCH_WAIT_TIMEOUT), into the leas
 own queue, as `vllm serve` would have queued them. The window never delays a request while a
 worker is idle. What leaves is chosen by the queue's fair shares (`server.scheduling.queue`):
 interactive before batch, tenants by turns; batch work only ever takes room that is free, less
-a headroom (COHORT_BATCH_HEADROOM) kept for interactive requests that arrive. A user
+a headroom (COHORT_BATCH_HEADROOM) kept for interactive requests that arrive, and only while
+interactive traffic is recent (INTERACTIVE_RECENT_S): the headroom may delay batch work, never
+stop it, so idle engines always take it (work-conserving, whatever max_num_seqs is). A user
 holding less than its share of the engines skips the window: its requests go into an engine's
 queue at once, where their priority starts them before the busier users' (engine_priority).
 """
@@ -15,6 +17,7 @@ queue at once, where their priority starts them before the busier users' (engine
 from __future__ import annotations
 
 import logging
+import math
 from typing import Protocol
 
 import trio
@@ -24,6 +27,9 @@ from server.jobs import Job
 from server.scheduling.queue import ModelQueue, under_share
 
 INTERACTIVE = ("interactive",)
+# Interactive traffic is "recent" this long after its last arrival: the headroom is kept for it
+# meanwhile, then batch work may take every free slot until the next interactive request comes.
+INTERACTIVE_RECENT_S = 5.0
 
 log = logging.getLogger("cohort.scheduler")
 
@@ -66,6 +72,7 @@ class Scheduler:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.queues: dict[str, ModelQueue] = {}
+        self._interactive_at: dict[str, float] = {}  # per model, its last interactive arrival
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -94,6 +101,8 @@ class Scheduler:
             queue = self.queues[job.spec.model] = ModelQueue(self.max_queue, fair=self.fair)
             self._nursery.start_soon(self._batch_loop, job.spec.model, queue)
         queue.push(job)
+        if job.spec.tier == "interactive":
+            self._interactive_at[job.spec.model] = trio.current_time()
 
     def requeue(self, jobs: list[Job]) -> None:
         """Put jobs whose worker died back at the head of their queues."""
@@ -140,11 +149,15 @@ class Scheduler:
             while queue.oldest_arrival() is None:
                 await queue.wait_changed()
             room, force = self.sink.room(model), False
-            headroom = self.sink.headroom(model) if self.fair else 0
+            recent_until = self._interactive_at.get(model, -math.inf) + INTERACTIVE_RECENT_S
+            headroom = (self.sink.headroom(model)
+                        if self.fair and trio.current_time() < recent_until else 0)
             if 0 < room <= headroom and queue.oldest_arrival(INTERACTIVE) is None:
                 # Only batch work waits, and the room left is the headroom it leaves free, so
-                # that an interactive request that comes finds a slot at once.
-                await self._either(self.sink.wait_for_change, queue.wait_changed)
+                # that an interactive request that comes finds a slot at once; once interactive
+                # traffic is no longer recent, batch work takes that room too.
+                with trio.move_on_at(recent_until):
+                    await self._either(self.sink.wait_for_change, queue.wait_changed)
                 continue
             if not room:
                 oldest = queue.oldest_arrival(INTERACTIVE)

@@ -30,6 +30,13 @@ QUANTUM_TOKENS = 512  # a turn's worth of tokens: one long request, or a few sho
 TOTAL_FACTOR = 4
 
 
+def batch_headroom(max_num_seqs: int, share: float) -> int:
+    """Sequences batch work leaves free on one engine for interactive requests that arrive: a
+    `share` of its max_num_seqs, rounded up, yet never the whole engine, so an idle engine
+    takes batch work whatever its size (with max_num_seqs 1, none is kept)."""
+    return min(math.ceil(max_num_seqs * share), max(0, max_num_seqs - 1))
+
+
 def under_share(waiting: dict[str, float], held: dict[str, tuple[int, float]],
                 capacity: int) -> dict[str, int]:
     """The waiting tenants that hold less than their share of the model's engines, and how many

@@ -6,7 +6,8 @@ import trio
 
 from server.errors import QueueFull
 from server.jobs import Job, JobSpec
-from server.scheduling.queue import ModelQueue, under_share
+from server.scheduler import INTERACTIVE_RECENT_S
+from server.scheduling.queue import batch_headroom, ModelQueue, under_share
 from tests.server.test_scheduler import MAX_WAIT_S, RecordingSink, started
 
 
@@ -130,15 +131,51 @@ async def test_a_user_below_its_share_skips_the_window_and_the_backlog(autojump_
 
 async def test_batch_work_leaves_the_headroom_free_and_interactive_work_takes_it(autojump_clock,
                                                                                  nursery):
-    sink = RecordingSink(free=4)
+    sink = RecordingSink(free=5)
     sink.reserve = 1  # a slot batch work leaves free
     scheduler = await started(sink, nursery=nursery)
+    scheduler.submit(job("B", at=trio.current_time()))  # interactive traffic: the headroom holds
+    await trio.sleep(0)
     batch_jobs = [job("A", tier="batch", at=trio.current_time()) for _ in range(6)]
     for queued in batch_jobs:
         scheduler.submit(queued)
     await trio.sleep(10 * MAX_WAIT_S)
-    assert [len(jobs) for _, jobs, _ in sink.sent] == [3]  # 4 free, 1 kept
+    assert sum(len(jobs) for _, jobs, _ in sink.sent) == 4  # B's, and 3 of A's: 1 of 5 kept
     interactive = job("B", at=trio.current_time())
     scheduler.submit(interactive)
     await trio.sleep(MAX_WAIT_S / 10)
     assert sink.sent[-1][1] == [interactive] and sink.sent[-1][0] == 10 * MAX_WAIT_S  # at once
+
+async def test_idle_capacity_goes_to_batch_work_once_interactive_traffic_is_not_recent(
+        autojump_clock, nursery):
+    """Work-conserving: the headroom may delay batch work, never stop it. With no interactive
+    arrival for INTERACTIVE_RECENT_S, batch work takes the slots that were kept."""
+    sink = RecordingSink(free=3)
+    sink.reserve = 2
+    scheduler = await started(sink, nursery=nursery)
+    scheduler.submit(job("B", at=trio.current_time()))
+    await trio.sleep(0)
+    for _ in range(4):
+        scheduler.submit(job("A", tier="batch", at=trio.current_time()))
+    await trio.sleep(1)
+    assert [len(jobs) for _, jobs, _ in sink.sent] == [1]  # 2 free, both kept
+    await trio.sleep(INTERACTIVE_RECENT_S)
+    assert [(t, len(jobs)) for t, jobs, _ in sink.sent][1:] == [(INTERACTIVE_RECENT_S, 2)]
+
+
+async def test_batch_work_with_no_interactive_traffic_takes_every_free_slot(autojump_clock,
+                                                                           nursery):
+    sink = RecordingSink(free=4)
+    sink.reserve = 1
+    scheduler = await started(sink, nursery=nursery)
+    for _ in range(6):
+        scheduler.submit(job("A", tier="batch", at=trio.current_time()))
+    await trio.sleep(1)
+    assert [len(jobs) for _, jobs, _ in sink.sent] == [4]
+
+
+@pytest.mark.parametrize("max_num_seqs, kept", [(1, 0), (2, 1), (256, 32)])
+def test_the_headroom_never_takes_a_whole_engine(max_num_seqs, kept):
+    """An eighth of each engine is kept (rounded up), never all of it: an idle engine with
+    max_num_seqs 1 takes batch work even while interactive traffic is recent."""
+    assert batch_headroom(max_num_seqs, 0.125) == kept
