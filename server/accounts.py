@@ -143,7 +143,7 @@ def remove_user(store: Store, username: str) -> None:
     found = user(store, username)
     if found.role == "admin" and not found.disabled:
         _keep_an_admin(store)
-    store.delete_user(found)
+    store.remove_user(found)
 
 
 def _keep_an_admin(store: Store) -> None:

@@ -20,7 +20,6 @@ from server import leases
 from server.db import BaseModel, unix, utcnow
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
-LINE_FINAL = ("completed", "failed")
 
 
 class File(BaseModel):
@@ -133,6 +132,9 @@ class BatchQueries:
 
     db: peewee.Database
 
+    def insert_usage(self, rows: list[dict[str, Any]]) -> None:  # server.store.Store's
+        raise NotImplementedError
+
     def _writing(self):
         """A transaction that reads, then writes: on SQLite it takes the write lock at its start
         (IMMEDIATE), since a reader that turns writer fails at once, without waiting, when
@@ -219,18 +221,24 @@ class BatchQueries:
             .order_by(BatchLine.line).limit(limit))
 
     def record_lines(self, batch_id: str, owner: str,
-                     outcomes: list[tuple[int, str, str]]) -> int:
-        """Write outcomes (line, status, response JSON) in one transaction, each only if its
-        line is still queued and the batch still `owner`'s; count them on the batch. Returns how
-        many were written."""
+                     outcomes: list[tuple[int, str, str, dict[str, Any] | None]]) -> int:
+        """Write outcomes (line, status, response JSON, its usage row or None) in one
+        transaction, each only if its line is still queued and the batch still `owner`'s, and
+        each line's ledger row with its outcome, so a crash can neither lose nor double a row;
+        count them on the batch. Returns how many were written."""
         with self._writing():
             if not self._held(batch_id, owner):
                 return 0
             counts = {"completed": 0, "failed": 0}
-            for line, status, response in outcomes:
-                counts[status] += BatchLine.update(status=status, response=response).where(
+            rows = []
+            for line, status, response, usage in outcomes:
+                written = BatchLine.update(status=status, response=response).where(
                     BatchLine.batch_id == batch_id, BatchLine.line == line,
                     BatchLine.status == "queued").execute()
+                counts[status] += written
+                if written and usage is not None:
+                    rows.append(usage)
+            self.insert_usage(rows)
             Batch.update(completed=Batch.completed + counts["completed"],
                          failed=Batch.failed + counts["failed"]).where(
                 Batch.id == batch_id).execute()

@@ -27,12 +27,14 @@ from playhouse.migrate import SchemaMigrator, migrate
 from playhouse.pool import PooledPostgresqlDatabase
 
 from server import leases
-from server.batch_store import BATCH_MODELS, BatchQueries
+from server.batch_store import BATCH_MODELS, Batch, BatchLine, BatchQueries, File, FileChunk
 from server.db import BaseModel, database, stamp, utcnow
 
 log = logging.getLogger("cohort.store")
 
-SCHEMA_VERSION = 4  # 2: task leases; 3: limits, the usage ledger; 4: roles, keys limited to models
+# 2: task leases; 3: limits, the usage ledger; 4: roles, keys limited to models; 5: ledger rows
+# keyed by request id and named by user, removed users kept as tombstones, a task's key
+SCHEMA_VERSION = 5
 T = TypeVar("T")
 
 class SchemaVersion(BaseModel):
@@ -47,6 +49,9 @@ class User(BaseModel):
     disabled = peewee.BooleanField(default=False)
     role = peewee.CharField(default="user", max_length=16)  # user | admin
     created_at = peewee.DateTimeField(default=utcnow)
+    # a removed user stays as a tombstone (renamed `removed:ID`, no password, disabled), owning
+    # nothing, so its id is never given to another user
+    removed_at = peewee.DateTimeField(null=True)
 
 
 class Token(BaseModel):
@@ -69,6 +74,7 @@ class Task(BaseModel):
     user = peewee.ForeignKeyField(User, backref="tasks", on_delete="CASCADE")
     status = peewee.CharField(max_length=16, index=True)  # queued|running|completed|failed|cancelled
     kind = peewee.CharField(max_length=16)
+    key_id = peewee.IntegerField(default=0)  # the API key that submitted it, for the ledger
     request = peewee.TextField()
     result = peewee.TextField(null=True)
     error = peewee.TextField(null=True)
@@ -96,7 +102,10 @@ class Usage(BaseModel):
     """One finished request: who, what, how many tokens, how long (the usage ledger)."""
 
     at = peewee.DateTimeField(index=True)
+    # the request's id, unique: writing a row twice (a rerun after a crash) is a no-op
+    request_id = peewee.CharField(null=True, max_length=80)
     user_id = peewee.IntegerField()  # no index of its own: each costs every insert; `at` narrows
+    username = peewee.CharField(default="", max_length=64)  # kept for billing after removal
     key_id = peewee.IntegerField(default=0)
     model = peewee.CharField(max_length=200)
     route = peewee.CharField(max_length=16)
@@ -106,6 +115,9 @@ class Usage(BaseModel):
     queue_s = peewee.FloatField(default=0.0)
     ttft_s = peewee.FloatField(null=True)
     total_s = peewee.FloatField(default=0.0)
+
+
+Usage.add_index(Usage.request_id, unique=True)
 
 
 class LimitCount(BaseModel):
@@ -145,6 +157,7 @@ class Claimed:
     kind: str
     request: dict
     attempts: int
+    key_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -223,8 +236,10 @@ class Store(BatchQueries):
     def _add_missing_columns(self) -> None:
         """Bring tables of an older schema up to date: the columns later versions added."""
         migrator = SchemaMigrator.from_database(self.db)
-        for table, fields in (("task", (Task.owner, Task.lease_until)),  # 2
-                              ("user", (User.role,)), ("token", (Token.models,))):  # 4
+        for table, fields in (("task", (Task.owner, Task.lease_until, Task.key_id)),  # 2, 5
+                              ("user", (User.role, User.removed_at)),  # 4, 5
+                              ("token", (Token.models,)),  # 4
+                              ("usage", (Usage.request_id, Usage.username))):  # 5
             if not self.db.table_exists(table):
                 continue
             present = {column.name for column in self.db.get_columns(table)}
@@ -262,29 +277,64 @@ class Store(BatchQueries):
         return User.create(username=username, password_hash=password_hash, role=role)
 
     def user_named(self, username: str) -> User | None:
-        return User.get_or_none(User.username == username)
+        return User.get_or_none(User.username == username, User.removed_at.is_null())
 
     def set_disabled(self, username: str, disabled: bool) -> bool:
         return User.update(disabled=disabled).where(User.username == username).execute() > 0
 
     def update_user(self, user: User, **values: object) -> None:
-        User.update(**values).where(User.id == user.id).execute()
+        """Change a user; disabling it also stops its queued tasks and running batches, in the
+        same transaction."""
+        with self._writing():
+            User.update(**values).where(User.id == user.id).execute()
+            if values.get("disabled"):
+                self.stop_work_of(user.id, "the user was disabled")
 
-    def delete_user(self, user: User) -> None:
-        """The user, its credentials and tasks (by cascade) and its limits; its ledger rows stay."""
+    def remove_user(self, user: User) -> None:
+        """Remove a user and everything it owns, in one transaction: its keys and tokens, tasks,
+        files, batches (with their lines and output files) and limits. The user's row stays as
+        a tombstone, so its id is never another user's; its ledger rows stay, with its name."""
         with self._writing():
             keys = [f"key:{token.id}" for token in Token.select(Token.id).where(Token.user == user)]
-            Limit.delete().where(Limit.subject.in_([f"user:{user.id}", *keys])).execute()
+            subjects = [f"user:{user.id}", *keys]
+            Limit.delete().where(Limit.subject.in_(subjects)).execute()
+            LimitCount.delete().where(LimitCount.subject.in_(subjects)).execute()
             Task.delete().where(Task.user == user).execute()
             Token.delete().where(Token.user == user).execute()
-            User.delete().where(User.id == user.id).execute()
+            batches = Batch.select(Batch.id).where(Batch.user_id == user.id)
+            BatchLine.delete().where(BatchLine.batch_id.in_(batches)).execute()
+            Batch.delete().where(Batch.user_id == user.id).execute()
+            files = File.select(File.id).where(File.user_id == user.id)
+            FileChunk.delete().where(FileChunk.file_id.in_(files)).execute()
+            File.delete().where(File.user_id == user.id).execute()
+            User.update(username=f"removed:{user.id}", password_hash="!", disabled=True,
+                        role="user", removed_at=utcnow()).where(User.id == user.id).execute()
+
+    def stop_work_of(self, user_id: int, why: str) -> tuple[int, int]:
+        """Cancel a user's unfinished tasks and stop its active batches (`cancelling`, with the
+        reason as the batch's error), so a disabled user's work stops; (tasks, batches)."""
+        now = utcnow()
+        tasks = Task.update(status="cancelled", finished_at=now, owner=None, lease_until=None,
+                            error=json.dumps({"message": f"cancelled: {why}",
+                                              "type": "cancelled", "code": "user_disabled"})
+                            ).where(Task.user == user_id, Task.status.in_(UNFINISHED)).execute()
+        batches = Batch.update(status="cancelling", cancelling_at=now, errors=json.dumps({
+            "object": "list", "data": [{"code": "user_disabled", "message": f"cancelled: {why}",
+                                        "line": None, "param": None}]})).where(
+            Batch.user_id == user_id, Batch.status.in_(("validating", "in_progress"))).execute()
+        return tasks, batches
+
+    def username_of(self, user_id: int) -> str | None:
+        """A user's name by id (a removed user's tombstone name too)."""
+        user = User.get_or_none(User.id == user_id)
+        return user.username if user else None
 
     def admins(self) -> int:
         """How many enabled admins there are (the last one may not be removed)."""
         return User.select().where(User.role == "admin", User.disabled == False).count()  # noqa: E712
 
     def users(self) -> list[User]:
-        return list(User.select().order_by(User.username))
+        return list(User.select().where(User.removed_at.is_null()).order_by(User.username))
 
     def user_view(self, user: User) -> dict[str, Any]:
         """A user as the admin API shows it: never its password hash."""
@@ -373,13 +423,14 @@ class Store(BatchQueries):
                     request=json.dumps(request), owner=owner, lease_until=lease_until)
 
     def add_tasks(self, rows: list[tuple[str, int, str, dict]], owner: str | None = None,
-                  lease_until: datetime.datetime | None = None) -> None:
+                  lease_until: datetime.datetime | None = None, key_id: int = 0) -> None:
         """Many tasks in one transaction (a batch request), leased to `owner` from the start."""
         with self.db.atomic():
             Task.insert_many([{
                 "id": task_id, "user": user_id, "status": "queued", "kind": kind,
-                "request": json.dumps(request), "owner": owner, "lease_until": lease_until,
-                "created_at": utcnow()} for task_id, user_id, kind, request in rows]).execute()
+                "key_id": key_id, "request": json.dumps(request), "owner": owner,
+                "lease_until": lease_until, "created_at": utcnow()}
+                for task_id, user_id, kind, request in rows]).execute()
 
     def task_started(self, task_id: str, owner: str | None = None) -> bool:
         """Mark a run of the task begun (one more attempt); False if it is not ours to run."""
@@ -388,30 +439,41 @@ class Store(BatchQueries):
             Task.id == task_id, Task.status.not_in(FINAL), *_owned_by(owner)).execute() > 0
 
     def task_finished(self, task_id: str, status: str, result: dict | None = None,
-                      error: dict | None = None, owner: str | None = None) -> bool:
+                      error: dict | None = None, owner: str | None = None,
+                      usage: dict[str, Any] | None = None) -> bool:
         """Record an outcome, unless the task already has one (a cancel wins over a late result)
-        or, given `owner`, another front has taken it over: one outcome per task, whoever ran it."""
-        return Task.update(
-            status=status, finished_at=utcnow(),
-            result=json.dumps(result) if result is not None else None,
-            error=json.dumps(error) if error is not None else None,
-        ).where(Task.id == task_id, Task.status.not_in(FINAL), *_owned_by(owner)).execute() > 0
+        or, given `owner`, another front has taken it over: one outcome per task, whoever ran it.
+        Its ledger row (`usage`, keyed by the task's id) is written in the same transaction, so
+        a crash can neither lose nor double it."""
+        with self.db.atomic():
+            self.insert_usage([usage] if usage is not None else [])
+            return Task.update(
+                status=status, finished_at=utcnow(),
+                result=json.dumps(result) if result is not None else None,
+                error=json.dumps(error) if error is not None else None,
+            ).where(Task.id == task_id, Task.status.not_in(FINAL), *_owned_by(owner)).execute() > 0
 
     # --- usage ------------------------------------------------------------------------------
 
     def add_usage(self, rows: list[dict[str, Any]]) -> None:
-        """A batch of finished requests in one transaction (never one commit per request), in
-        one `executemany`: peewee's insert_many, which builds each row's SQL, took ten times as
-        long (30 ms of the front's time a second at 1,000 requests a second)."""
+        """A group of ledger rows in one transaction (never one commit per request)."""
+        with self.db.atomic():
+            self.insert_usage(rows)
+
+    def insert_usage(self, rows: list[dict[str, Any]]) -> None:
+        """Ledger rows in one `executemany` (peewee's insert_many, which builds each row's SQL,
+        took ten times as long), within the caller's transaction; a row whose request id is
+        already there is skipped, so a rerun never doubles it."""
+        if not rows:
+            return
         columns = [name for name in Usage._meta.sorted_field_names if name != "id"]
-        sql = 'INSERT INTO "{}" ({}) VALUES ({})'.format(
+        sql = 'INSERT INTO "{}" ({}) VALUES ({}) ON CONFLICT DO NOTHING'.format(
             Usage._meta.table_name, ", ".join(f'"{name}"' for name in columns),
             ", ".join(self.db.param for _ in columns))
         as_text = isinstance(self.db, peewee.SqliteDatabase)  # peewee's own DATETIME format
         values = [tuple(str(row[name]) if as_text and name == "at" else row[name]
                         for name in columns) for row in rows]
-        with self.db.atomic():
-            self.db.cursor().executemany(sql, values)
+        self.db.cursor().executemany(sql, values)
 
     def usage_of(self, user_id: int | None, start: datetime.datetime, end: datetime.datetime,
                  group_by: str | None) -> dict[str, Any]:
@@ -434,10 +496,11 @@ class Store(BatchQueries):
             answer["buckets"] = [{group_by: row["group"], **{
                 name: int(row[name]) for name in ("requests", "prompt_tokens", "completion_tokens")}}
                 for row in rows]
-            if group_by == "user":  # by name; a deleted user's rows stay, under its old id
-                names = dict(User.select(User.id, User.username).tuples())
+            if group_by == "user":  # by the name each row keeps (a removed user's too)
+                names = dict(Usage.select(Usage.user_id, peewee.fn.MAX(Usage.username)).where(
+                    *where).group_by(Usage.user_id).tuples())
                 for bucket in answer["buckets"]:
-                    bucket["user"] = names.get(bucket["user"], f"#{bucket['user']}")
+                    bucket["user"] = names.get(bucket["user"]) or f"#{bucket['user']}"
         return answer
 
     # --- limit counts shared by the fronts -----------------------------------------------------
@@ -489,7 +552,8 @@ class Store(BatchQueries):
                      limit: int) -> list[Claimed]:
         """Take over up to `limit` unfinished tasks whose lease lapsed (or that never had one),
         each won by exactly one of the fronts that try at once."""
-        return [Claimed(task.id, task.user_id, task.kind, json.loads(task.request), task.attempts)
+        return [Claimed(task.id, task.user_id, task.kind, json.loads(task.request), task.attempts,
+                        task.key_id)
                 for task in leases.claim_lapsed(Task, owner, now, until, limit, UNFINISHED)]
 
     def release_leases(self, owner: str, task_ids: list[str]) -> int:

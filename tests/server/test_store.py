@@ -52,7 +52,7 @@ def test_a_version_1_store_gains_the_later_columns_and_keeps_its_rows(tmp_path):
     old.commit()
     store = make(f"sqlite:///{path}")
     with store.db.connection_context():
-        assert SchemaVersion.select().first().version == SCHEMA_VERSION == 4
+        assert SchemaVersion.select().first().version == SCHEMA_VERSION == 5
         owner = store.user_for_token("d1")  # a user of old is a user, its key may use any model
         assert (owner.username, owner.role, owner.models) == ("alice", "user", None)
         [claimed] = store.claim_lapsed("front-a", T0, T0 + LEASE, 10)  # no lease: free to take
@@ -185,11 +185,13 @@ def test_the_usage_ledger_sums_per_user_and_groups(database_url):
         row = {"route": "chat", "status": 200, "queue_s": 0.0, "ttft_s": 0.1, "total_s": 0.2}
         store.add_usage([
             {**row, "at": T0, "user_id": alice.id, "key_id": 1, "model": "a",
-             "prompt_tokens": 10, "completion_tokens": 5},
+             "prompt_tokens": 10, "completion_tokens": 5, "request_id": "r1", "username": "alice"},
             {**row, "at": T0 + datetime.timedelta(days=1), "user_id": alice.id, "key_id": 2,
-             "model": "b", "prompt_tokens": 1, "completion_tokens": 1},
+             "model": "b", "prompt_tokens": 1, "completion_tokens": 1, "request_id": "r2",
+             "username": "alice"},
             {**row, "at": T0, "user_id": bob.id, "key_id": 3, "model": "a",
-             "prompt_tokens": 100, "completion_tokens": 100}])
+             "prompt_tokens": 100, "completion_tokens": 100, "request_id": "r3",
+             "username": "bob"}])
         week = (T0 - LEASE, T0 + datetime.timedelta(days=7))
         mine = store.usage_of(alice.id, *week, "day")
         assert (mine["requests"], mine["prompt_tokens"], mine["completion_tokens"]) == (2, 11, 6)
@@ -198,3 +200,108 @@ def test_the_usage_ledger_sums_per_user_and_groups(database_url):
         by_model = store.usage_of(None, *week, "model")["buckets"]
         assert by_model[0] == {"model": "a", "requests": 2, "prompt_tokens": 110,
                                "completion_tokens": 105}
+
+
+def _usage(user_id: int, username: str, request_id: str, tokens: int = 1) -> dict:
+    return {"at": T0, "request_id": request_id, "user_id": user_id, "username": username,
+            "key_id": 0, "model": "m", "route": "chat", "status": 200, "prompt_tokens": tokens,
+            "completion_tokens": tokens, "queue_s": 0.0, "ttft_s": None, "total_s": 0.1}
+
+
+def test_a_ledger_row_written_twice_is_one_row(database_url):
+    """Rows are keyed by request id: a rerun after a crash cannot double a request's row."""
+    store = make(database_url)
+    with store.db.connection_context():
+        store.add_usage([_usage(1, "alice", "job-1"), _usage(1, "alice", "job-2")])
+        store.add_usage([_usage(1, "alice", "job-1", tokens=99)])
+        week = (T0 - LEASE, T0 + datetime.timedelta(days=7))
+        assert store.usage_of(1, *week, None) == {"requests": 2, "prompt_tokens": 2,
+                                                   "completion_tokens": 2}
+
+
+def _own_everything(store: Store, user, tag: str) -> None:
+    """Give a user one row of every kind a user can own."""
+    from server.batch_store import BatchLine, File, FileChunk
+    key = store.add_token(user, digest(f"key-{tag}"), "api_key", name=tag)
+    store.set_limits(f"user:{user.id}", rpm=5)
+    store.set_limits(f"key:{key.id}", tpm=50)
+    store.sync_limit_counts("front-a", [{"subject": f"user:{user.id}", "requests": 1,
+                                         "tokens": 1, "in_flight": 0, "day": None,
+                                         "day_tokens": 0, "requests_left": None,
+                                         "tokens_left": None}], T0, [], T0)
+    store.add_task(f"task-{tag}", user.id, "chat", {"messages": []})
+    store.add_file(File(id=f"file-{tag}", user_id=user.id, purpose="batch", filename="in.jsonl",
+                        bytes=3, lines=1, sha256="x"), [(f"file-{tag}", 0, 1, "{}\n")])
+    store.add_batch({"id": f"batch-{tag}", "user_id": user.id, "key_id": key.id,
+                     "endpoint": "/v1/chat/completions", "input_file_id": f"file-{tag}",
+                     "completion_window": "24h", "status": "in_progress", "expires_at": T0})
+    store.add_batch_lines([{"batch_id": f"batch-{tag}", "line": 1, "custom_id": "c",
+                            "status": "queued", "request": "{}"}])
+    store.add_usage([_usage(user.id, user.username, f"req-{tag}")])
+    assert BatchLine.select().count() and FileChunk.select().count()
+
+
+def test_nothing_survives_its_owner_but_its_ledger_rows(database_url):
+    """Walk every table of the store: after a user is removed no row points at it (by user
+    id, limit subject, file or batch), except its ledger rows, which keep its name; its id is
+    never given to the next user, who sees none of its data."""
+    from server.store import MODELS, Token, Usage, User
+    from server.batch_store import Batch, File
+    store = make(database_url)
+    with store.db.connection_context():
+        alice, bob = store.add_user("alice", "h"), store.add_user("bob", "h")
+        _own_everything(store, alice, "a")
+        _own_everything(store, bob, "b")
+        before = {model: model.select().count() for model in MODELS}
+        keys = [f"key:{t.id}" for t in Token.select().where(Token.user == alice.id)]
+        files = {f.id for f in File.select().where(File.user_id == alice.id)}
+        batches = {b.id for b in Batch.select().where(Batch.user_id == alice.id)}
+        store.remove_user(store.user_named("alice"))
+
+        def owned(name: str, value) -> bool:
+            return ((name in ("user", "user_id") and value == alice.id)
+                    or (name == "subject" and value in (f"user:{alice.id}", *keys))
+                    or (name in ("file_id", "input_file_id") and value in files)
+                    or (name == "batch_id" and value in batches))
+
+        for model in MODELS:
+            if model in (Usage, User):
+                continue
+            for row in model.select().dicts():
+                survivors = [name for name, value in row.items() if owned(name, value)]
+                assert not survivors, f"{model.__name__} row {row} survived its owner"
+            if model in (File, Batch):
+                assert not model.select().where(model.id.in_(files | batches)).exists()
+        tombstone = User.get_by_id(alice.id)
+        assert (tombstone.username, tombstone.disabled, tombstone.password_hash) == (
+            f"removed:{alice.id}", True, "!")
+        assert store.users() == [store.user_named("bob")]
+        for model, count in before.items():  # bob lost nothing
+            if model not in (Usage, User):
+                assert model.select().count() == count // 2 or model.select().count() == count - (
+                    count // 2), model.__name__
+
+        again = store.add_user("alice", "h2")
+        assert again.id > bob.id > alice.id  # never reused
+        assert store.files_of(again.id, None, 20, None)["data"] == []
+        assert store.batches_of(again.id, 20, None)["data"] == []
+        week = (T0 - LEASE, T0 + datetime.timedelta(days=7))
+        assert store.usage_of(again.id, *week, None)["requests"] == 0
+        by_user = store.usage_of(None, *week, "user")["buckets"]
+        assert sorted(b["user"] for b in by_user) == ["alice", "bob"]  # billed by the old name
+
+
+def test_disabling_a_user_stops_its_queued_tasks_and_running_batches(database_url):
+    from server.store import Task
+    store = make(database_url)
+    with store.db.connection_context():
+        alice, bob = store.add_user("alice", "h"), store.add_user("bob", "h")
+        _own_everything(store, alice, "a")
+        _own_everything(store, bob, "b")
+        store.update_user(alice, disabled=True)
+        task = Task.get_by_id("task-a")
+        assert task.status == "cancelled" and "disabled" in task.error
+        batch = store.batch_of(None, "batch-a")
+        assert batch.status == "cancelling" and "user_disabled" in batch.errors
+        assert Task.get_by_id("task-b").status == "queued"
+        assert store.batch_of(None, "batch-b").status == "in_progress"
