@@ -21,6 +21,7 @@ from server import connections
 from server.auth import Auth
 from server.errors import BadRequest, BodyTooLarge, CohortError, Draining, NotFound
 from server.gateway import Gateway
+from server.lifecycle import Lifecycle
 from server.limit_sync import LimitSync
 from server.batch_runner import BatchRunner
 from server.routes import admin, batches, docs, ops, openai, tasks, tokens, usage
@@ -49,6 +50,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     cohort.auth = Auth(settings, cohort.store)
     cohort.tasks = TaskRunner(cohort)
     cohort.usage = UsageLedger(cohort.store, settings.usage_ledger)
+    cohort.lifecycle = Lifecycle(cohort, cohort.usage)
     cohort.limit_sync = LimitSync(cohort.limiter, cohort.store, cohort.dispatcher.front_id,
                                   settings.limit_sync_s)
     app.gateway = cohort  # type: ignore[attr-defined]

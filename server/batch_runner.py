@@ -7,9 +7,10 @@ every third of COHORT_TASK_LEASE_S and takes over those that lapsed, so a front 
 no batch stranded and two fronts never run one. Lines stream from the store a page at a time
 and at most COHORT_BATCH_CONCURRENCY run at once per batch, and its output files are written a
 chunk at a time, so a batch of 50,000 lines costs the front no more memory than one of 500.
-Outcomes are written once a second in one transaction; a front that dies loses the outcomes of
-its last second, and those lines run again on the front that takes the batch over: a line runs
-at least once and is answered exactly once.
+Outcomes are written once a second in one transaction, each with its line's ledger row; a front
+that dies loses the outcomes (and rows) of its last second, and those lines run again on the
+front that takes the batch over: a line runs at least once, and is answered and billed exactly
+once.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from typing import Any
 import peewee
 import trio
 
+from server.auth import Principal
 from server.batch_store import File, batch_view
-from server.errors import (BadRequest, CohortError, Draining, NoWorkers, NotFound,
-                           QuotaExceeded, RateLimited)
+from server.errors import BadRequest, CohortError, Draining, NoWorkers, NotFound
 from server.jobs import JobSpec
-from server.limits import Limits, Ticket
+from server.lifecycle import Run
+from server.limits import Limits
 from server.openai_schema import parse_chat, parse_completion, parse_embeddings
 from server.store import utcnow
 from server.task_runner import batch_tier
@@ -279,9 +281,9 @@ class BatchRunner:
     async def _run_lines(self, batch):
         """Run every queued line, COHORT_BATCH_CONCURRENCY at a time, writing outcomes once a
         second; stop early when the batch is cancelled or its window passes."""
-        outcomes: list[tuple[int, str, str]] = []
+        outcomes: list[tuple[int, str, str, dict[str, Any] | None]] = []
         limiter = trio.CapacityLimiter(self.settings.batch_concurrency)
-        state: dict[str, Any] = {"stop": None, "limits": await self._limits(batch)}
+        state: dict[str, Any] = {"stop": None, "payer": await self._payer(batch), "cut": []}
 
         async def flush() -> None:
             written, outcomes[:] = list(outcomes), []
@@ -299,9 +301,11 @@ class BatchRunner:
             while True:
                 await trio.sleep(FLUSH_EVERY_S)
                 await flush()
-                state["limits"] = await self._limits(batch)  # an admin's change counts soon
+                state["payer"] = await self._payer(batch)  # an admin's change counts soon
                 now_batch = await self.store.run(self.store.batch_of, None, batch.id)
-                if now_batch.status == "cancelling":
+                if now_batch is None:  # its user was removed, and the batch with it
+                    state["stop"] = "removed"
+                elif now_batch.status == "cancelling":
                     state["stop"] = "cancelling"
                 elif utcnow() >= now_batch.expires_at:
                     state["stop"] = "expired"
@@ -314,6 +318,7 @@ class BatchRunner:
                 outcomes.append(await self._run_line(batch, line, state))
             finally:
                 limiter.release_on_behalf_of(line)
+
 
         async with trio.open_nursery() as outer:
             with trio.CancelScope() as lines_scope:
@@ -329,6 +334,8 @@ class BatchRunner:
             outer.cancel_scope.cancel()
         with trio.CancelScope(shield=True):
             await flush()
+            if state["stop"] and state["cut"]:  # lines stopped mid-run reached a worker: billed
+                await self.store.run(self.store.add_usage, state["cut"])
         now = utcnow()
         if state["stop"] == "expired":
             await self.store.run(lambda: self.store.update_batch(
@@ -338,51 +345,41 @@ class BatchRunner:
                 batch.id, self.owner, status="finalizing", finalizing_at=now))
         return await self.store.run(self.store.batch_of, None, batch.id)
 
-    async def _limits(self, batch) -> list[tuple[str, Limits]]:
-        """The creator's limits (its user's and its key's), which its lines count against."""
+    async def _payer(self, batch) -> Principal:
+        """Who the batch's lines bill to: its creator, with the limits of its user and its key
+        (not concurrency: a line holds no connection)."""
         subjects = [f"user:{batch.user_id}", f"key:{batch.key_id}"]
-        found = await self.store.run(lambda: [(s, self.store.limits_of(s)) for s in subjects])
-        return [(subject, Limits(**values)) for subject, values in found if values]
+        name, found = await self.store.run(lambda: (
+            self.store.username_of(batch.user_id),
+            [(s, self.store.limits_of(s)) for s in subjects]))
+        return Principal(batch.user_id, name or f"#{batch.user_id}", batch.key_id,
+                         tuple((subject, Limits(**values)) for subject, values in found if values))
 
-    async def _admitted(self, spec: JobSpec, state: dict[str, Any]) -> Ticket:
-        """Count a line against its creator's rpm, tpm and daily quota (not concurrency: it
-        holds no connection); over a limit it waits for the time the refusal names, so a batch
-        spreads itself over the window instead of spending past a limit."""
-        while True:
-            try:
-                return self.gateway.limiter.admit_batch(
-                    state["limits"], [spec.cost], trio.current_time(), utcnow().date())[0]
-            except (RateLimited, QuotaExceeded) as error:
-                await trio.sleep(max(1, int(error.headers.get("Retry-After", "1"))))
-
-    async def _run_line(self, batch, line, state) -> tuple[int, str, str]:
-        """One line through the gateway, in the batch tier: (line, status, response JSON)."""
+    async def _run_line(self, batch, line, state
+                        ) -> tuple[int, str, str, dict[str, Any] | None]:
+        """One line through the lifecycle, in the batch tier: (line, status, response JSON,
+        its ledger row), the row written with the outcome, keyed by the line's request id."""
         _, route = ENDPOINTS[batch.endpoint]
-        job = ticket = None
+        lifecycle = self.gateway.lifecycle
+        rid = request_id(batch.id, line.line)
+        run = None
         try:
             spec = batch_tier(self._parse(batch.endpoint, json.loads(line.request)),
                               batch.user_id)
-            ticket = await self._admitted(spec, state)
-            job = await self.gateway.submit_when_possible(spec)
-            body = json.loads(await self.gateway.complete(job, route))
+            run = Run(state["payer"], spec, "batch_api", request_id=rid, durable=True)
+            run.ticket = await lifecycle.admit_when_allowed(run.payer, spec)
+            body = json.loads(await lifecycle.complete(run, wait_for_worker=True))
             status, code = "completed", 200
         except Draining:
             raise
         except CohortError as error:
             body, status, code = error.body(), "failed", error.status
-        if ticket is not None:
-            self.gateway.limiter.settle(ticket, job.used_tokens if job else None,
-                                        trio.current_time())
-        if job is not None:
-            self.gateway.usage.record(
-                user_id=batch.user_id, key_id=batch.key_id, model=job.spec.model, route="batch",
-                status=code, prompt_tokens=job.usage.get("prompt_tokens", 0),
-                completion_tokens=job.usage.get("completion_tokens", 0),
-                queue_s=(job.started_at or job.enqueued_at) - job.enqueued_at, ttft_s=None,
-                total_s=trio.current_time() - job.enqueued_at)
-        response = {"status_code": code, "request_id": request_id(batch.id, line.line),
-                    "body": body}
-        return line.line, status, json.dumps(response)
+        except trio.Cancelled:  # the batch stopped (cancelled, expired, its user gone)
+            if run is not None and run.row is not None:
+                state["cut"].append(run.row)
+            raise
+        response = {"status_code": code, "request_id": rid, "body": body}
+        return line.line, status, json.dumps(response), run.row if run else None
 
     async def _finish(self, batch) -> None:
         """Write the output file (lines answered 200) and the error file (the others, and lines

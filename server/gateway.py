@@ -41,6 +41,8 @@ class Gateway:
         self.auth: Any = None
         self.tasks: Any = None
         self.batches: Any = None  # the Batch API's runner
+        self.usage: Any = None  # the usage ledger
+        self.lifecycle: Any = None  # admission, settlement and the ledger for every request
         self.limit_sync: Any = None
         self.services_up = False  # set once dispatcher, scheduler and task runner all run
         self.draining = False  # set by SIGTERM/SIGINT: no new requests, those in flight finish

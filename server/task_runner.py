@@ -10,11 +10,14 @@ times; one that cannot run again (its body no longer valid under today's setting
 its runner is quarantined: failed with the cause, never re-run, so no stored row can keep a front
 down.
 
-Submitting counts against the caller's limits, as requests do: a batch of K tasks is K requests
-and the sum of their costs against rpm, tpm and the daily quota, admitted whole or refused whole
-with the same 429. Not against the concurrency limit: a stored task runs later, in the batch tier,
-and holds no connection. A task that completes on the front that took it gives back the tokens
-it did not use; one that fails, or that another front takes over, keeps its charge.
+Submitting counts against the caller's limits through the one lifecycle (server.lifecycle), as
+requests do: a batch of K tasks is K requests and the sum of their costs against rpm, tpm and
+the daily quota, admitted whole or refused whole with the same 429; not against the concurrency
+limit (a stored task runs later, in the batch tier, and holds no connection). When it ends on
+the front that took it, it is settled against what it used (a failure gives everything back);
+one that another front takes over keeps the charge its first front made. Its ledger row is
+written with its outcome, in one transaction, keyed by the task's id: exactly one row, however
+often fronts die under it.
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ import datetime
 import json
 import logging
 import secrets
-from collections.abc import Callable
 from typing import Any
 
 import trio
 
+from server.auth import Principal
 from server.errors import BadRequest, CohortError, Draining, NoWorkers
 from server.jobs import JobSpec
-from server.limits import Limits, Ticket
+from server.lifecycle import Run
 from server.openai_schema import parse_chat, parse_completion
 from server.store import utcnow
 
@@ -68,7 +71,7 @@ class TaskRunner:
         self.settings = gateway.settings
         self.owner = gateway.dispatcher.front_id
         self._nursery: trio.Nursery | None = None
-        self._running: dict[str, trio.CancelScope] = {}
+        self._running: dict[str, tuple[trio.CancelScope, int]] = {}  # task: (scope, user id)
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -95,13 +98,7 @@ class TaskRunner:
         stray_before: set[str] = set()
         while True:
             await trio.sleep(self.settings.task_lease_s / 3)
-            running = set(self._running)  # before the query: their rows are committed
-            held = await self.store.run(self.store.renew_leases, self.owner, self._lease_until())
-            for task_id in running - held:
-                if task_id in self._running:
-                    log.info("task %s is no longer ours (cancelled or taken over); stopping it",
-                             task_id)
-                    self._running[task_id].cancel()
+            held = await self.stop_lost()
             # Held but not running here two rounds in a row (not just submitted): hand it back,
             # so it is taken over rather than renewed forever.
             stray = held - set(self._running)
@@ -112,6 +109,18 @@ class TaskRunner:
                                      sorted(stray & stray_before))
             stray_before = stray
             await self._take_over_lapsed()
+
+    async def stop_lost(self) -> set[str]:
+        """Renew our leases and stop at once what is no longer ours to run (cancelled, its user
+        disabled or removed, or taken over while this front stalled); the ids still held."""
+        running = set(self._running)  # before the query: their rows are committed
+        held = await self.store.run(self.store.renew_leases, self.owner, self._lease_until())
+        for task_id in running - held:
+            if task_id in self._running:
+                log.info("task %s is no longer ours (cancelled, its user stopped, or taken "
+                         "over); stopping it", task_id)
+                self._running[task_id][0].cancel()
+        return held
 
     async def _take_over_lapsed(self) -> None:
         claimed = await self.store.run(self.store.claim_lapsed, self.owner, utcnow(),
@@ -126,42 +135,49 @@ class TaskRunner:
             except CohortError as error:
                 await self._quarantine(task.id, f"it cannot run again: {error.message}")
                 continue
+            payer = await self._payer(task.user_id, task.key_id)
             assert self._nursery is not None
-            self._nursery.start_soon(self._run_task, task.id, batch_tier(spec, task.user_id))
+            self._nursery.start_soon(self._run_task, task.id, Run(
+                payer, batch_tier(spec, task.user_id), "async", request_id=task.id,
+                durable=True))
         if claimed:
             log.info("took over %d task(s) whose front stopped", len(claimed))
 
-    async def submit(self, user_id: int, bodies: list[Any],
-                     limits: tuple[tuple[str, Limits], ...] = (),
-                     check_model: Callable[[str], None] = lambda model: None,
-                     ) -> tuple[list[str], dict[str, str]]:
-        """Store tasks (validated, their models checked against the caller's key, counted
-        against `limits`, then stored in one transaction), then start them; their ids, and the
-        x-ratelimit headers to answer with."""
+    async def submit(self, payer: Principal, bodies: list[Any]) -> tuple[list[str], dict[str, str]]:
+        """Store tasks (validated, their models checked against the caller's key, admitted
+        against its limits, then stored in one transaction), then start them; their ids, and
+        the x-ratelimit headers to answer with."""
         rows, specs = [], []
         for body in bodies:
             kind, spec = parse_task_body(body, self.settings)
-            check_model(spec.model)
+            payer.check_model(spec.model)
             try:  # a model nobody serves is refused now; one that is loading is waited for
                 self.gateway.dispatcher.check_model(spec.model)
             except NoWorkers:
                 pass
             task_id = "task-" + secrets.token_hex(10)
-            rows.append((task_id, user_id, kind, {k: v for k, v in body.items() if k != "kind"}))
-            specs.append((task_id, spec))
-        limiter = self.gateway.limiter
-        tickets = limiter.admit_batch(list(limits), [spec.cost for _, spec in specs],
-                                      trio.current_time(), utcnow().date())
+            rows.append((task_id, payer.user_id, kind, {k: v for k, v in body.items() if k != "kind"}))
+            specs.append((task_id, batch_tier(spec, payer.user_id)))
+        lifecycle = self.gateway.lifecycle
+        tickets = lifecycle.admit(payer, [spec for _, spec in specs], stored=True)
+        runs = [Run(payer, spec, "async", ticket, request_id=task_id, durable=True)
+                for (task_id, spec), ticket in zip(specs, tickets)]
         try:
-            await self.store.run(self.store.add_tasks, rows, self.owner, self._lease_until())
-        except BaseException:  # nothing stored: no token was spent
-            for ticket in tickets:
-                limiter.settle(ticket, 0, trio.current_time())
+            await self.store.run(self.store.add_tasks, rows, self.owner, self._lease_until(),
+                                 payer.key_id)
+        except BaseException:  # nothing stored: nothing ran, everything is given back
+            for run in runs:
+                lifecycle.end(run, 500)
             raise
         assert self._nursery is not None
-        for (task_id, spec), ticket in zip(specs, tickets):
-            self._nursery.start_soon(self._run_task, task_id, batch_tier(spec, user_id), ticket)
+        for (task_id, _), run in zip(specs, runs):
+            self._nursery.start_soon(self._run_task, task_id, run)
         return [task_id for task_id, _ in specs], tickets[0].headers if tickets else {}
+
+    async def _payer(self, user_id: int, key_id: int) -> Principal:
+        """Who a taken-over task bills to (its charge stays with the front that admitted it)."""
+        name = await self.store.run(self.store.username_of, user_id)
+        return Principal(user_id, name or f"#{user_id}", key_id)
 
     async def cancel(self, user_id: int, task_id: str) -> dict | None:
         """Cancel a caller's own task; None when it is not theirs (or does not exist)."""
@@ -169,38 +185,44 @@ class TaskRunner:
             return None
         await self.store.run(self.store.task_finished, task_id, "cancelled", None,
                              {"message": "cancelled by the client", "type": "cancelled"})
-        scope = self._running.get(task_id)
-        if scope is not None:
-            scope.cancel()
+        running = self._running.get(task_id)
+        if running is not None:
+            running[0].cancel()
         return await self.store.run(self.store.task_of, user_id, task_id)
 
-    async def _run_task(self, task_id: str, spec: JobSpec, ticket: Ticket | None = None) -> None:
+    async def _run_task(self, task_id: str, run: Run) -> None:
         with trio.CancelScope() as scope:
-            self._running[task_id] = scope
+            self._running[task_id] = (scope, run.payer.user_id)
+            lifecycle = self.gateway.lifecycle
             try:
                 if not await self.store.run(self.store.task_started, task_id, self.owner):
-                    return  # cancelled, or taken over, before it began here
-                job = await self.gateway.submit_when_possible(spec)
-                body = json.loads(await self.gateway.complete(job, "task"))
-                if ticket is not None:  # settled before the outcome is seen: a client that
-                    # reads "completed" may submit again at once
-                    self.gateway.limiter.settle(ticket, job.used_tokens, trio.current_time())
-                await self._finish(task_id, "completed", body, None)
+                    lifecycle.end(run, 409)  # cancelled, or taken over, before it began here
+                    return
+                body = json.loads(await lifecycle.complete(run, wait_for_worker=True))
+                await self._finish(task_id, "completed", body, None, run.row)
             except Draining:  # not the task's fault: another front (or our successor) runs it
                 await self.store.run(self.store.release_leases, self.owner, [task_id])
             except CohortError as error:
-                await self._finish(task_id, "failed", None, error.body()["error"])
+                await self._finish(task_id, "failed", None, error.body()["error"], run.row)
             except Exception as error:  # a bug: it must neither stop the front nor run again
                 log.exception("task %s broke its runner", task_id)
+                lifecycle.end(run, 500)
                 await self._quarantine(task_id, f"it broke the task runner ({type(error).__name__})")
             finally:
                 self._running.pop(task_id, None)
+        if scope.cancelled_caught and run.row is not None:
+            # stopped mid-run (cancelled, its user disabled, taken over): it reached a worker,
+            # so its row is written; the outcome stands as whoever set it
+            with trio.move_on_after(5) as bounded:
+                bounded.shield = True
+                await self.store.run(self.store.add_usage, [run.row])
 
     async def _finish(self, task_id: str, status: str, result: dict | None,
-                      error: dict | None) -> None:
-        """Record the outcome if the task is still ours (one outcome per task, whoever ran it)."""
+                      error: dict | None, usage: dict[str, Any] | None = None) -> None:
+        """Record the outcome if the task is still ours (one outcome per task, whoever ran it),
+        and its ledger row (if it reached a worker) in the same transaction."""
         if not await self.store.run(self.store.task_finished, task_id, status, result, error,
-                                    self.owner):
+                                    self.owner, usage):
             log.info("task %s ended here after it was cancelled or taken over; its outcome "
                      "stands as recorded", task_id)
 

@@ -9,15 +9,12 @@ import time
 from functools import partial
 from typing import Any
 
-import trio
 from quart import Blueprint, Response, g
 
 from server.errors import CohortError
-from server.jobs import Job, JobSpec
-from server.limits import Ticket
+from server.lifecycle import Run
 from server.openai_schema import parse_chat, parse_completion, parse_embeddings, parse_tokens
 from server.routes.context import caller, gateway, json_body
-from server.store import utcnow
 
 blueprint = Blueprint("openai", __name__)
 
@@ -28,53 +25,28 @@ def sse_event(body: dict) -> bytes:
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _serve(spec: JobSpec, ticket: Ticket | None = None, principal=None) -> Response:
-    """Run the job; when it ends, whichever way, its hold on the caller's limits (`ticket`) is
-    settled and its row goes to the usage ledger."""
-    cohort = gateway()
-
-    def settle(job: Job | None, status: int = 200) -> None:
-        now = trio.current_time()
-        if ticket is not None:
-            cohort.limiter.settle(ticket, job.used_tokens if job else None, now)
-        if job is not None and principal is not None:
-            prompt_tokens = job.usage.get("prompt_tokens", 0)
-            completion_tokens = job.usage.get("completion_tokens", 0)
-            cohort.metrics.user_request(principal.username, spec.model, status, prompt_tokens,
-                                        completion_tokens)
-            cohort.usage.record(
-                user_id=principal.user_id, key_id=principal.key_id, model=spec.model,
-                route=spec.route, status=status,
-                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                queue_s=(job.started_at or now) - job.enqueued_at,
-                ttft_s=job.first_output_at - job.enqueued_at if job.first_output_at else None,
-                total_s=now - job.enqueued_at)
-
-    job = None
-    try:
-        job = cohort.submit(spec)
-        if spec.stream:
-            response = await _sse(job, settle)
-        else:
-            response = Response(await cohort.complete(job, spec.route), mimetype="application/json")
-            settle(job)
-    except CohortError as error:
-        settle(job, error.status)
-        raise
-    except BaseException:
-        settle(job, 499)  # the client left (nginx's code for it)
-        raise
-    if spec.dropped:  # COHORT_DROP_PARAMS: say what was dropped, never drop it silently
-        response.headers["X-Cohort-Dropped-Params"] = ",".join(spec.dropped)
-    if ticket is not None:
-        response.headers.extend(ticket.headers)  # new names: no search for ones to replace
+async def _serve(run: Run) -> Response:
+    """Run the request through the lifecycle: whole, or as a stream that starts once its first
+    event is there (so a request the engine refuses is an HTTP error with vLLM's status, as
+    `vllm serve` answers it, not a 200 with an error event)."""
+    lifecycle = gateway().lifecycle
+    if run.spec.stream:
+        lifecycle.start(run)
+        response = await _sse(run)
+    else:
+        body = await lifecycle.complete(run)
+        await lifecycle.committed(run)  # the answer goes once its ledger row is safe
+        response = Response(body, mimetype="application/json")
+    if run.spec.dropped:  # COHORT_DROP_PARAMS: say what was dropped, never drop it silently
+        response.headers["X-Cohort-Dropped-Params"] = ",".join(run.spec.dropped)
+    if run.ticket is not None:
+        response.headers.extend(run.ticket.headers)  # new names: no search for ones to replace
     return response
 
 
-async def _sse(job, on_end=lambda job: None) -> Response:
-    """The stream starts once its first event is there, so a request the engine refuses is an
-    HTTP error with vLLM's status, as `vllm serve` answers it, not a 200 with an error event."""
-    events = gateway().stream(job, job.spec.route)
+async def _sse(run: Run) -> Response:
+    lifecycle = gateway().lifecycle
+    events = lifecycle.stream(run)
     try:
         first = await anext(events)
     except BaseException:
@@ -90,7 +62,7 @@ async def _sse(job, on_end=lambda job: None) -> Response:
             yield sse_event(error.body())
         finally:
             await events.aclose()  # a client that left: the job is aborted on its worker
-            on_end(job)
+        await lifecycle.committed(run)  # [DONE] goes once its ledger row is safe
         yield DONE
 
     response = Response(body(), mimetype="text/event-stream",
@@ -119,9 +91,8 @@ async def _answer(parse) -> Response:
     spec.weight, tier = principal.share()
     if tier == "batch":  # a key in the batch tier stays there; a request may only step down
         spec.tier = tier
-    ticket = cohort.limiter.admit(list(principal.limits), spec.cost, trio.current_time(),
-                                  utcnow().date())
-    return await _serve(spec, ticket, principal)
+    [ticket] = cohort.lifecycle.admit(principal, [spec])
+    return await _serve(Run(principal, spec, spec.route, ticket))
 
 
 @blueprint.post("/v1/chat/completions")

@@ -13,8 +13,9 @@ import trio
 from quart import Blueprint, request
 
 from server.errors import BadRequest, CohortError, NotFound
+from server.lifecycle import Run
 from server.routes.context import caller, gateway, json_body
-from server.store import FINAL, utcnow
+from server.store import FINAL
 from server.task_runner import batch_tier, parse_task_body
 
 blueprint = Blueprint("tasks", __name__)
@@ -25,8 +26,7 @@ STATUSES = ("queued", "running") + FINAL
 @blueprint.post("/inference/async")
 async def inference_async():
     principal = await caller()
-    [task_id], headers = await gateway().tasks.submit(principal.user_id, [await json_body()],
-                                                      principal.limits, principal.check_model)
+    [task_id], headers = await gateway().tasks.submit(principal, [await json_body()])
     return {"object": "task", "id": task_id, "status": "queued"}, 202, headers
 
 
@@ -54,8 +54,7 @@ async def inference_batch():
     items = _batch_items(body)
     cohort = gateway()
     if body.get("wait", True) is False:
-        ids, headers = await cohort.tasks.submit(principal.user_id, items, principal.limits,
-                                                 principal.check_model)
+        ids, headers = await cohort.tasks.submit(principal, items)
         return {"object": "batch", "tasks": [{"index": i, "id": task_id}
                                              for i, task_id in enumerate(ids)]}, 202, headers
     results: list[dict[str, Any]] = [{}] * len(items)
@@ -71,17 +70,17 @@ async def inference_batch():
         spec.weight = principal.share()[0]
         specs.append((index, spec))
     # the items that will run count, all or none, before any of them runs
-    tickets = cohort.limiter.admit_batch(list(principal.limits), [s.cost for _, s in specs],
-                                         trio.current_time(), utcnow().date())
+    lifecycle = cohort.lifecycle
+    tickets = lifecycle.admit(principal, [spec for _, spec in specs], stored=True)
 
     async def run(index: int, spec, ticket) -> None:
+        item = Run(principal, spec, "batch_item", ticket)
         try:
-            job = cohort.submit(spec)
-            result = json.loads(await cohort.complete(job, "batch"))
-            cohort.limiter.settle(ticket, job.used_tokens, trio.current_time())
+            result = json.loads(await lifecycle.complete(item))
             results[index] = {"index": index, "status": "completed", "result": result}
         except CohortError as error:
             results[index] = {"index": index, "status": "failed", "error": error.body()["error"]}
+        await lifecycle.committed(item)
 
     async with trio.open_nursery() as nursery:  # every item submitted at once: they batch
         for (index, spec), ticket in zip(specs, tickets):

@@ -1,0 +1,174 @@
+"""One request's way through the front, the same for every way in: admit against its payer's
+limits, submit, run, settle the charge against real use, record its one ledger row.
+
+The routes (chat, completions, embeddings, `/inference/batch`), the task runner and the Batch
+API's runner all go through `Lifecycle`; nothing else charges or records. Its rules, once:
+
+- A request is admitted against its payer's limits before it is queued (`admit`), all or none
+  for a group; stored work (tasks, Batch API lines) holds no concurrency slot.
+- Whatever way it ends, it is settled once (`end`): what it really used is charged (above the
+  estimate too), so a refusal at submit or a failure gives back everything, and a request cut
+  off mid-run (the client left) keeps its estimate, its real use unknown.
+- A request that reached a worker leaves exactly one ledger row, keyed by its request id, with
+  its ledger route (`chat`, `completions`, `embeddings`, `async`, `batch_item`, `batch_api`).
+  An interactive request's row is committed before its answer ends (`committed`); a durable
+  one's (`durable=True`) is written by its runner in the same transaction as its outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from server.auth import Principal
+from server.errors import CohortError, QuotaExceeded, RateLimited
+from server.jobs import Job, JobSpec
+from server.limits import Ticket
+from server.store import utcnow
+from server.usage import UsageLedger, usage_row
+
+CLIENT_LEFT = 499  # nginx's status for a client that went away before its answer
+
+
+@dataclass
+class Run:
+    """One request in the lifecycle: who pays, what runs, its hold on the limits, and how it
+    ended (its job once submitted, its ledger row once it reached a worker)."""
+
+    payer: Principal
+    spec: JobSpec
+    ledger_route: str  # chat | completions | embeddings | ... | async | batch_item | batch_api
+    ticket: Ticket | None = None
+    request_id: str = ""  # the ledger's key; a job's own id unless the runner names it
+    durable: bool = False  # its runner writes the row with its outcome (tasks, Batch API lines)
+    job: Job | None = None
+    status: int = 0  # once ended
+    row: dict[str, Any] | None = None
+    committed: trio.Event | None = field(default=None, repr=False)
+
+    @property
+    def ended(self) -> bool:
+        return self.status != 0
+
+    @property
+    def reached_worker(self) -> bool:
+        return self.job is not None and bool(self.job.worker_id)
+
+
+class Lifecycle:
+    """Admission, settlement and the ledger for every request; the gateway runs the jobs."""
+
+    def __init__(self, gateway, ledger: UsageLedger) -> None:
+        self.gateway = gateway
+        self.limiter = gateway.limiter
+        self.metrics = gateway.metrics
+        self.ledger = ledger
+
+    # --- admitting ------------------------------------------------------------------------------
+
+    def admit(self, payer: Principal, specs: list[JobSpec], *, stored: bool = False
+              ) -> list[Ticket]:
+        """Count requests against the payer's limits, all or none (a 429 says which limit).
+        `stored` work (tasks, batches of items) holds no concurrency slot: it runs later, in the
+        batch tier, and holds no connection."""
+        now, today = trio.current_time(), utcnow().date()
+        subjects = list(payer.limits)
+        if len(specs) == 1 and not stored:
+            return [self.limiter.admit(subjects, specs[0].cost, now, today)]
+        return self.limiter.admit_batch(subjects, [spec.cost for spec in specs], now, today)
+
+    async def admit_when_allowed(self, payer: Principal, spec: JobSpec) -> Ticket:
+        """Admit stored work that must not be refused (a Batch API line): past a limit it
+        waits the time the refusal names, so a batch spreads itself instead of overspending."""
+        while True:
+            try:
+                return self.admit(payer, [spec], stored=True)[0]
+            except (RateLimited, QuotaExceeded) as error:
+                await trio.sleep(max(1, int(error.headers.get("Retry-After", "1"))))
+
+    # --- running ------------------------------------------------------------------------------
+
+    def start(self, run: Run) -> Job:
+        """Submit now (a refusal ends the run, then raises: NoWorkers, QueueFull, ...)."""
+        try:
+            run.job = self.gateway.submit(run.spec)
+        except CohortError as error:
+            self.end(run, error.status)
+            raise
+        return run.job
+
+    async def complete(self, run: Run, *, wait_for_worker: bool = False) -> bytes:
+        """Run the request to its whole answer and end it, whichever way it goes.
+        `wait_for_worker`: stored work waits (within the request timeout) for a worker of its
+        model, as after a restart; a request refuses at once."""
+        try:
+            if wait_for_worker:
+                run.job = await self.gateway.submit_when_possible(run.spec)
+            else:
+                self.start(run)
+            assert run.job is not None
+            body = await self.gateway.complete(run.job, run.ledger_route)
+        except CohortError as error:
+            self.end(run, error.status)
+            raise
+        except BaseException:
+            self.end(run, CLIENT_LEFT)
+            raise
+        self.end(run, 200)
+        return body
+
+    async def stream(self, run: Run) -> AsyncIterator[bytes]:
+        """The started run's SSE events as they come; it ends (and is settled) when they do."""
+        assert run.job is not None
+        events = self.gateway.stream(run.job, run.ledger_route)
+        try:
+            async for data in events:
+                yield data
+        except CohortError as error:
+            self.end(run, error.status)
+            raise
+        except BaseException:
+            self.end(run, CLIENT_LEFT)
+            raise
+        finally:
+            await events.aclose()
+        self.end(run, 200)
+
+    # --- ending -------------------------------------------------------------------------------
+
+    def end(self, run: Run, status: int) -> None:
+        """Settle the run's charge against what it used and make its ledger row; once only."""
+        if run.ended:
+            return
+        run.status = status
+        job = run.job
+        if job is not None and job.used_tokens is not None:
+            used: int | None = job.used_tokens
+        elif status == CLIENT_LEFT and run.reached_worker:
+            used = None  # cut off mid-run: its use is unknown, its estimate stands
+        else:
+            used = 0  # refused or failed: nothing is charged
+        if run.ticket is not None:
+            self.limiter.settle(run.ticket, used, trio.current_time())
+        if not run.reached_worker:
+            return
+        assert job is not None
+        now = trio.current_time()
+        prompt, completion = job.usage.get("prompt_tokens", 0), job.usage.get("completion_tokens", 0)
+        self.metrics.user_request(run.payer.username, run.spec.model, status, prompt, completion)
+        run.row = usage_row(
+            request_id=run.request_id or job.id, user_id=run.payer.user_id,
+            username=run.payer.username, key_id=run.payer.key_id, model=run.spec.model,
+            route=run.ledger_route, status=status, prompt_tokens=prompt,
+            completion_tokens=completion, queue_s=(job.started_at or now) - job.enqueued_at,
+            ttft_s=job.first_output_at - job.enqueued_at if job.first_output_at else None,
+            total_s=now - job.enqueued_at)
+        if not run.durable:
+            run.committed = self.ledger.record(run.row)
+
+    async def committed(self, run: Run) -> None:
+        """Wait until an interactive run's ledger row is committed (see UsageLedger.committed)."""
+        await self.ledger.committed(run.committed)
