@@ -2,7 +2,8 @@
 
 Every message is one msgpack map with `v` (the protocol version) and `type`. New fields go last with
 a default, so an older peer still decodes a newer message. Nothing here unpickles or evals: a
-malformed or foreign message becomes a `ProtocolError`, which both sides log and drop.
+malformed or foreign message becomes a `ProtocolError`; its receiver logs it and answers for the
+requests it names (`request_ids`), so no job waits out its timeout for a message nobody read.
 """
 
 from __future__ import annotations
@@ -283,10 +284,29 @@ def _accepts(hint: Any, value: Any) -> bool:
 _HINTS = {name: typing.get_type_hints(cls) for name, cls in MESSAGES.items()}
 
 
-def decode(data: bytes) -> Message:
-    """Parse and validate one message; anything unexpected raises ProtocolError."""
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(data)} bytes is over the limit")
+def request_ids(data: bytes) -> list[str]:
+    """The request ids a message that could not be decoded still shows (a batch's `requests`,
+    an out message's `items`), so its receiver can answer for them instead of dropping them;
+    [] when none can be read. The socket's MAXMSGSIZE bounds what this unpacks."""
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception:  # msgpack raises several unrelated types
+        return []
+    if not isinstance(body, dict):
+        return []
+    items = body.get("requests", body.get("items"))
+    if not isinstance(items, list):
+        return []
+    return [item["id"] for item in items
+            if isinstance(item, dict) and isinstance(item.get("id"), str)]
+
+
+def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Parse and validate one message, of at most `max_bytes` (COHORT_ZMQ_MAX_MESSAGE_BYTES);
+    anything unexpected raises ProtocolError."""
+    if len(data) > max_bytes:
+        raise ProtocolError(f"message of {len(data)} bytes is over the limit of {max_bytes} "
+                            "(COHORT_ZMQ_MAX_MESSAGE_BYTES)")
     try:
         body = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as error:  # msgpack raises several unrelated types

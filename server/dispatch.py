@@ -35,7 +35,8 @@ from server.workers import GONE, WorkerHandle, WorkerRegistry
 log = logging.getLogger("cohort.dispatch")
 
 # A worker's per-request error kinds, as the client sees them (anything else: EngineFailed, 502).
-FAILURES = {"invalid": BadRequest, "unavailable": UpstreamUnavailable}
+FAILURES = {"invalid": BadRequest, "unavailable": UpstreamUnavailable,
+            "undecodable": EngineFailed}
 HELLO_RATE, HELLO_BURST = 20.0, 200  # new registrations a second per key, and in one burst
 MAX_WORKERS = 1024  # live workers one front takes
 DEAD_KEPT, DEAD_KEPT_S = 64, 600.0  # gone workers /health still shows, and for how long
@@ -132,9 +133,10 @@ class Dispatcher:
                 continue
             identity = frames[0].bytes
             try:
-                message = protocol.decode(frames[1].bytes)
+                message = protocol.decode(frames[1].bytes, self.settings.zmq_max_message_bytes)
             except protocol.ProtocolError as error:
                 log.warning("refused a message from %r: %s", identity, error)
+                self._unreadable(identity, frames[1].bytes, error)
                 continue
             if isinstance(message, protocol.Hello) and not self._may_register(
                     identity, message, frames[1]):
@@ -208,6 +210,16 @@ class Dispatcher:
             self._prune(now)
 
     # --- messages from workers -------------------------------------------------------------
+
+    def _unreadable(self, identity: bytes, data: bytes, error: protocol.ProtocolError) -> None:
+        """A worker's message the front cannot read: the jobs it names end now with the cause,
+        rather than wait out their deadline for outputs that were in it."""
+        worker = self.workers.get(identity)
+        ids = protocol.request_ids(data) if worker is not None else []
+        if ids:
+            assert worker is not None
+            self._handle_error(worker, protocol.Error(
+                f"the front could not read the worker's answer: {error}", ids, "undecodable"))
 
     async def _handle(self, identity: bytes, message: protocol.Message) -> None:
         worker = self.workers.get(identity)
@@ -295,7 +307,9 @@ class Dispatcher:
             worker.error = message.message
             self._mark_dead(worker, message.message, state="failed")
             return
-        engine_fault = message.kind != "invalid"  # an invalid request is the client's fault
+        # an invalid request is the client's fault; an unreadable message the wire's, and the
+        # same bytes would be unreadable on any worker: neither counts against the engine
+        engine_fault = message.kind not in ("invalid", "undecodable")
         retry: list[Job] = []
         for job_id in message.ids:
             job = worker.jobs.get(job_id)

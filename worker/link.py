@@ -45,6 +45,7 @@ class FrontLink:
         self.worker = worker
         self.welcomed = False
         self.received = 0  # requests taken from this front: the acknowledgement in every load
+        self.max_message_bytes = worker.settings.zmq_max_message_bytes
         self._sock: TrioSocket | None = None
         # Unbounded: emit() is called from the engine's step and must never wait; the flush task
         # drains it as fast as the socket takes messages.
@@ -130,9 +131,13 @@ class FrontLink:
         while True:
             [data] = (await self._sock.recv_multipart())[-1:]
             try:
-                message = protocol.decode(bytes(data))
+                message = protocol.decode(bytes(data), self.max_message_bytes)
             except protocol.ProtocolError as error:
                 log.warning("refused a message from %s: %s", self.endpoint, error)
+                ids = protocol.request_ids(bytes(data))
+                if ids:  # answered at once: the front fails or re-runs them, they never hang
+                    await self.send(protocol.Error(
+                        f"the worker could not read this batch: {error}", ids, "undecodable"))
                 continue
             if isinstance(message, protocol.Welcome):
                 self.welcomed = True

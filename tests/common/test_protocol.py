@@ -127,3 +127,27 @@ def test_a_wrong_value_anywhere_is_refused_or_typed(kind, data, value):
     hints = protocol._HINTS[kind]
     for name in names:  # what got through has exactly the declared types
         assert protocol._accepts(hints[name], getattr(message, name)), name
+
+
+def test_the_decode_limit_is_the_configured_one_not_a_fixed_64_mib():
+    """COHORT_ZMQ_MAX_MESSAGE_BYTES may allow (and for large bodies requires) more than 64 MiB."""
+    big = protocol.Batch("b1", [protocol.request_item("r1", "completions", {
+        "prompt": "x" * (65 << 20)})]).encode()
+    assert len(big) > protocol.MAX_MESSAGE_BYTES
+    with pytest.raises(protocol.ProtocolError, match="COHORT_ZMQ_MAX_MESSAGE_BYTES"):
+        protocol.decode(big)
+    assert protocol.decode(big, max_bytes=128 << 20).requests[0]["id"] == "r1"
+    with pytest.raises(protocol.ProtocolError, match="over the limit of 1000"):
+        protocol.decode(big, max_bytes=1000)
+
+
+def test_a_message_that_cannot_be_decoded_still_names_its_requests_for_an_answer():
+    batch = protocol.Batch("b1", [protocol.request_item(f"r{i}", "completions", {"prompt": "x"})
+                                  for i in range(3)]).encode()
+    assert protocol.request_ids(batch) == ["r0", "r1", "r2"]
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode(batch, max_bytes=10)  # refused, yet its requests can be answered
+    wrong = msgpack.packb({"v": 999, "type": "out", "items": [{"id": "j1"}, {"id": 5}]})
+    assert protocol.request_ids(wrong) == ["j1"]
+    assert protocol.request_ids(b"\xc1 not msgpack") == []
+    assert protocol.request_ids(msgpack.packb([1, 2])) == []
