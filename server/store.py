@@ -141,8 +141,8 @@ class LimitCount(BaseModel):
 
 
 MODELS = [SchemaVersion, User, Token, Task, Limit, Usage, LimitCount, *BATCH_MODELS]
-USAGE_GROUPS = {"model": Usage.model, "key": Usage.key_id, "user": Usage.user_id,
-                "day": peewee.fn.substr(peewee.Cast(Usage.at, "text"), 1, 10).coerce(False)}
+USAGE_GROUPS = {"model": Usage.model, "route": Usage.route, "key": Usage.key_id,
+                "user": Usage.user_id, "day": peewee.fn.substr(peewee.Cast(Usage.at, "text"), 1, 10).coerce(False)}
 LIMIT_FIELDS = ("rpm", "tpm", "concurrency", "tokens_per_day", "weight", "priority")
 FINAL = ("completed", "failed", "cancelled")
 UNFINISHED = ("queued", "running")

@@ -82,7 +82,7 @@ ADMIN_PATHS = {
     "/admin/usage": {"get": _admin(
         "everyone's usage, or one user's", {"name": "user", "in": "query", "schema": {"type": "string"}},
         {"name": "group_by", "in": "query",
-         "schema": {"type": "string", "enum": ["model", "key", "day", "user"]}})},
+         "schema": {"type": "string", "enum": ["model", "route", "key", "day", "user"]}})},
 }
 
 
@@ -149,7 +149,7 @@ def openapi() -> dict:
                 {"name": "start", "in": "query", "schema": {"type": "string"}},
                 {"name": "end", "in": "query", "schema": {"type": "string"}},
                 {"name": "group_by", "in": "query",
-                 "schema": {"type": "string", "enum": ["model", "key", "day", "user"]}}]}},
+                 "schema": {"type": "string", "enum": ["model", "route", "key", "day", "user"]}}]}},
             **ADMIN_PATHS,
             **BATCH_PATHS,
             "/tasks/{task_id}": {"get": {**_operation("One task"), "parameters": [

@@ -162,6 +162,11 @@ async def test_a_batch_survives_sigkills_of_the_whole_deployment(make_cluster, s
     output = (await client.files.content(done.output_file_id)).text.splitlines()
     custom_ids = [json.loads(line)["custom_id"] for line in output]
     assert len(custom_ids) == 200 and set(custom_ids) == {f"req-{i}" for i in range(200)}
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=30,
+                                 headers=cluster.headers()) as http:
+        usage = (await http.get("/v1/usage", params={"group_by": "route"})).json()
+    assert usage["buckets"] == [{"route": "batch_api", "requests": 200, "prompt_tokens":
+                                 usage["prompt_tokens"], "completion_tokens": 200 * 8}]
     await client.close()
 
 
