@@ -17,7 +17,8 @@ API's runner all go through `Lifecycle`; nothing else charges or records. Its ru
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,19 +105,13 @@ class Lifecycle:
         """Run the request to its whole answer and end it, whichever way it goes.
         `wait_for_worker`: stored work waits (within the request timeout) for a worker of its
         model, as after a restart; a request refuses at once."""
-        try:
+        with self._ending(run):
             if wait_for_worker:
                 run.job = await self.gateway.submit_when_possible(run.spec)
             else:
                 self.start(run)
             assert run.job is not None
             body = await self.gateway.complete(run.job, run.ledger_route)
-        except CohortError as error:
-            self.end(run, error.status)
-            raise
-        except BaseException:
-            self.end(run, CLIENT_LEFT)
-            raise
         self.end(run, 200)
         return body
 
@@ -125,17 +120,25 @@ class Lifecycle:
         assert run.job is not None
         events = self.gateway.stream(run.job, run.ledger_route)
         try:
-            async for data in events:
-                yield data
+            with self._ending(run):
+                async for data in events:
+                    yield data
+        finally:
+            await events.aclose()
+        self.end(run, 200)
+
+    @contextlib.contextmanager
+    def _ending(self, run: Run) -> Iterator[None]:
+        """End the run with the status of what stops it: an error's, or 499 for a client that
+        left (a cancel, or a stream closed early)."""
+        try:
+            yield
         except CohortError as error:
             self.end(run, error.status)
             raise
         except BaseException:
             self.end(run, CLIENT_LEFT)
             raise
-        finally:
-            await events.aclose()
-        self.end(run, 200)
 
     # --- ending -------------------------------------------------------------------------------
 

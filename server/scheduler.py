@@ -22,7 +22,7 @@ from typing import Protocol
 
 import trio
 
-from server.errors import CohortError, NoWorkers
+from server.errors import CohortError
 from server.jobs import Job
 from server.scheduling.queue import ModelQueue, under_share
 

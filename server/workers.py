@@ -51,9 +51,6 @@ class WorkerRegistry:
         self.metrics = metrics
         self.workers: dict[bytes, WorkerHandle] = {}
 
-    def get(self, identity: bytes) -> WorkerHandle | None:
-        return self.workers.get(identity)
-
     def by_id(self, worker_id: str) -> WorkerHandle | None:
         return self.workers.get(worker_id.encode())
 

@@ -113,12 +113,6 @@ class ModelQueue:
                     oldest = line[0].enqueued_at
         return oldest
 
-    def waiting(self, tier: str) -> bool:
-        """Whether a live job of `tier` waits."""
-        for line in self._lines[tier].values():
-            self._drop_cancelled(line)
-        return any(self._lines[tier].values())
-
     def take(self, max_jobs: int, tiers: tuple[str, ...] = TIERS,
              lower_max: int | None = None) -> list[Job]:
         """Remove and return up to `max_jobs` live jobs: a lower tier only once the higher ones

@@ -3,14 +3,13 @@ row per request that reached a worker (across a SIGKILL of the front too), a quo
 against real use, nothing of a removed user's reaching the next user, a disabled user's work
 stopped, and batch-tier work that runs on engines of any size."""
 
-import json
 
 import httpx
 import openai
 import trio
 
 from server.store import Store
-from tests.e2e.test_batches import chat_line, finished, jsonl, submitted
+from tests.e2e.test_batches import chat_line, finished, serving, submitted
 
 MODEL = "cohort-mock"
 PATHS = {"chat": 1, "completions": 1, "embeddings": 1, "async": 1, "batch_item": 2,
@@ -63,14 +62,10 @@ async def test_every_path_leaves_exactly_one_ledger_row_even_across_a_sigkill(ma
 
 
 async def test_a_daily_quota_holds_against_real_use(make_cluster):
-    """Chats estimated below their real use: the quota of 100 tokens is spent after a few, and
-    what was served is over it by at most the one request that was in flight."""
-    cluster = make_cluster()
-    cluster.start_front()
-    cluster.start_worker("worker1")
-    cluster.api_key = cluster.add_user("bob")
-    cluster.users("limit", "bob", "--tokens-per-day", "100")
-    await cluster.wait_ready(1)
+    """A quota of 100 tokens is spent after a few chats, and what was served is over it by at
+    most the one request that was in flight."""
+    cluster, client = await serving(make_cluster, "bob", "--tokens-per-day", "100")
+    await client.close()
     body = {"model": MODEL, "max_tokens": 1, "messages": [
         {"role": "user", "content": "one two three four five six seven eight nine ten"}]}
     async with httpx.AsyncClient(base_url=cluster.url, timeout=30,
@@ -117,12 +112,8 @@ async def test_a_removed_users_data_never_reaches_the_next_user_of_that_name(mak
 
 
 async def test_a_disabled_users_batch_stops_starting_lines(make_cluster):
-    cluster = make_cluster(MOCK_TOKEN_S="0.05", COHORT_BATCH_CONCURRENCY="1")
-    cluster.start_front()
-    cluster.start_worker("worker1")
-    cluster.api_key = cluster.add_user("dan")
-    await cluster.wait_ready(1)
-    client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key=cluster.api_key)
+    cluster, client = await serving(make_cluster, "dan", MOCK_TOKEN_S="0.05",
+                                    COHORT_BATCH_CONCURRENCY="1")
     batch = await submitted(client, [chat_line(i, max_tokens=10, ignore_eos=True)
                                      for i in range(40)])
     with trio.fail_after(30):
@@ -147,11 +138,8 @@ async def test_a_disabled_users_batch_stops_starting_lines(make_cluster):
 async def test_async_tasks_run_on_engines_with_one_sequence(make_cluster):
     """max_num_seqs 1 (a big model on a small GPU): the batch tier's headroom never takes the
     whole engine, so tasks run, even right after interactive traffic."""
-    cluster = make_cluster(COHORT_MAX_NUM_SEQS="1")
-    cluster.start_front()
-    cluster.start_worker("worker1")
-    cluster.api_key = cluster.add_user("eve")
-    await cluster.wait_ready(1)
+    cluster, client = await serving(make_cluster, "eve", COHORT_MAX_NUM_SEQS="1")
+    await client.close()
     async with httpx.AsyncClient(base_url=cluster.url, timeout=30,
                                  headers=cluster.headers()) as http:
         assert (await http.post("/v1/completions", json={
