@@ -166,8 +166,10 @@ class Bench:
                 # Rounds alternate bare and Cohort so a slow moment of the machine hits both, in
                 # an order that turns; a ratio is the median of its rounds' ratios, the
                 # latencies are pooled.
-                names = ["bare", *(t for t in targets
-                                   if not t.startswith("auth") or concurrency == 64)]
+                # one at a time, an API key with and without the ledger: what waiting for a
+                # row's group commit costs a lone request
+                names = ["bare", *(t for t in targets if not t.startswith("auth + limits")
+                                   or concurrency == 64)]
                 runs: dict[str, list[Result]] = {name: [] for name in names}
                 for round_ in range(self.args.rounds):
                     turn = round_ % len(names)  # each round starts elsewhere: no path always last
@@ -205,6 +207,11 @@ class Bench:
                                  "path": "limits + ledger vs neither (throughput)",
                                  "ratio": round(statistics.median(both), 3),
                                  "ratio_range": f"{both[0]:.3f}-{both[-1]:.3f}"})
+                ledger = sorted(led.steady_rps / plain.steady_rps for led, plain in
+                                zip(runs["auth"], runs["auth, no ledger"]))
+                rows.append({"concurrency": concurrency, "path": "ledger vs none (throughput)",
+                             "ratio": round(statistics.median(ledger), 3),
+                             "ratio_range": f"{ledger[0]:.3f}-{ledger[-1]:.3f}"})
                 curve = sorted(c.steady_rps / p.steady_rps for c, p in
                                zip(runs[f"window {window:g}"], runs["no CURVE"]))
                 rows.append({"concurrency": concurrency, "path": "CURVE vs none (throughput)",
