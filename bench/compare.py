@@ -27,8 +27,8 @@ import httpx  # noqa: E402
 import trio  # noqa: E402
 
 from bench import peer, scheduling  # noqa: E402
-from bench.load import Result, run_load  # noqa: E402
-from tests.e2e.cluster import Cluster, free_port, procfile  # noqa: E402
+from harness.load import Result, run_load  # noqa: E402
+from harness.cluster import Cluster, free_port, procfile  # noqa: E402
 
 ZERO_COST = {"MOCK_TTFT_S": "0", "MOCK_PREFILL_TOKEN_S": "0", "MOCK_TOKEN_S": "0",
              "MOCK_BATCH_GROWTH": "0"}

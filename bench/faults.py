@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
-from tests.e2e.cluster import Cluster, descendants, engine_host  # noqa: E402
-from tests.e2e import chaos as chaos_env  # noqa: E402
-from tests.e2e.test_connections import (hold_idle, one_health_request,  # noqa: E402
+from harness.cluster import Cluster, descendants, engine_host  # noqa: E402
+from harness import chaos as chaos_env  # noqa: E402
+from harness.connections import (hold_idle, one_health_request,  # noqa: E402
                                         start_short_of_descriptors, started)
 from worker.models import default_model_path, is_prepared  # noqa: E402
 
@@ -36,6 +36,7 @@ SLOW = {"MOCK_TOKEN_S": "0.1", "MOCK_TTFT_S": "0"}  # 10 tokens a second per str
 RESTARTS = {"MOCK_TOKEN_S": "0.01", "MOCK_TTFT_S": "0.01", "COHORT_RESTART_BACKOFF_S": "0.2"}
 DONE = "data: [DONE]\n\n"
 MODEL = chaos_env.MODEL
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def s(seconds: float) -> str:
@@ -179,7 +180,7 @@ async def honcho_ctrl_c(args) -> tuple[str, dict]:
 
 async def front_sigterm(args) -> tuple[str, dict]:
     """test_drain: the front's drain must outlast hypercorn's 3 s so 12 s streams finish."""
-    from tests.e2e.test_vllm import alive
+    from harness.cluster import alive
     cluster = new_cluster(**SLOW)
     try:
         cluster.start_front()
@@ -303,7 +304,7 @@ async def in_flight(cluster: Cluster, worker_id: str, timeout_s: float = 5) -> i
 
 async def vllm_core(args) -> tuple[str, dict]:
     """test_vllm: a dead EngineCore must be noticed, its requests re-run, nothing routed into it."""
-    from tests.e2e.test_vllm import QUESTION, engine_core
+    from harness.cluster import engine_core
     path = default_model_path()
     cluster = new_cluster(COHORT_ENGINE="vllm", COHORT_MODEL=path, COHORT_WORKER_TIMEOUT_S="10")
     body = {"model": os.path.basename(path.rstrip("/")), "messages": QUESTION, "max_tokens": 8,

@@ -300,7 +300,7 @@ async def run_peer(bench) -> dict:
         return {"skipped": "vLLM is not installed"}
     if not is_prepared(path):
         return {"skipped": f"{path} not prepared"}
-    from tests.e2e.cluster import free_port
+    from harness.cluster import free_port
 
     knobs = Knobs(bench.args)
     cluster = bench.cluster(COHORT_ENGINE="vllm", COHORT_MODEL=path, COHORT_SERVED_MODEL_NAME=SERVED,

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
-from bench.load import Result, poisson_arrivals, run_load, run_open_loop  # noqa: E402
+from harness.load import Result, poisson_arrivals, run_load, run_open_loop  # noqa: E402
 
 MODEL = "cohort-mock"
 # The mock made to cost what a GPU would: 50 us of prefill per prompt token, a 10 ms decode step at

@@ -18,16 +18,9 @@ from werkzeug.exceptions import HTTPException
 from common.config import ServerSettings, load
 from common.logs import setup_logging
 from server import connections
-from server.auth import Auth
 from server.errors import BadRequest, BodyTooLarge, CohortError, Draining, NotFound
-from server.gateway import Gateway
-from server.lifecycle import Lifecycle
-from server.limit_sync import LimitSync
-from server.batch_runner import BatchRunner
 from server.routes import admin, batches, docs, ops, openai, tasks, tokens, usage
-from server.store import Store
-from server.task_runner import TaskRunner
-from server.usage import UsageLedger
+from server.services import assemble
 
 log = logging.getLogger("cohort.app")
 
@@ -45,16 +38,8 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, RESPONSE_TIMEOUT=None,
                       BODY_TIMEOUT=60, JSON_SORT_KEYS=False)
     app.request_class = batches.with_upload_limit(app.request_class, settings.max_file_bytes)
-    cohort = Gateway(settings)
-    cohort.store = Store(settings.db_url)
-    cohort.auth = Auth(settings, cohort.store)
-    cohort.tasks = TaskRunner(cohort)
-    cohort.usage = UsageLedger(cohort.store, settings.usage_ledger)
-    cohort.lifecycle = Lifecycle(cohort, cohort.usage)
-    cohort.limit_sync = LimitSync(cohort.limiter, cohort.store, cohort.dispatcher.front_id,
-                                  settings.limit_sync_s)
-    app.gateway = cohort  # type: ignore[attr-defined]
-    cohort.batches = BatchRunner(cohort)
+    cohort = assemble(settings)
+    app.services = cohort  # type: ignore[attr-defined]
     for module in (openai, ops, tasks, tokens, usage, admin, batches, docs):
         app.register_blueprint(module.blueprint)
 
@@ -69,16 +54,16 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
             try:
                 with services:
                     async with trio.open_nursery() as nursery:
-                        await nursery.start(cohort.run)
+                        await nursery.start(cohort.gateway.run)
                         await nursery.start(cohort.tasks.run)
                         await nursery.start(cohort.batches.run)
                         await nursery.start(cohort.usage.run)
                         await nursery.start(cohort.limit_sync.run)
-                        nursery.start_soon(cohort.drain_on_signal)
-                        cohort.services_up = True
+                        nursery.start_soon(cohort.gateway.drain_on_signal)
+                        cohort.gateway.services_up = True
                         task_status.started()
             except Exception:  # a service died: a front without it only seems to serve
-                cohort.services_up = False
+                cohort.gateway.services_up = False
                 log.critical("a service of the front failed; exiting so that its keeper restarts "
                              "it", exc_info=True)
                 logging.shutdown()
@@ -94,7 +79,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     @app.before_request
     async def tag_request():
         g.request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
-        if cohort.draining and request.path not in ("/health", "/ready"):
+        if cohort.gateway.draining and request.path not in ("/health", "/ready"):
             error = Draining("the front is shutting down and takes no new request; retry on "
                              "another front")
             return error.body(), error.status, {**error.headers, "Connection": "close"}

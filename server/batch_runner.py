@@ -29,10 +29,11 @@ from server.auth import Principal
 from server.batch_store import File, batch_view
 from server.errors import BadRequest, CohortError, Draining, NoWorkers, NotFound
 from server.jobs import JobSpec
-from server.lifecycle import Run
+from server.gateway import Gateway
+from server.lifecycle import Lifecycle, Run
 from server.limits import Limits
 from server.openai_schema import parse_chat, parse_completion, parse_embeddings
-from server.store import utcnow
+from server.store import Store, utcnow
 from server.task_runner import batch_tier
 
 log = logging.getLogger("cohort.batches")
@@ -89,9 +90,10 @@ class TakenOver(Exception):
 class BatchRunner:
     """Holds the leases of the batches this front runs, and runs them in its nursery."""
 
-    def __init__(self, gateway) -> None:
+    def __init__(self, gateway: Gateway, store: Store, lifecycle: Lifecycle) -> None:
         self.gateway = gateway
-        self.store = gateway.store
+        self.store = store
+        self.lifecycle = lifecycle
         self.settings = gateway.settings
         self.owner = gateway.dispatcher.front_id
         self._held: dict[str, trio.CancelScope] = {}
@@ -360,7 +362,7 @@ class BatchRunner:
         """One line through the lifecycle, in the batch tier: (line, status, response JSON,
         its ledger row), the row written with the outcome, keyed by the line's request id."""
         _, route = ENDPOINTS[batch.endpoint]
-        lifecycle = self.gateway.lifecycle
+        lifecycle = self.lifecycle
         rid = request_id(batch.id, line.line)
         run = None
         try:

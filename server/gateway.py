@@ -1,4 +1,4 @@
-"""The front's services in one place, and the two ways a route waits for a job: whole, or streamed."""
+"""The front's jobs: submitted to the scheduler, and the two ways to wait for one: whole, or streamed."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import trio
 
 from common.config import ServerSettings
+from common.protocol import OutItem
 from server.dispatch import Dispatcher
 from server.errors import (CohortError, DeadlineExceeded, Draining, EngineRefused, NoWorkers,
                            NotFound, QueueFull)
@@ -24,7 +25,7 @@ log = logging.getLogger("cohort.gateway")
 
 
 class Gateway:
-    """Owns dispatcher and scheduler (and, when set, the store and auth) for one app."""
+    """Owns dispatcher, scheduler, limiter and metrics for one app, and runs its jobs."""
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
@@ -36,14 +37,6 @@ class Gateway:
         self.dispatcher.scheduler = self.scheduler
         self.limiter = Limiter()
         self.nursery: trio.Nursery | None = None
-        # set by create_app: the store, the auth checks and the durable task runner
-        self.store: Any = None
-        self.auth: Any = None
-        self.tasks: Any = None
-        self.batches: Any = None  # the Batch API's runner
-        self.usage: Any = None  # the usage ledger
-        self.lifecycle: Any = None  # admission, settlement and the ledger for every request
-        self.limit_sync: Any = None
         self.services_up = False  # set once dispatcher, scheduler and task runner all run
         self.draining = False  # set by SIGTERM/SIGINT: no new requests, those in flight finish
 
@@ -105,12 +98,12 @@ class Gateway:
         raise NoWorkers(f"no worker took model {spec.model!r} within "
                         f"{self.settings.request_timeout_s:g} s")
 
-    def _observe_end(self, job: Job, last: dict[str, Any], route: str) -> None:
+    def _observe_end(self, job: Job, last: OutItem, route: str) -> None:
         took = trio.current_time() - job.enqueued_at
         self.metrics.latency.labels(route).observe(took)
         log.debug("request_id=%s job=%s worker=%s batch=%s attempts=%d took=%.4fs", job.spec.trace_id,
                   job.id, job.worker_id, job.batch_id, job.attempts + 1, took)
-        usage = last.get("usage") or {}
+        usage = last.usage or {}
         self.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
         self.metrics.completion_tokens.inc(usage.get("completion_tokens", 0))
         job.used_tokens = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
@@ -123,8 +116,8 @@ class Gateway:
             output = await job.outputs.receive()
             if isinstance(output, CohortError):
                 raise output
-            if isinstance(output, dict) and output["status"] >= 400:
-                raise EngineRefused(output["status"], _json_or_text(output["data"]))
+            if isinstance(output, OutItem) and output.status >= 400:
+                raise EngineRefused(output.status, _json_or_text(output.data))
             return output
         raise DeadlineExceeded(
             f"no answer within {self.settings.request_timeout_s:g} s (COHORT_REQUEST_TIMEOUT_S)")
@@ -135,12 +128,12 @@ class Gateway:
         try:
             while True:
                 output = await self._next(job)
-                if not isinstance(output, Restart) and output["done"]:
+                if not isinstance(output, Restart) and output.done:
                     break
         finally:
             self.dispatcher.abort(job)  # a no-op once the job finished
         self._observe_end(job, output, route)
-        return output["data"]
+        return output.data
 
     async def stream(self, job: Job, route: str) -> AsyncIterator[bytes]:
         """Yield the SSE events ready at each moment, joined (so ready events share one write)."""
@@ -150,7 +143,7 @@ class Gateway:
                 if isinstance(output, Restart):  # nothing was sent yet, or it would not restart
                     continue
                 ready = [output]
-                while not ready[-1]["done"]:
+                while not ready[-1].done:
                     try:
                         more = job.outputs.receive_nowait()
                     except trio.WouldBlock:
@@ -158,8 +151,8 @@ class Gateway:
                     if isinstance(more, CohortError):
                         raise more
                     ready.append(more)  # no Restart here: the job has sent output, so it stays
-                yield b"".join(item["data"] for item in ready)
-                if ready[-1]["done"]:
+                yield b"".join(item.data for item in ready)
+                if ready[-1].done:
                     break
         finally:
             self.dispatcher.abort(job)

@@ -33,9 +33,10 @@ import trio
 from server.auth import Principal
 from server.errors import BadRequest, CohortError, Draining, NoWorkers
 from server.jobs import JobSpec
-from server.lifecycle import Run
+from server.gateway import Gateway
+from server.lifecycle import Lifecycle, Run
 from server.openai_schema import parse_chat, parse_completion
-from server.store import utcnow
+from server.store import Store, utcnow
 
 log = logging.getLogger("cohort.tasks")
 
@@ -65,9 +66,10 @@ def batch_tier(spec: JobSpec, user_id: int) -> JobSpec:
 class TaskRunner:
     """Runs stored tasks through the gateway and records their outcome in the store."""
 
-    def __init__(self, gateway) -> None:
+    def __init__(self, gateway: Gateway, store: Store, lifecycle: Lifecycle) -> None:
         self.gateway = gateway
-        self.store = gateway.store
+        self.store = store
+        self.lifecycle = lifecycle
         self.settings = gateway.settings
         self.owner = gateway.dispatcher.front_id
         self._nursery: trio.Nursery | None = None
@@ -158,7 +160,7 @@ class TaskRunner:
             task_id = "task-" + secrets.token_hex(10)
             rows.append((task_id, payer.user_id, kind, {k: v for k, v in body.items() if k != "kind"}))
             specs.append((task_id, batch_tier(spec, payer.user_id)))
-        lifecycle = self.gateway.lifecycle
+        lifecycle = self.lifecycle
         tickets = lifecycle.admit(payer, [spec for _, spec in specs], stored=True)
         runs = [Run(payer, spec, "async", ticket, request_id=task_id, durable=True)
                 for (task_id, spec), ticket in zip(specs, tickets)]
@@ -193,7 +195,7 @@ class TaskRunner:
     async def _run_task(self, task_id: str, run: Run) -> None:
         with trio.CancelScope() as scope:
             self._running[task_id] = (scope, run.payer.user_id)
-            lifecycle = self.gateway.lifecycle
+            lifecycle = self.lifecycle
             try:
                 if not await self.store.run(self.store.task_started, task_id, self.owner):
                     lifecycle.end(run, 409)  # cancelled, or taken over, before it began here

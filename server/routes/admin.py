@@ -15,7 +15,7 @@ from quart import Blueprint, request
 from server import accounts
 from server.auth import Principal, digest, hash_password, new_api_key
 from server.errors import BadRequest, CohortError, Conflict, NotFound, PermissionDenied
-from server.routes.context import caller, gateway, json_body
+from server.routes.context import caller, json_body, services
 from server.routes.usage import usage_report
 
 blueprint = Blueprint("admin", __name__)
@@ -23,7 +23,7 @@ blueprint = Blueprint("admin", __name__)
 
 async def _admin() -> Principal:
     principal = await caller()
-    if gateway().settings.auth_disabled:
+    if services().settings.auth_disabled:
         raise PermissionDenied("the admin API is off while authentication is disabled "
                                "(COHORT_AUTH_DISABLED)")
     if principal.role != "admin":
@@ -34,7 +34,7 @@ async def _admin() -> Principal:
 
 async def _call(call, *args: Any, **kwargs: Any) -> Any:
     """Run an account query or change in a store thread; a refusal becomes its HTTP error."""
-    store = gateway().store
+    store = services().store
     try:
         return await store.run(lambda: call(store, *args, **kwargs))
     except accounts.AccountError as error:
@@ -48,8 +48,8 @@ async def _change(change, *args: Any, **kwargs: Any) -> Any:
     lease renewal (the other fronts' within a third of COHORT_TASK_LEASE_S, their batches
     within a second)."""
     result = await _call(change, *args, **kwargs)
-    gateway().auth.forget()
-    await gateway().tasks.stop_lost()
+    services().auth.forget()
+    await services().tasks.stop_lost()
     return result
 
 
@@ -97,7 +97,7 @@ async def add_user():
 @blueprint.get("/admin/users")
 async def list_users():
     await _admin()
-    store = gateway().store
+    store = services().store
     users = await store.run(lambda: [store.user_view(user) for user in store.users()])
     return {"object": "list", "data": users}
 
@@ -135,7 +135,7 @@ async def add_key(name: str):
     api_key = new_api_key()
     token = await _change(accounts.add_key, name, digest(api_key), body.get("name", ""),
                           body.get("models"))
-    store = gateway().store
+    store = services().store
     return {**await store.run(store.key_view, token), "key": api_key}, 201
 
 
@@ -150,7 +150,7 @@ async def list_keys(name: str):
 async def revoke_key(name: str, key_id: int):
     await _admin()
     token = await _change(accounts.revoke_key, name, key_id)
-    store = gateway().store
+    store = services().store
     return await store.run(store.key_view, token)
 
 

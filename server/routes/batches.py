@@ -11,7 +11,7 @@ from quart import Blueprint, Response, request
 from server.batch_runner import FileWriter, request_line
 from server.batch_store import File, batch_view, file_view
 from server.errors import BadRequest, NotFound
-from server.routes.context import caller, gateway, json_body
+from server.routes.context import caller, json_body, services
 
 blueprint = Blueprint("batches", __name__)
 MAX_FILE_LINES = 50_000
@@ -53,7 +53,7 @@ async def upload():
     """A JSONL file for a batch, checked line by line before it is kept (the error names the
     line), with its size, line count and SHA-256."""
     principal = await caller()
-    settings = gateway().settings
+    settings = services().settings
     form, files = await request.form, await request.files
     if form.get("purpose") != "batch":
         raise BadRequest("purpose must be `batch` (the only purpose Cohort keeps files for)",
@@ -83,7 +83,7 @@ async def upload():
         request_line(line, number, seen)
         chunks.append(writer.add(line))
     chunks = [chunk for chunk in [*chunks, writer.rest()] if chunk is not None]
-    store = gateway().store
+    store = services().store
     file = await store.run(store.add_file, writer.row(), chunks)
     return file_view(file)
 
@@ -92,14 +92,14 @@ async def upload():
 async def list_files():
     principal = await caller()
     limit, after = _page_args()
-    store = gateway().store
+    store = services().store
     return _listing(await store.run(store.files_of, principal.user_id,
                                     request.args.get("purpose") or None, limit, after))
 
 
 async def _file(file_id: str) -> File:
     principal = await caller()
-    store = gateway().store
+    store = services().store
     file = await store.run(store.file_of, principal.user_id, file_id)
     if file is None:
         raise NotFound(f"no file {file_id!r}")
@@ -115,7 +115,7 @@ async def show_file(file_id: str):
 async def file_content(file_id: str):
     """The file's bytes, streamed a chunk (about 1 MB) at a time."""
     file = await _file(file_id)
-    store = gateway().store
+    store = services().store
 
     async def chunks():
         seq = 0
@@ -132,7 +132,7 @@ async def file_content(file_id: str):
 @blueprint.delete("/v1/files/<file_id>")
 async def delete_file(file_id: str):
     principal = await caller()
-    store = gateway().store
+    store = services().store
     if not await store.run(store.delete_file, principal.user_id, file_id):
         raise NotFound(f"no file {file_id!r}")
     return {"id": file_id, "object": "file", "deleted": True}
@@ -141,21 +141,21 @@ async def delete_file(file_id: str):
 @blueprint.post("/v1/batches")
 async def create_batch():
     principal = await caller()
-    return await gateway().batches.create(principal, await json_body())
+    return await services().batches.create(principal, await json_body())
 
 
 @blueprint.get("/v1/batches")
 async def list_batches():
     principal = await caller()
     limit, after = _page_args()
-    store = gateway().store
+    store = services().store
     return _listing(await store.run(store.batches_of, principal.user_id, limit, after))
 
 
 @blueprint.get("/v1/batches/<batch_id>")
 async def show_batch(batch_id: str):
     principal = await caller()
-    store = gateway().store
+    store = services().store
     batch = await store.run(store.batch_of, principal.user_id, batch_id)
     if batch is None:
         raise NotFound(f"no batch {batch_id!r}")
@@ -165,7 +165,7 @@ async def show_batch(batch_id: str):
 @blueprint.post("/v1/batches/<batch_id>/cancel")
 async def cancel_batch(batch_id: str):
     principal = await caller()
-    batch = await gateway().batches.cancel(principal.user_id, batch_id)
+    batch = await services().batches.cancel(principal.user_id, batch_id)
     if batch is None:
         raise NotFound(f"no batch {batch_id!r}")
     return batch

@@ -1,4 +1,4 @@
-"""What every route needs: the app's gateway, the caller, and the JSON body."""
+"""What every route needs: the app's services, the caller, and the JSON body."""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ from quart import current_app, g, request
 
 from server.auth import Principal
 from server.errors import BadRequest
-from server.gateway import Gateway
+from server.services import Services
 
 
-def gateway() -> Gateway:
-    return current_app.gateway  # type: ignore[attr-defined]
+def services() -> Services:
+    """The app's services (built once by server.services.assemble)."""
+    return current_app.services  # type: ignore[attr-defined]
 
 
 async def caller() -> Principal:
     """The authenticated caller (Unauthorized otherwise)."""
-    principal = await gateway().auth.authenticate(request.headers.get("Authorization"))
+    principal = await services().auth.authenticate(request.headers.get("Authorization"))
     g.principal = principal
     return principal
 

@@ -14,7 +14,7 @@ from quart import Blueprint, Response, g
 from server.errors import CohortError
 from server.lifecycle import Run
 from server.openai_schema import parse_chat, parse_completion, parse_embeddings, parse_tokens
-from server.routes.context import caller, gateway, json_body
+from server.routes.context import caller, json_body, services
 
 blueprint = Blueprint("openai", __name__)
 
@@ -29,7 +29,7 @@ async def _serve(run: Run) -> Response:
     """Run the request through the lifecycle: whole, or as a stream that starts once its first
     event is there (so a request the engine refuses is an HTTP error with vLLM's status, as
     `vllm serve` answers it, not a 200 with an error event)."""
-    lifecycle = gateway().lifecycle
+    lifecycle = services().lifecycle
     if run.spec.stream:
         lifecycle.start(run)
         response = await _sse(run)
@@ -45,7 +45,7 @@ async def _serve(run: Run) -> Response:
 
 
 async def _sse(run: Run) -> Response:
-    lifecycle = gateway().lifecycle
+    lifecycle = services().lifecycle
     events = lifecycle.stream(run)
     try:
         first = await anext(events)
@@ -75,7 +75,7 @@ async def _body() -> Any:
     """The JSON body; without a `model`, the one model served, as `vllm serve` takes it."""
     body = await json_body()
     if isinstance(body, dict) and "model" not in body:
-        served = gateway().dispatcher.models()
+        served = services().dispatcher.models()
         if len(served) == 1:
             body["model"] = served[0]
     return body
@@ -84,7 +84,7 @@ async def _body() -> Any:
 async def _answer(parse) -> Response:
     """A POST route: the caller checked, the body parsed into a job, the job served."""
     principal = await caller()
-    cohort = gateway()
+    cohort = services()
     spec = parse(await _body(), cohort.settings, g.request_id)
     principal.check_model(spec.model)
     spec.tenant = principal.tenant
@@ -125,6 +125,6 @@ async def models():
     principal = await caller()
     now = int(time.time())
     data = [{"object": "model", "created": now, "owned_by": "cohort", **card}
-            for card in gateway().dispatcher.registry.model_cards()
+            for card in services().dispatcher.registry.model_cards()
             if principal.models is None or card["id"] in principal.models]
     return {"object": "list", "data": data}

@@ -7,7 +7,7 @@ from quart import Blueprint, Response
 
 from common.config import describe
 from server.errors import Unauthorized
-from server.routes.context import caller, gateway
+from server.routes.context import caller, services
 
 blueprint = Blueprint("ops", __name__)
 
@@ -16,8 +16,8 @@ blueprint = Blueprint("ops", __name__)
 async def health():
     """Anyone may ask whether the service is up; only a caller with a token sees its workers and
     settings (an anonymous answer must not map the deployment for a stranger)."""
-    cohort = gateway()
-    status = ("failing" if not cohort.services_up else "draining" if cohort.draining else "ok")
+    cohort = services()
+    status = ("failing" if not cohort.gateway.services_up else "draining" if cohort.gateway.draining else "ok")
     try:
         await caller()
     except Unauthorized:
@@ -36,16 +36,16 @@ async def health():
 @blueprint.get("/ready")
 async def ready():
     """Ready when the front's services run and some model has a ready worker."""
-    cohort = gateway()
+    cohort = services()
     models = cohort.dispatcher.models()
-    up = cohort.services_up and not cohort.draining and bool(models)
+    up = cohort.gateway.services_up and not cohort.gateway.draining and bool(models)
     return {"ready": up, "models": models}, 200 if up else 503
 
 
 @blueprint.get("/stats")
 async def stats():
     await caller()
-    cohort = gateway()
+    cohort = services()
     summary = cohort.metrics.summary()
     summary["queue"]["length"] = cohort.scheduler.queued()
     summary["workers"] = cohort.dispatcher.describe_workers()
@@ -55,7 +55,7 @@ async def stats():
 @blueprint.get("/metrics")
 async def metrics():
     await caller()
-    cohort = gateway()
+    cohort = services()
     cohort.dispatcher.refresh_gauges()
     for model, length in cohort.scheduler.queued().items():
         cohort.metrics.queue_length.labels(model).set(length)

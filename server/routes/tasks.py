@@ -14,7 +14,7 @@ from quart import Blueprint, request
 
 from server.errors import BadRequest, CohortError, NotFound
 from server.lifecycle import Run
-from server.routes.context import caller, gateway, json_body
+from server.routes.context import caller, json_body, services
 from server.store import FINAL
 from server.task_runner import batch_tier, parse_task_body
 
@@ -26,7 +26,7 @@ STATUSES = ("queued", "running") + FINAL
 @blueprint.post("/inference/async")
 async def inference_async():
     principal = await caller()
-    [task_id], headers = await gateway().tasks.submit(principal, [await json_body()])
+    [task_id], headers = await services().tasks.submit(principal, [await json_body()])
     return {"object": "task", "id": task_id, "status": "queued"}, 202, headers
 
 
@@ -52,7 +52,7 @@ async def inference_batch():
     principal = await caller()
     body = await json_body()
     items = _batch_items(body)
-    cohort = gateway()
+    cohort = services()
     if body.get("wait", True) is False:
         ids, headers = await cohort.tasks.submit(principal, items)
         return {"object": "batch", "tasks": [{"index": i, "id": task_id}
@@ -101,14 +101,14 @@ async def list_tasks():
         raise BadRequest("limit and offset must be integers") from None
     if not 1 <= limit <= 100 or not 0 <= offset < 2**62:  # the store's integers are 64-bit
         raise BadRequest("limit must be 1 to 100 and offset from 0 to 2**62", param="limit")
-    store = gateway().store
+    store = services().store
     return await store.run(store.tasks_of, principal.user_id, status, limit, offset)
 
 
 @blueprint.get("/tasks/<task_id>")
 async def show_task(task_id: str):
     principal = await caller()
-    store = gateway().store
+    store = services().store
     task = await store.run(store.task_of, principal.user_id, task_id)
     if task is None:
         raise NotFound(f"no task {task_id!r}")
@@ -118,7 +118,7 @@ async def show_task(task_id: str):
 @blueprint.delete("/tasks/<task_id>")
 async def cancel_task(task_id: str):
     principal = await caller()
-    task = await gateway().tasks.cancel(principal.user_id, task_id)
+    task = await services().tasks.cancel(principal.user_id, task_id)
     if task is None:
         raise NotFound(f"no task {task_id!r}")
     return task

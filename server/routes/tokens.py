@@ -5,7 +5,7 @@ from __future__ import annotations
 from quart import Blueprint, request
 
 from server.errors import BadRequest
-from server.routes.context import gateway, json_body
+from server.routes.context import services, json_body
 
 blueprint = Blueprint("tokens", __name__)
 
@@ -21,4 +21,4 @@ async def token():
     username, password = body.get("username"), body.get("password")
     if not isinstance(username, str) or not isinstance(password, str) or not username:
         raise BadRequest("send username and password (form fields or JSON)", param="username")
-    return await gateway().auth.login(username, password, request.remote_addr or "")
+    return await services().auth.login(username, password, request.remote_addr or "")

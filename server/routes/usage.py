@@ -8,7 +8,7 @@ import datetime
 from quart import Blueprint, request
 
 from server.errors import BadRequest, NotFound
-from server.routes.context import caller, gateway
+from server.routes.context import caller, services
 from server.store import USAGE_GROUPS, utcnow
 
 blueprint = Blueprint("usage", __name__)
@@ -37,7 +37,7 @@ async def usage():
 
 async def usage_report(user_id: int | None) -> dict:
     """The usage of one user (None: everyone) over the query's period, grouped as it asks."""
-    if not gateway().usage.enabled:
+    if not services().usage.enabled:
         raise NotFound("this gateway keeps no usage ledger (COHORT_USAGE_LEDGER=0)")
     now = utcnow()
     start = _moment("start", datetime.datetime.combine(now.date(), datetime.time()))
@@ -45,7 +45,7 @@ async def usage_report(user_id: int | None) -> dict:
     group_by = request.args.get("group_by") or None
     if group_by is not None and group_by not in USAGE_GROUPS:
         raise BadRequest(f"group_by is one of {', '.join(USAGE_GROUPS)}", param="group_by")
-    store = gateway().store
+    store = services().store
     totals = await store.run(store.usage_of, user_id, start, end, group_by)
     return {"object": "usage", "start": start.isoformat() + "Z", "end": end.isoformat() + "Z",
             "group_by": group_by, **totals}

@@ -1,7 +1,7 @@
 import pytest
 import trio
 
-from tests.e2e.cluster import Cluster
+from harness.cluster import Cluster
 
 
 @pytest.fixture(scope="module")

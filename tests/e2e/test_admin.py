@@ -9,7 +9,7 @@ import openai
 import pytest
 import trio
 
-from tests.e2e.cluster import ROOT
+from harness.cluster import ROOT
 
 MODEL = "cohort-mock"
 BODY = {"model": MODEL, "prompt": "count me", "max_tokens": 4}

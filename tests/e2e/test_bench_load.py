@@ -1,6 +1,6 @@
 """The benchmark's own HTTP client against a real front: its figures are counted, not assumed."""
 
-from bench.load import run_load
+from harness.load import run_load
 
 URL_PATH = "/v1/completions"
 

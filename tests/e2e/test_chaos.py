@@ -10,7 +10,7 @@ accepted must finish with one outcome: none lost, none stuck. The seed is random
 import os
 import random
 
-from tests.e2e.chaos import ENV, FINAL, run_chaos, start
+from harness.chaos import ENV, FINAL, run_chaos, start
 
 
 async def test_random_kills_under_load_lose_no_request_and_no_task(make_cluster):

@@ -6,7 +6,7 @@ import signal
 import httpx
 import trio
 
-from tests.e2e.cluster import Cluster
+from harness.cluster import Cluster
 
 MODEL = "cohort-mock"
 SLOW = {"MOCK_TOKEN_S": "0.1", "MOCK_TTFT_S": "0"}  # 10 tokens a second per stream

@@ -7,7 +7,7 @@ import httpx
 import pytest
 import trio
 
-from tests.e2e.cluster import engine_host
+from harness.cluster import engine_host
 
 MODEL = "cohort-mock"
 SLOW = {"MOCK_TOKEN_S": "0.02", "MOCK_TTFT_S": "0.02"}  # replies take ~0.3 s: kills land mid-load

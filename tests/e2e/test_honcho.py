@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import trio
 
-from tests.e2e.cluster import Cluster, engine_host
+from harness.cluster import Cluster, engine_host
 
 
 def test_honcho_start_serves_64_concurrent_openai_clients_without_a_window_wait(tmp_path):

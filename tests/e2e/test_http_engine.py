@@ -3,7 +3,7 @@
 import httpx
 import openai
 
-from tests.e2e.cluster import free_port
+from harness.cluster import free_port
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

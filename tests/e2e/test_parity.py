@@ -11,7 +11,7 @@ import openai
 import pytest
 import trio
 
-from tests.e2e.cluster import Cluster
+from harness.cluster import Cluster
 from tests.e2e.vllm_serve import VllmServe
 from worker.models import default_model_path
 

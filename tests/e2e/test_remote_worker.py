@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from tests.e2e.cluster import ROOT, free_port, procfile
+from harness.cluster import ROOT, free_port, procfile
 
 MODEL = "cohort-mock"
 

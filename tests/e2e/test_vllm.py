@@ -4,8 +4,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -13,7 +11,7 @@ import openai
 import pytest
 import trio
 
-from tests.e2e.cluster import Cluster, ROOT, descendants, free_port
+from harness.cluster import Cluster, alive, descendants, engine_core
 from worker.models import default_model_path
 
 pytestmark = pytest.mark.vllm
@@ -171,26 +169,6 @@ async def test_an_abort_reaches_vllm(real):
                 await trio.sleep(0.1)
         stats = (await http.get(real.url + "/stats")).json()
     assert stats["aborts"] >= 1
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def engine_core(pid: int) -> int:
-    """vLLM's EngineCore process under a worker (vLLM names it `VLLM::EngineCore`)."""
-    for child in sorted(descendants(pid)):
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as cmdline:
-                if b"EngineCore" in cmdline.read():
-                    return child
-        except OSError:
-            continue
-    raise LookupError(f"no EngineCore under {pid}")
 
 
 async def test_a_dead_engine_core_is_noticed_its_requests_rerun_and_the_worker_restarted(real):

@@ -14,7 +14,7 @@ import zmq
 import zmq.auth
 
 from common.keys import KeyFiles, connect_curve
-from tests.e2e.cluster import ROOT
+from harness.cluster import ROOT
 
 MODEL = "cohort-mock"
 HELLO = {"type": "hello", "v": 2, "worker_id": "", "engine": "mock", "model": MODEL,

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.e2e.cluster import free_port
+from harness.cluster import free_port
 
 
 class VllmServe:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
-from tests.e2e.cluster import Cluster, engine_host
+from harness.cluster import Cluster, engine_host
 
 MODEL = "cohort-mock"
 WORKERS = ("worker1", "worker2")

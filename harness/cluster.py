@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import trio
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -214,3 +214,23 @@ def engine_host(pid: int, worker_id: str) -> int:
         if b"worker.host" in words and worker_id.encode() in words:
             return child
     raise LookupError(f"no engine host under {pid}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def engine_core(pid: int) -> int:
+    """vLLM's EngineCore process under a worker (vLLM names it `VLLM::EngineCore`)."""
+    for child in sorted(descendants(pid)):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                if b"EngineCore" in cmdline.read():
+                    return child
+        except OSError:
+            continue
+    raise LookupError(f"no EngineCore under {pid}")
