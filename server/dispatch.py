@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 
+import msgspec
 import trio
 import zmq
 
@@ -280,14 +281,14 @@ class Dispatcher:
         if worker.state == "ready":
             self._notify()
 
-    def _take_load(self, worker: WorkerHandle, load: dict) -> None:
-        if load:
-            worker.load.report(protocol.EngineLoad.from_item(load))
+    def _take_load(self, worker: WorkerHandle, load: protocol.EngineLoad | None) -> None:
+        if load is not None:
+            worker.load.report(load)
             self._notify()
 
-    def _route_outputs(self, worker: WorkerHandle, items: list[dict]) -> None:
+    def _route_outputs(self, worker: WorkerHandle, items: list[protocol.OutItem]) -> None:
         for item in items:
-            job = worker.jobs.get(item["id"])
+            job = worker.jobs.get(item.id)
             if job is None:  # aborted, or re-run elsewhere: its late outputs are dropped
                 continue
             if not job.got_output:
@@ -295,8 +296,8 @@ class Dispatcher:
                 self.metrics.ttft.observe(job.first_output_at - job.enqueued_at)
             if job.deliver(item):
                 self._release(job)
-                if item["status"] >= 500:
-                    self._count_failure(worker, f"the engine answered {item['status']}")
+                if item.status >= 500:
+                    self._count_failure(worker, f"the engine answered {item.status}")
                 else:
                     worker.breaker.succeeded()
 
@@ -459,19 +460,19 @@ class Dispatcher:
                       priorities: dict[str, int]) -> tuple[list[Job], bytes]:
         """The batch's bytes, and the jobs in it: one the wire cannot carry (its body passed the
         routes' checks, yet msgpack refuses it) fails alone with a 400, never the whole loop."""
-        def item(job: Job) -> dict:
+        def item(job: Job) -> protocol.RequestItem:
             spec = job.spec
             return protocol.request_item(job.id, spec.route, spec.body, trace_id=spec.trace_id,
                                          stream=spec.stream, priority=priorities[job.id])
         try:
             return jobs, protocol.Batch(batch_id, [item(job) for job in jobs]).encode()
-        except (ValueError, TypeError, OverflowError):
+        except (ValueError, TypeError, OverflowError, msgspec.EncodeError):
             carried = []
             for job in jobs:
                 try:
                     protocol.Batch(batch_id, [item(job)]).encode()
                     carried.append(job)
-                except (ValueError, TypeError, OverflowError) as error:
+                except (ValueError, TypeError, OverflowError, msgspec.EncodeError) as error:
                     log.warning("job %s cannot go on the wire: %s", job.id, error)
                     job.fail(BadRequest(f"the request cannot be sent to a worker ({error})"))
             if not carried:

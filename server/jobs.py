@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+from common.protocol import OutItem
 from server.errors import CohortError
 
 
@@ -79,13 +80,13 @@ class Job:
         """A job may be re-run unless part of it already went to a streaming client."""
         return not (self.spec.stream and self.got_output)
 
-    def deliver(self, item: dict[str, Any]) -> bool:
+    def deliver(self, item: OutItem) -> bool:
         """Pass one out item to the handler; True once it was the last."""
         self.got_output = True
         self._send.send_nowait(item)
-        if item["done"]:
+        if item.done:
             self.state = "done"
-        return item["done"]
+        return item.done
 
     def restart(self) -> None:
         """Put the job back to queued after its worker died, telling the handler to start over."""

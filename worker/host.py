@@ -127,18 +127,18 @@ class Worker:
             await link.send(protocol.Heartbeat(self.engine.unfinished(), self.state,
                                                self.load(link.received)))
 
-    def load(self, received: int) -> dict:
+    def load(self, received: int) -> protocol.EngineLoad:
         """The engine's load for a link's report; what it has not seen yet counts as waiting."""
         stats = self.engine.stats()
         stats.waiting += self.pending
         stats.received = received
-        return stats.as_item()
+        return stats
 
     async def run_batch(self, link: FrontLink, batch: protocol.Batch) -> None:
         """Run a batch the link has just counted as received (`pending` includes it)."""
         if self.state not in ("ready", "draining"):  # draining: sent before the front knew
             self.pending -= len(batch.requests)
-            await link.send(protocol.Error(f"worker is {self.state}", [r["id"] for r in batch.requests]))
+            await link.send(protocol.Error(f"worker is {self.state}", [r.id for r in batch.requests]))
             return
         self.last_progress = trio.current_time()
         try:
@@ -148,34 +148,35 @@ class Worker:
             raise
         async with trio.open_nursery() as nursery:
             for request in batch.requests:
-                request["batch_id"] = batch.batch_id
+                request.batch_id = batch.batch_id
                 scope = trio.CancelScope()
-                self._scopes[request["id"]] = scope
+                self._scopes[request.id] = scope
                 nursery.start_soon(self._run_request, link, request, scope)
 
-    async def _run_request(self, link: FrontLink, request: dict, scope: trio.CancelScope) -> None:
-        log.debug("request_id=%s job=%s batch=%s starts", request.get("trace_id"), request["id"],
-                  request.get("batch_id"))
+    async def _run_request(self, link: FrontLink, request: protocol.RequestItem,
+                           scope: trio.CancelScope) -> None:
+        log.debug("request_id=%s job=%s batch=%s starts", request.trace_id, request.id,
+                  request.batch_id)
         self.pending -= 1
         try:
             with scope:
                 await self.engine.generate(request, link.emit)
             if scope.cancelled_caught:
-                log.debug("request_id=%s job=%s aborted", request.get("trace_id"), request["id"])
+                log.debug("request_id=%s job=%s aborted", request.trace_id, request.id)
         except InvalidRequest as error:  # the engine's own refusal is the request's answer
-            link.emit(protocol.out_item(request["id"], json.dumps(error.body()).encode(),
+            link.emit(protocol.out_item(request.id, json.dumps(error.body()).encode(),
                                         done=True, status=400))
         except EngineError as error:
             dead = self.engine.dead()
             if dead:  # not this request's fault: the bye sends it elsewhere
                 self.engine_died(dead)
                 return
-            await link.send(protocol.Error(str(error), [request["id"]], error.kind))
+            await link.send(protocol.Error(str(error), [request.id], error.kind))
         except Exception as error:  # a bug or engine crash on one request must not kill the worker
-            log.exception("request_id=%s job=%s failed", request.get("trace_id"), request["id"])
-            await link.send(protocol.Error(f"{type(error).__name__}: {error}", [request["id"]]))
+            log.exception("request_id=%s job=%s failed", request.trace_id, request.id)
+            await link.send(protocol.Error(f"{type(error).__name__}: {error}", [request.id]))
         finally:
-            self._scopes.pop(request["id"], None)
+            self._scopes.pop(request.id, None)
             self._request_ended.set()
 
     def abort(self, ids: list[str]) -> None:

@@ -103,7 +103,7 @@ class FrontLink:
                     items.append(self._out_receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            await self.send(protocol.Out([i for i in items if isinstance(i, dict)],
+            await self.send(protocol.Out([i for i in items if isinstance(i, protocol.OutItem)],
                                          self.worker.load(self.received)))
             for item in items:
                 if isinstance(item, trio.Event):

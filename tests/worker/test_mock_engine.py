@@ -2,9 +2,11 @@
 
 import json
 
+import msgspec
 import pytest
 import trio
 
+from common import protocol
 from common.config import WorkerSettings, load
 from worker.engines.mock import MockEngine
 from worker.engines.mock_answers import tokenize
@@ -18,24 +20,25 @@ def engine(**env) -> MockEngine:
                                             "MOCK_BATCH_GROWTH": str(GROWTH), **env}))
 
 
-def request(i: int, prompt: str = "hi", stream: bool = True, **body) -> dict:
-    return {"id": f"r{i}", "route": "completions", "batch_id": "b7", "stream": stream,
-            "body": {"model": "m", "prompt": prompt, **body}}
+def request(i: int, prompt: str = "hi", stream: bool = True, **body) -> protocol.RequestItem:
+    return protocol.RequestItem(f"r{i}", "completions", {"model": "m", "prompt": prompt, **body},
+                                stream=stream, batch_id="b7")
 
 
-def chat(i: int, content: str = "hi", stream: bool = False, **body) -> dict:
-    return {"id": f"r{i}", "route": "chat", "batch_id": "b7", "stream": stream,
-            "body": {"model": "m", "messages": [{"role": "user", "content": content}], **body}}
+def chat(i: int, content: str = "hi", stream: bool = False, **body) -> protocol.RequestItem:
+    return protocol.RequestItem(f"r{i}", "chat", {
+        "model": "m", "messages": [{"role": "user", "content": content}], **body},
+        stream=stream, batch_id="b7")
 
 
 async def run(mock: MockEngine, requests: list[dict], *, gap_s: float = 0.0
-              ) -> dict[str, list[tuple[float, dict]]]:
+              ) -> dict[str, list[tuple[float, protocol.OutItem]]]:
     """Run requests (each `gap_s` after the last) and record when each delta came out."""
-    seen: dict[str, list[tuple[float, dict]]] = {r["id"]: [] for r in requests}
+    seen: dict[str, list[tuple[float, protocol.OutItem]]] = {r.id: [] for r in requests}
     start = trio.current_time()
 
     def emit(item):
-        seen[item["id"]].append((round(trio.current_time() - start, 9), item))
+        seen[item.id].append((round(trio.current_time() - start, 9), item))
 
     async with trio.open_nursery() as nursery:
         async with trio.open_nursery() as inner:
@@ -50,11 +53,11 @@ async def run(mock: MockEngine, requests: list[dict], *, gap_s: float = 0.0
     return seen
 
 
-def chunks(seen, request_id: str) -> list[tuple[float, dict]]:
+def chunks(seen, request_id: str) -> list[tuple[float, protocol.OutItem]]:
     """Each streamed choice delta, with the time its event came out."""
     found = []
     for t, item in seen[request_id]:
-        for event in item["data"].split(b"\n\n"):
+        for event in item.data.split(b"\n\n"):
             if event.startswith(b"data: "):
                 found.extend((t, choice) for choice in json.loads(event[6:])["choices"])
     return found
@@ -81,7 +84,7 @@ async def test_one_request_prefills_then_streams_token_by_token(autojump_clock):
                                  for k in range(len(tokenize(reply)))]
     assert finish(seen, "r1") == "stop"
     last = seen["r1"][-1][1]
-    assert last["done"] and last["usage"] == {"prompt_tokens": 1,
+    assert last.done and last.usage == {"prompt_tokens": 1,
                                               "completion_tokens": len(tokenize(reply))}
 
 
@@ -120,8 +123,8 @@ async def test_requests_wait_in_the_engine_beyond_max_num_seqs(autojump_clock):
 async def test_waiting_requests_start_by_priority_then_arrival_as_in_vllm(autojump_clock):
     mock = engine(COHORT_MAX_NUM_SEQS="1")
     order = [("r1", 0), ("r2", 5), ("r3", 5), ("r4", 1)]  # r1 runs; the rest wait behind it
-    requests = [dict(request(int(rid[1]), max_tokens=2, stream=False), priority=p)
-                for rid, p in order]
+    requests = [msgspec.structs.replace(request(int(rid[1]), max_tokens=2, stream=False),
+                                        priority=p) for rid, p in order]
     seen = await run(mock, requests, gap_s=0.001)  # in this order, all before r1 ends
     done_at = {rid: seen[rid][-1][0] for rid, _ in order}
     assert sorted(done_at, key=done_at.get) == ["r1", "r4", "r2", "r3"]
@@ -176,7 +179,7 @@ async def test_cancelling_a_request_stops_its_sequences(autojump_clock):
         with trio.move_on_after(PREFILL + 2.5 * TOKEN):
             await mock.generate(request(1), emitted.append)
         await trio.sleep(1)
-        assert len(emitted) == 2 and not emitted[-1]["done"]
+        assert len(emitted) == 2 and not emitted[-1].done
         assert mock.unfinished() == 0 and mock.stats().running == 0
         nursery.cancel_scope.cancel()
 

@@ -70,7 +70,7 @@ class Engine:
     async def admit(self, batch_size: int) -> None:
         """Called once per batch before its requests start (the mock's per-batch cost)."""
 
-    async def generate(self, request: dict[str, Any], emit: Emit) -> None:
+    async def generate(self, request: protocol.RequestItem, emit: Emit) -> None:
         """Run one request (see protocol.request_item) to its end, emitting protocol out items (the
         last one `done`); cancellation (an abort) must stop it in the engine."""
         raise NotImplementedError

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 import httpx
 
@@ -70,7 +69,7 @@ class HttpEngine(Engine):
         if self.fallback is not None:
             await self.fallback.run()
 
-    async def generate(self, request: dict[str, Any], emit: Emit) -> None:
+    async def generate(self, request: protocol.RequestItem, emit: Emit) -> None:
         self.active += 1
         try:
             await self._forward(request, emit)
@@ -78,22 +77,22 @@ class HttpEngine(Engine):
             if self.fallback is None:
                 raise UpstreamUnavailable(f"the upstream {self.url} is unreachable ({error})") from None
             log.warning("upstream %s down (%s): answering %s from the mock", self.url, error,
-                        request["id"])
+                        request.id)
             # every fallback reply says what it is
             await self.fallback.generate(dict(request, note=FALLBACK_NOTE), emit)
         finally:
             self.active -= 1
 
-    async def _forward(self, request: dict[str, Any], emit: Emit) -> None:
+    async def _forward(self, request: protocol.RequestItem, emit: Emit) -> None:
         """The body as the client sent it, to the same route upstream; its answer relayed as it
         comes, status and all (a 5xx is the engine failing: retried elsewhere or a 502). The
         front's engine priority stays here: the upstream's scheduling policy is not ours to know."""
-        tap = UsageTap(request["body"], request["stream"])
-        async with self.client.stream("POST", PATHS[request["route"]], json=tap.body) as response:
+        tap = UsageTap(request.body, request.stream)
+        async with self.client.stream("POST", PATHS[request.route], json=tap.body) as response:
             if response.status_code >= 500:
                 detail = (await response.aread()).decode(errors="replace")[:500]
                 raise EngineError(f"the upstream answered {response.status_code}: {detail}")
-            if not request["stream"] or response.status_code >= 400:
+            if not request.stream or response.status_code >= 400:
                 data = await response.aread()
                 usage = None
                 if response.status_code < 400:
@@ -102,7 +101,7 @@ class HttpEngine(Engine):
                     except (ValueError, AttributeError):
                         raise EngineError(f"the upstream answered with no JSON: {data[:200]!r}") \
                             from None
-                emit(protocol.out_item(request["id"], data, done=True,
+                emit(protocol.out_item(request.id, data, done=True,
                                        status=response.status_code, usage=usage))
                 return
             async for line in response.aiter_lines():
@@ -110,8 +109,8 @@ class HttpEngine(Engine):
                     continue
                 relayed = tap.relay(line[6:])
                 if relayed:
-                    emit(protocol.out_item(request["id"], sse(relayed)))
-        emit(protocol.out_item(request["id"], sse(tap.rest()), done=True, usage=tap.usage))
+                    emit(protocol.out_item(request.id, sse(relayed)))
+        emit(protocol.out_item(request.id, sse(tap.rest()), done=True, usage=tap.usage))
 
     async def close(self) -> None:
         await self.client.aclose()

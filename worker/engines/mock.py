@@ -25,7 +25,6 @@ import itertools
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
@@ -265,43 +264,43 @@ class MockEngine(Engine):
 
     # --- requests --------------------------------------------------------------------------------
 
-    async def generate(self, request: dict[str, Any], emit: Emit) -> None:
+    async def generate(self, request: protocol.RequestItem, emit: Emit) -> None:
         s = self.settings
         self._requests_seen += 1
         if s.mock_crash_after and self._requests_seen >= s.mock_crash_after:
             os._exit(3)  # fault injection: die like a crashed GPU process, mid-batch
         if s.mock_error_rate and self._random.random() < s.mock_error_rate:
             raise EngineError("injected failure (MOCK_ERROR_RATE)")
-        route, body = request["route"], request["body"]
+        route, body = request.route, request.body
         if route == "tokenize":
             answer = tokenize_body(body, self.vocabulary, s.max_model_len)
-            emit(protocol.out_item(request["id"], json_bytes(answer), done=True))
+            emit(protocol.out_item(request.id, json_bytes(answer), done=True))
         elif route == "detokenize":
             answer = {"prompt": self.vocabulary.text(body["tokens"])}
-            emit(protocol.out_item(request["id"], json_bytes(answer), done=True))
+            emit(protocol.out_item(request.id, json_bytes(answer), done=True))
         elif route == "embeddings":
             answer, tokens = embeddings_body(request, self.model)
             await trio.sleep(tokens * s.mock_prefill_token_s)  # one prefill, no decoding
-            emit(protocol.out_item(request["id"], json_bytes(answer), done=True,
+            emit(protocol.out_item(request.id, json_bytes(answer), done=True,
                                    usage={"prompt_tokens": tokens, "completion_tokens": 0}))
         else:
             await self._generate(request, emit)
 
-    def _max_tokens(self, request: dict[str, Any]) -> int:
-        body, s = request["body"], self.settings
-        if request["route"] == "chat":
+    def _max_tokens(self, request: protocol.RequestItem) -> int:
+        body, s = request.body, self.settings
+        if request.route == "chat":
             asked = body.get("max_completion_tokens") or body.get("max_tokens")
         else:
             asked = body.get("max_tokens", 16)  # vLLM's completions default
         return min(asked or s.mock_max_tokens, s.max_model_len)
 
-    def _admit(self, request: dict[str, Any], prompt: PromptPlan, output: Reply) -> MockRequest:
-        s, body = self.settings, request["body"]
+    def _admit(self, request: protocol.RequestItem, prompt: PromptPlan, output: Reply) -> MockRequest:
+        s, body = self.settings, request.body
         stop = body.get("stop") or []
         max_tokens = self._max_tokens(request)
         choices = [Choice(c.index, c.reply) for c in prompt.choices]
         mock_request = MockRequest(
-            request["id"], s.mock_reply_length == "max_tokens" or bool(body.get("ignore_eos")),
+            request.id, s.mock_reply_length == "max_tokens" or bool(body.get("ignore_eos")),
             max_tokens, [stop] if isinstance(stop, str) else stop, output, len(prompt.tokens),
             chained_hashes(prompt.tokens, BLOCK_TOKENS), choices, body.get("min_tokens") or 0,
             bool(body.get("include_stop_str_in_output")), prompt.end_reason)
@@ -315,7 +314,7 @@ class MockEngine(Engine):
                                  f"{s.mock_kv_tokens} tokens (MOCK_KV_TOKENS)", param="max_tokens")
         return mock_request
 
-    async def _generate(self, request: dict[str, Any], emit: Emit) -> None:
+    async def _generate(self, request: protocol.RequestItem, emit: Emit) -> None:
         """Chat and completions: every prompt of the request runs as its own engine request,
         their choices numbered prompt by prompt, as vLLM does."""
         plans = plan(request)
@@ -330,7 +329,7 @@ class MockEngine(Engine):
                 if choice.tool:
                     output.call_tool(choice.index, choice.tool)
         output.flush()  # a streamed chat's role chunks go at once, as vLLM's do
-        priority = request.get("priority", 0)
+        priority = request.priority
         for mock_request in requests:
             heapq.heappush(self._waiting, (priority, next(self._arrivals), mock_request))
         self._wake.set()

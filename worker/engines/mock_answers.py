@@ -21,6 +21,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from common import protocol
 from worker.engines import InvalidRequest
 from worker.engines.openai_output import Logprob
 from worker.engines.schema_sample import sample
@@ -132,11 +133,11 @@ def _vary(reply: list[str], temperature: float, seed: Any, index: int) -> list[s
             for i, word in enumerate(reply)]
 
 
-def plan(request: dict[str, Any]) -> list[PromptPlan]:
+def plan(request: protocol.RequestItem) -> list[PromptPlan]:
     """The prompts of a chat or completions request and what each of their choices says."""
-    body, batch_id = request["body"], request.get("batch_id", "?")
+    body, batch_id = request.body, request.batch_id
     n = body.get("n") or 1
-    if request["route"] == "chat":
+    if request.route == "chat":
         messages = body["messages"]
         users = [m.get("content") for m in messages if m["role"] == "user"]
         shown = users[-1] if users and isinstance(users[-1], str) else ""
@@ -148,18 +149,18 @@ def plan(request: dict[str, Any]) -> list[PromptPlan]:
             raise InvalidRequest("the mock reads text prompts only", param="prompt")
         prompts = [(text, text) for text in texts]
     temperature = 1.0 if body.get("temperature") is None else body["temperature"]
-    seed = body.get("seed", request["id"])
+    seed = body.get("seed", request.id)
     plans = []
     for number, (shown, counted) in enumerate(prompts):
-        tool = _tool_called(body, shown) if request["route"] == "chat" else ""
-        text = _arguments(body, tool) if tool else request.get("note", "") + reply_text(
+        tool = _tool_called(body, shown) if request.route == "chat" else ""
+        text = _arguments(body, tool) if tool else reply_text(
             batch_id, shown, body.get("response_format"))
         words = tokenize(text)
         prompt = PromptPlan(shown, tokenize(counted) or [""])
         if tool and not isinstance(body.get("tool_choice"), dict):  # vLLM: a named call "stop"s
             prompt.end_reason = "tool_calls"
         if body.get("echo"):
-            prompt.echo = _echo(request["route"], body, counted)
+            prompt.echo = _echo(request.route, body, counted)
         for j in range(n):
             index = number * n + j
             prompt.choices.append(ChoicePlan(index, _vary(words, temperature, seed, index), tool))
@@ -233,9 +234,9 @@ def embedding(text: str, dims: int) -> list[float]:
     return [v / norm for v in vector]
 
 
-def embeddings_body(request: dict[str, Any], model: str) -> tuple[dict[str, Any], int]:
+def embeddings_body(request: protocol.RequestItem, model: str) -> tuple[dict[str, Any], int]:
     """The `/v1/embeddings` answer in vLLM's shape, and the prompt tokens it counts."""
-    body = request["body"]
+    body = request.body
     given = body["input"]
     texts = [given] if isinstance(given, str) else list(given)
     if any(not isinstance(text, str) for text in texts):
@@ -248,7 +249,7 @@ def embeddings_body(request: dict[str, Any], model: str) -> tuple[dict[str, Any]
         if body.get("encoding_format") == "base64":
             vector = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
         data.append({"index": index, "object": "embedding", "embedding": vector})
-    return {"id": "embd-" + request["id"].removeprefix("job-"), "object": "list",
+    return {"id": "embd-" + request.id.removeprefix("job-"), "object": "list",
             "created": int(time.time()), "model": model, "data": data,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
                       "prompt_tokens_details": None}}, tokens

@@ -56,13 +56,13 @@ class Reply:
     """The answer to one chat or completions request, from per-choice tokens: SSE events as they
     come (`flush` sends what is ready as one out item), or the whole body once every choice ends."""
 
-    def __init__(self, request: dict[str, Any], emit: Emit, choices: int) -> None:
-        body = request["body"]
-        self.request_id = request["id"]
-        self.chat = request["route"] == "chat"
-        self.stream = request["stream"]
+    def __init__(self, request: protocol.RequestItem, emit: Emit, choices: int) -> None:
+        body = request.body
+        self.request_id = request.id
+        self.chat = request.route == "chat"
+        self.stream = request.stream
         self.emit = emit
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + request["id"].removeprefix("job-")
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + request.id.removeprefix("job-")
         self.model = body["model"]
         self.created = int(time.time())
         self.include_usage = bool(self.stream and (body.get("stream_options") or {}).get(

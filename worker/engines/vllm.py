@@ -171,21 +171,21 @@ class VllmEngine(Engine):
             prefix_hit_rate=figures.hits / figures.queries if figures.queries else 0.0,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens)
 
-    async def _produce(self, request: dict[str, Any], emit_soon) -> None:
+    async def _produce(self, request: protocol.RequestItem, emit_soon) -> None:
         """The asyncio side of one request: vLLM's answer, its SSE events passed on as they come.
 
         Streams always ask vLLM for the usage chunk: see UsageTap."""
-        body = dict(request["body"], request_id=request["id"].removeprefix("job-"))
-        if request["route"] in PRIORITISED:  # the front's fair shares and tiers, in vLLM's queue
-            body["priority"] = request.get("priority", 0)
+        body = dict(request.body, request_id=request.id.removeprefix("job-"))
+        if request.route in PRIORITISED:  # the front's fair shares and tiers, in vLLM's queue
+            body["priority"] = request.priority
         serving = self._serving.chat or self._serving.completion
-        tap = UsageTap(body, request["stream"], getattr(serving, "system_fingerprint", None))
-        answer = await handle(self._serving, request["route"], tap.body)
+        tap = UsageTap(body, request.stream, getattr(serving, "system_fingerprint", None))
+        answer = await handle(self._serving, request.route, tap.body)
         if answer.status >= 500:
             raise EngineError(f"vLLM failed the request ({answer.status}): "
                               f"{answer.json_bytes().decode(errors='replace')[:500]}")
         if answer.stream is None:
-            emit_soon(protocol.out_item(request["id"], answer.json_bytes(), done=True,
+            emit_soon(protocol.out_item(request.id, answer.json_bytes(), done=True,
                                         status=answer.status, usage=answer.usage()))
             return
         async for event in answer.stream:
@@ -193,10 +193,10 @@ class VllmEngine(Engine):
                 break
             relayed = tap.relay(event[6:].rstrip("\n"))
             if relayed:
-                emit_soon(protocol.out_item(request["id"], sse(relayed)))
-        emit_soon(protocol.out_item(request["id"], sse(tap.rest()), done=True, usage=tap.usage))
+                emit_soon(protocol.out_item(request.id, sse(relayed)))
+        emit_soon(protocol.out_item(request.id, sse(tap.rest()), done=True, usage=tap.usage))
 
-    async def generate(self, request: dict[str, Any], emit: Emit) -> None:
+    async def generate(self, request: protocol.RequestItem, emit: Emit) -> None:
         self.active += 1
 
         def emit_soon(item: dict[str, Any]) -> None:
