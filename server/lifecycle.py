@@ -11,15 +11,16 @@ API's runner all go through `Lifecycle`; nothing else charges or records. Its ru
   off mid-run (the client left) keeps its estimate, its real use unknown.
 - A request that reached a worker leaves exactly one ledger row, keyed by its request id, with
   its ledger route (`chat`, `completions`, `embeddings`, `async`, `batch_item`, `batch_api`).
-  An interactive request's row is committed before its answer ends (`committed`); a durable
-  one's (`durable=True`) is written by its runner in the same transaction as its outcome.
+  An interactive request's row is journaled as it ends, before its answer does (server.usage);
+  a durable one's (`durable=True`) is written by its runner in the same transaction as its
+  outcome.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -48,7 +49,6 @@ class Run:
     job: Job | None = None
     status: int = 0  # once ended
     row: dict[str, Any] | None = None
-    committed: trio.Event | None = field(default=None, repr=False)
 
     @property
     def ended(self) -> bool:
@@ -170,8 +170,4 @@ class Lifecycle:
             ttft_s=job.first_output_at - job.enqueued_at if job.first_output_at else None,
             total_s=now - job.enqueued_at)
         if not run.durable:
-            run.committed = self.ledger.record(run.row)
-
-    async def committed(self, run: Run) -> None:
-        """Wait until an interactive run's ledger row is committed (see UsageLedger.committed)."""
-        await self.ledger.committed(run.committed)
+            self.ledger.record(run.row)

@@ -3,6 +3,7 @@ and every part gets what it needs when it is made (no part reaches into another'
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from common.config import ServerSettings
@@ -55,7 +56,8 @@ def assemble(settings: ServerSettings) -> Services:
     """Build every service of one front, each from the ones it needs."""
     gateway = Gateway(settings)
     store = Store(settings.db_url)
-    usage = UsageLedger(store, settings.usage_ledger)
+    usage = UsageLedger(store, settings.usage_ledger, os.path.join(settings.data_dir, "ledger"),
+                        gateway.dispatcher.front_id)
     lifecycle = Lifecycle(gateway, usage)
     return Services(
         settings=settings, gateway=gateway, store=store, auth=Auth(settings, store), usage=usage,

@@ -34,9 +34,7 @@ async def _serve(run: Run) -> Response:
         lifecycle.start(run)
         response = await _sse(run)
     else:
-        body = await lifecycle.complete(run)
-        await lifecycle.committed(run)  # the answer goes once its ledger row is safe
-        response = Response(body, mimetype="application/json")
+        response = Response(await lifecycle.complete(run), mimetype="application/json")
     if run.spec.dropped:  # COHORT_DROP_PARAMS: say what was dropped, never drop it silently
         response.headers["X-Cohort-Dropped-Params"] = ",".join(run.spec.dropped)
     if run.ticket is not None:
@@ -62,7 +60,6 @@ async def _sse(run: Run) -> Response:
             yield sse_event(error.body())
         finally:
             await events.aclose()  # a client that left: the job is aborted on its worker
-        await lifecycle.committed(run)  # [DONE] goes once its ledger row is safe
         yield DONE
 
     response = Response(body(), mimetype="text/event-stream",

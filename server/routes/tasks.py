@@ -80,7 +80,6 @@ async def inference_batch():
             results[index] = {"index": index, "status": "completed", "result": result}
         except CohortError as error:
             results[index] = {"index": index, "status": "failed", "error": error.body()["error"]}
-        await lifecycle.committed(item)
 
     async with trio.open_nursery() as nursery:  # every item submitted at once: they batch
         for (index, spec), ticket in zip(specs, tickets):
