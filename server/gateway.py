@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,13 +13,15 @@ import trio
 
 from common.config import ServerSettings
 from common.protocol import OutItem
-from server.dispatch import Dispatcher
+from server.workers.lifecycle import Returned
+from server.workers.pump import Dispatcher
 from server.errors import (CohortError, DeadlineExceeded, Draining, EngineRefused, NoWorkers,
                            NotFound, QueueFull)
 from server.jobs import Job, JobSpec, Restart
 from server.limits import Limiter
 from server.metrics import Metrics
 from server.scheduler import Scheduler
+from server.scheduling.policy import SchedulingPolicy
 from server.scheduling.prefix import prefix_blocks
 
 log = logging.getLogger("cohort.gateway")
@@ -30,11 +33,12 @@ class Gateway:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = Metrics(per_user=settings.metrics_per_user)
-        self.dispatcher = Dispatcher(settings, self.metrics)
-        self.scheduler = Scheduler(self.dispatcher, max_batch_size=settings.max_batch_size,
-                                   max_wait_s=settings.max_wait_s, max_queue=settings.max_queue,
-                                   fair=settings.fair_shares)
-        self.dispatcher.scheduler = self.scheduler
+        # jobs the workers' side hands back go up to the scheduler through this channel: the
+        # scheduler calls the dispatcher, never the other way round
+        returns, returned = trio.open_memory_channel[Returned](math.inf)
+        policy = SchedulingPolicy.of(settings)  # fair shares or one line: chosen here, once
+        self.dispatcher = Dispatcher(settings, self.metrics, policy, returns)
+        self.scheduler = Scheduler(self.dispatcher, policy, returns=returned)
         self.limiter = Limiter()
         self.nursery: trio.Nursery | None = None
         self.services_up = False  # set once dispatcher, scheduler and task runner all run

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 
 from server.errors import QuotaExceeded, RateLimited
-from server.scheduling.rate import TokenBucket
+from server.rate import TokenBucket
 
 MAX_SUBJECTS = 100_000  # subjects tracked at once; the idlest go first beyond it
 

@@ -1,4 +1,6 @@
 """The batching loop: per-model queues turned into batches as soon as a worker can start them.
+What leaves when is decided by the policy (server.scheduling.policy, a plain function of what
+the loop sees); this module keeps the queues, carries decisions out and does the waiting.
 
 Work-conserving: while some worker of the model has room (see `server.scheduling.placement`), a
 request leaves at once, with whatever gathered behind it (up to `max_batch_size` and the room
@@ -24,12 +26,11 @@ import trio
 
 from server.errors import CohortError
 from server.jobs import Job
+from server.scheduling.policy import (INTERACTIVE, INTERACTIVE_RECENT_S, QueueView,
+                                     SchedulingPolicy, SendShort, Wait)
 from server.scheduling.queue import ModelQueue, under_share
+from server.workers.lifecycle import Requeue, Returned
 
-INTERACTIVE = ("interactive",)
-# Interactive traffic is "recent" this long after its last arrival: the headroom is kept for it
-# meanwhile, then batch work may take every free slot until the next interactive request comes.
-INTERACTIVE_RECENT_S = 5.0
 
 log = logging.getLogger("cohort.scheduler")
 
@@ -64,13 +65,11 @@ class BatchSink(Protocol):
 class Scheduler:
     """Owns one ModelQueue and one batching task per model, in the nursery it is started in."""
 
-    def __init__(self, sink: BatchSink, *, max_batch_size: int, max_wait_s: float,
-                 max_queue: int, fair: bool = True) -> None:
+    def __init__(self, sink: BatchSink, policy: SchedulingPolicy,
+                 returns: trio.MemoryReceiveChannel[Returned] | None = None) -> None:
         self.sink = sink
-        self.fair = fair
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
-        self.max_queue = max_queue
+        self.policy = policy
+        self.returns = returns  # jobs the workers hand back: re-run, or failed while queued
         self.queues: dict[str, ModelQueue] = {}
         self._interactive_at: dict[str, float] = {}  # per model, its last interactive arrival
         self._nursery: trio.Nursery | None = None
@@ -79,8 +78,18 @@ class Scheduler:
         """Serve until cancelled; the batching tasks live in this nursery."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.returns is not None:
+                nursery.start_soon(self._take_returns, self.returns)
             task_status.started(self)
             await trio.sleep_forever()
+
+    async def _take_returns(self, returns: trio.MemoryReceiveChannel[Returned]) -> None:
+        """What the workers' side hands back, in the order it decided it."""
+        async for returned in returns:
+            if isinstance(returned, Requeue):
+                self.requeue(returned.jobs)
+            else:
+                self.fail_queued(returned.model, returned.error)
 
     @staticmethod
     async def _either(*waits) -> None:
@@ -98,7 +107,7 @@ class Scheduler:
         if queue is None:
             if self._nursery is None:
                 raise RuntimeError("the scheduler is not running")
-            queue = self.queues[job.spec.model] = ModelQueue(self.max_queue, fair=self.fair)
+            queue = self.queues[job.spec.model] = self.policy.queue()
             self._nursery.start_soon(self._batch_loop, job.spec.model, queue)
         queue.push(job)
         if job.spec.tier == "interactive":
@@ -123,14 +132,20 @@ class Scheduler:
     def queued(self) -> dict[str, int]:
         return {model: queue.live_count() for model, queue in self.queues.items()}
 
-    def _short(self, model: str, queue: ModelQueue) -> dict[str, int]:
-        """Interactive users waiting while they hold less than their share of the engines."""
-        if not self.fair:
-            return {}
-        waiting = queue.waiting_tenants("interactive")
-        if not waiting:
-            return {}
-        return under_share(waiting, self.sink.held(model), self.sink.capacity(model))
+    def _view(self, model: str, queue: ModelQueue) -> QueueView:
+        """What the decision needs, read from the workers and the queue now; who is short of
+        their share is worked out only when it can matter (every worker full, with fair shares)."""
+        room = self.sink.room(model)
+        oldest = queue.oldest_arrival(INTERACTIVE)
+        short: dict[str, int] = {}
+        if not room and oldest is not None and self.policy.fair:
+            waiting = queue.waiting_tenants("interactive")
+            if waiting:
+                short = under_share(waiting, self.sink.held(model), self.sink.capacity(model))
+        return QueueView(trio.current_time(), room, self.sink.backlog_room(model),
+                         self.sink.headroom(model),
+                         self._interactive_at.get(model, -math.inf) + INTERACTIVE_RECENT_S,
+                         oldest, short)
 
     async def _send_short(self, model: str, queue: ModelQueue, short: dict[str, int]) -> None:
         """Send the jobs of users below their share (`short`: how far below) into the engines'
@@ -145,50 +160,24 @@ class Scheduler:
             await self.sink.wait_for_change()
 
     async def _batch_loop(self, model: str, queue: ModelQueue) -> None:
+        """The policy decides; this loop only carries the decision out and waits."""
         while True:
             while queue.oldest_arrival() is None:
                 await queue.wait_changed()
-            room, force = self.sink.room(model), False
-            recent_until = self._interactive_at.get(model, -math.inf) + INTERACTIVE_RECENT_S
-            headroom = (self.sink.headroom(model)
-                        if self.fair and trio.current_time() < recent_until else 0)
-            if 0 < room <= headroom and queue.oldest_arrival(INTERACTIVE) is None:
-                # Only batch work waits, and the room left is the headroom it leaves free, so
-                # that an interactive request that comes finds a slot at once; once interactive
-                # traffic is no longer recent, batch work takes that room too.
-                with trio.move_on_at(recent_until):
-                    await self._either(self.sink.wait_for_change, queue.wait_changed)
-                continue
-            if not room:
-                oldest = queue.oldest_arrival(INTERACTIVE)
-                if oldest is None:
-                    # Only batch work waits: it takes idle capacity, never an engine's queue,
-                    # so an interactive request that comes meanwhile finds room first.
-                    await self._either(self.sink.wait_for_change, queue.wait_changed)
-                    continue
-                # Every worker is full: requests gather until one has room, or until the oldest
-                # has waited the window; then the engines' own queues take them. A user below
-                # its share of the engines does not wait: see _send_short.
-                short: dict[str, int] = {}
-                with trio.move_on_at(oldest + self.max_wait_s) as window:
-                    while not (room := self.sink.room(model)):
-                        if short := self._short(model, queue):
-                            break
+            decision = self.policy.decide(self._view(model, queue))
+            if isinstance(decision, Wait):
+                with trio.move_on_at(decision.until):
+                    if decision.queue_too:
                         await self._either(self.sink.wait_for_change, queue.wait_changed)
-                if short and not room:
-                    await self._send_short(model, queue, short)
+                    else:
+                        await self.sink.wait_for_change()
+            elif isinstance(decision, SendShort):
+                await self._send_short(model, queue, decision.short)
+            else:
+                batch = queue.take(decision.count, decision.tiers, lower_max=decision.lower_max)
+                if not batch:
                     continue
-                force = window.cancelled_caught
-                if force and not (room := self.sink.backlog_room(model)):
-                    # the engines' queues hold their share: the rest waits here, in fair order
+                left = await self.sink.send_batch(model, batch, force=decision.force)
+                if left:  # no worker could take them after all: wait for the picture to change
+                    queue.push_front(left)
                     await self.sink.wait_for_change()
-                    continue
-            batch = (queue.take(min(self.max_batch_size, room), INTERACTIVE) if force
-                     else queue.take(min(self.max_batch_size, room),
-                                     lower_max=max(0, room - headroom)))
-            if not batch:
-                continue
-            left = await self.sink.send_batch(model, batch, force=force)
-            if left:  # no worker could take them after all: wait for the picture to change
-                queue.push_front(left)
-                await self.sink.wait_for_change()

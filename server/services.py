@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from common.config import ServerSettings
 from server.auth import Auth
 from server.batch_runner import BatchRunner
-from server.dispatch import Dispatcher
+from server.workers.pump import Dispatcher
 from server.gateway import Gateway
 from server.lifecycle import Lifecycle
 from server.limit_sync import LimitSync

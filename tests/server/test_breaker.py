@@ -1,6 +1,6 @@
 """The circuit breaker that pauses a worker whose requests keep failing."""
 
-from server.scheduling.breaker import FIRST_PAUSE_S, MAX_PAUSE_S, TRIP_AFTER, Breaker
+from server.workers.breaker import FIRST_PAUSE_S, MAX_PAUSE_S, TRIP_AFTER, Breaker
 
 
 def test_it_trips_only_after_enough_failures_in_a_row():

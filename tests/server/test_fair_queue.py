@@ -6,7 +6,7 @@ import trio
 
 from server.errors import QueueFull
 from server.jobs import Job, JobSpec
-from server.scheduler import INTERACTIVE_RECENT_S
+from server.scheduling.policy import INTERACTIVE_RECENT_S
 from server.scheduling.queue import batch_headroom, ModelQueue, under_share
 from tests.server.test_scheduler import MAX_WAIT_S, RecordingSink, started
 

@@ -6,6 +6,7 @@ import trio
 from common.protocol import EngineLoad
 from server.jobs import Job, JobSpec
 from server.scheduler import Scheduler
+from server.scheduling.policy import SchedulingPolicy
 from server.scheduling.placement import KV_FULL, Placement, WorkerLoad
 from server.openai_schema import Message, chat_prompt_text
 from server.scheduling.prefix import BLOCK_CHARS, PrefixOwners, prefix_blocks
@@ -191,7 +192,8 @@ class SimulatedWorkers:
 
 async def test_a_burst_leaves_at_once_over_both_workers(autojump_clock, nursery):
     workers = SimulatedWorkers(placement(), a=WorkerLoad(), b=WorkerLoad())
-    scheduler = Scheduler(workers, max_batch_size=32, max_wait_s=0.1, max_queue=100)
+    scheduler = Scheduler(workers, SchedulingPolicy(max_batch_size=32, max_wait_s=0.1,
+                                                     max_queue=100))
     await nursery.start(scheduler.run)
     for _ in range(32):
         scheduler.submit(job())
@@ -204,7 +206,8 @@ async def test_a_burst_leaves_at_once_over_both_workers(autojump_clock, nursery)
 
 async def test_saturated_workers_get_more_when_a_report_frees_room(autojump_clock, nursery):
     workers = SimulatedWorkers(placement(), a=WorkerLoad(max_num_seqs=2), b=WorkerLoad(max_num_seqs=2))
-    scheduler = Scheduler(workers, max_batch_size=32, max_wait_s=0.1, max_queue=100)
+    scheduler = Scheduler(workers, SchedulingPolicy(max_batch_size=32, max_wait_s=0.1,
+                                                     max_queue=100))
     await nursery.start(scheduler.run)
     t0 = trio.current_time()
     for _ in range(6):

@@ -1,6 +1,6 @@
 """The token bucket behind hello and login limits."""
 
-from server.scheduling.rate import TokenBucket
+from server.rate import TokenBucket
 
 
 def test_a_burst_then_the_rate():

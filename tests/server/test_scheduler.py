@@ -7,6 +7,7 @@ import trio.testing
 from server.errors import NoWorkers, QueueFull
 from server.jobs import Job, JobSpec
 from server.scheduler import Scheduler
+from server.scheduling.policy import SchedulingPolicy
 from server.scheduling.queue import ModelQueue
 
 MAX_WAIT_S = 0.1
@@ -71,8 +72,8 @@ def job(model: str = "m", **state) -> Job:
 
 
 async def started(sink, *, max_batch_size=4, max_queue=100, nursery) -> Scheduler:
-    scheduler = Scheduler(sink, max_batch_size=max_batch_size, max_wait_s=MAX_WAIT_S,
-                          max_queue=max_queue)
+    scheduler = Scheduler(sink, SchedulingPolicy(max_batch_size=max_batch_size,
+                                                 max_wait_s=MAX_WAIT_S, max_queue=max_queue))
     await nursery.start(scheduler.run)
     return scheduler
 

@@ -9,7 +9,7 @@ from common.protocol import ROUTES
 from server.errors import BadRequest, NoWorkers, NotFound
 from server.jobs import Job
 from server.metrics import Metrics
-from server.scheduling.breaker import Breaker
+from server.workers.breaker import Breaker
 from server.scheduling.placement import Placement, WorkerLoad
 
 STATES = ("loading", "ready", "busy", "draining", "failing", "restarting", "failed", "dead")
