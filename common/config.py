@@ -11,6 +11,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
@@ -48,12 +49,12 @@ def _parse(kind: type, name: str, raw: str) -> object:
         raise SettingError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
 
-def env_field(default: object, *names: str, doc: str = "") -> object:
+def env_field(default: Any, *names: str, doc: str = "") -> Any:
     """A dataclass field read from the first of `names` found in the environment."""
     return field(default=default, metadata={"env": names, "doc": doc})
 
 
-def load(cls: type, env: Mapping[str, str] | None = None, **overrides: object):
+def load(cls: type, env: Mapping[str, str] | None = None, **overrides: object) -> Any:
     """Build settings `cls` from `env` (default: os.environ), then apply explicit overrides."""
     env = os.environ if env is None else env
     values: dict[str, object] = {}
@@ -69,7 +70,7 @@ def load(cls: type, env: Mapping[str, str] | None = None, **overrides: object):
     return settings
 
 
-def describe(settings: object) -> dict[str, object]:
+def describe(settings: Any) -> dict[str, object]:
     """The settings as a plain dict for `/health`, with secrets masked."""
     shown: dict[str, object] = {}
     for item in dataclasses.fields(settings):

@@ -62,6 +62,7 @@ class RequestItem(Struct):
     stream: bool = False
     priority: int = 0
     batch_id: str = ""  # set by the worker from the batch it came in (logs, the mock's answers)
+    note: str = ""  # set by the worker: what the mock says first (the http engine's fallback)
 
 
 class OutItem(Struct):
@@ -211,7 +212,7 @@ MESSAGES: dict[str, type[Message]] = {
 AnyMessage = Union[Hello, Ready, Heartbeat, Out, Error, Bye, Welcome, HelloAgain, Batch, Abort,
                    Shutdown]
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(AnyMessage)  # type: ignore[var-annotated]
+_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(AnyMessage)
 
 
 def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:

@@ -19,7 +19,7 @@ class TrioSocket:
     def __init__(self, sock: zmq.Socket) -> None:
         self.sock = sock
         self._wake = trio.Event()
-        self._interest = {zmq.POLLIN: 0, zmq.POLLOUT: 0}
+        self._interest: dict[int, int] = {zmq.POLLIN: 0, zmq.POLLOUT: 0}
         self._fd_watch: trio.CancelScope | None = None
         self._send_lock = trio.Lock()
         self._closed = False
@@ -34,7 +34,7 @@ class TrioSocket:
 
     def _poll(self) -> int:
         """Read EVENTS (which consumes the FD's edge), and wake the parked tasks it concerns."""
-        events = self.sock.getsockopt(zmq.EVENTS)
+        events = int(self.sock.getsockopt(zmq.EVENTS))  # an int for this option
         if any(events & flag and waiting for flag, waiting in self._interest.items()):
             self._wake_all()
         return events

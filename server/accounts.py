@@ -167,7 +167,7 @@ def revoke_key(store: Store, username: str, key_id: int) -> Token:
     owner = user(store, username)
     found = key(store, owner, key_id)
     store.revoke(owner, found.id)
-    return store.key_of(owner, found.id)
+    return key(store, owner, found.id)
 
 
 def subject(store: Store, username: str, key_id: int | None = None,

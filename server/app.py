@@ -37,7 +37,8 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     app = QuartTrio("cohort")
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, RESPONSE_TIMEOUT=None,
                       BODY_TIMEOUT=60, JSON_SORT_KEYS=False)
-    app.request_class = batches.with_upload_limit(app.request_class, settings.max_file_bytes)
+    app.request_class = batches.with_upload_limit(  # type: ignore[assignment]
+        app.request_class, settings.max_file_bytes)
     cohort = assemble(settings)
     app.services = cohort  # type: ignore[attr-defined]
     for module in (openai, ops, tasks, tokens, usage, admin, batches, docs):

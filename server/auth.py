@@ -103,6 +103,7 @@ class Auth:
                 pass
             await self.store.run(self.store.set_disabled, DEV_USER, True)
             user = await self.store.run(self.store.user_named, DEV_USER)
+            assert user is not None  # made just now, by this front or another
         self.dev_principal = Principal(user.id, DEV_USER)
 
     async def login(self, username: str, password: str, address: str = "") -> dict[str, object]:

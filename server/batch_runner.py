@@ -354,8 +354,8 @@ class BatchRunner:
         name, found = await self.store.run(lambda: (
             self.store.username_of(batch.user_id),
             [(s, self.store.limits_of(s)) for s in subjects]))
-        return Principal(batch.user_id, name or f"#{batch.user_id}", batch.key_id,
-                         tuple((subject, Limits(**values)) for subject, values in found if values))
+        return Principal(batch.user_id, name or f"#{batch.user_id}", batch.key_id, tuple(
+            (subject, Limits(**values)) for subject, values in found if values))  # type: ignore[arg-type]
 
     async def _run_line(self, batch, line, state
                         ) -> tuple[int, str, str, dict[str, Any] | None]:

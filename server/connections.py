@@ -102,7 +102,7 @@ def install(limit: int = 0, keep_alive_s: float = 5.0) -> Connections:
             return
         if victim is not None:
             await _close(victim.stream)  # type: ignore[attr-defined]
-        self.cohort_idle_since = trio.current_time()  # waiting for its first request
+        self.cohort_idle_since = trio.current_time()  # type: ignore[attr-defined]  # ours, on hypercorn's object
         try:
             async with trio.open_nursery() as watch:
                 watch.start_soon(_close_when_idle, self, registry)
@@ -116,7 +116,8 @@ def install(limit: int = 0, keep_alive_s: float = 5.0) -> Connections:
     async def tracked_send(self: TCPServer, event) -> None:
         if isinstance(event, Updated):  # hypercorn's per-request idle timer is not used
             registry.mark(self, event.idle)
-            self.cohort_idle_since = trio.current_time() if event.idle else None
+            self.cohort_idle_since = (  # type: ignore[attr-defined]
+                trio.current_time() if event.idle else None)
             if not event.idle and self.idle_task._handle is not None:
                 # its first timer (started with the connection) would close this busy
                 # connection at shutdown; stopped once, nothing per request after

@@ -52,12 +52,12 @@ class Gateway:
         for signum in (signal.SIGTERM, signal.SIGINT):  # a late one must not kill our last moments
             signal.signal(signum, signal.SIG_IGN)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
+            async for received in signals:
                 if self.draining:
                     continue
                 self.draining = True
                 log.info("%s: draining for up to %g s (COHORT_DRAIN_TIMEOUT_S)",
-                         signal.Signals(signum).name, self.settings.drain_timeout_s)
+                         signal.Signals(received).name, self.settings.drain_timeout_s)
                 assert self.nursery is not None
                 self.nursery.start_soon(self._end_drain)
 

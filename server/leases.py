@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
+from typing import Any
 
-import peewee
 
 
-def renew(model: type[peewee.Model], owner: str, until: datetime.datetime,
+def renew(model: Any, owner: str, until: datetime.datetime,
           active: Sequence[str]) -> set[str]:
     """Extend every active lease of `owner` in one statement; the ids it still holds."""
     with model._meta.database.atomic():
@@ -25,7 +25,7 @@ def renew(model: type[peewee.Model], owner: str, until: datetime.datetime,
             model.owner == owner, model.status.in_(active))}
 
 
-def claim_lapsed(model: type[peewee.Model], owner: str, now: datetime.datetime,
+def claim_lapsed(model: Any, owner: str, now: datetime.datetime,
                  until: datetime.datetime, limit: int, active: Sequence[str]) -> list:
     """Take over up to `limit` active rows whose lease lapsed (oldest first); the rows won."""
     candidates = list(model.select().where(
@@ -42,7 +42,7 @@ def claim_lapsed(model: type[peewee.Model], owner: str, now: datetime.datetime,
     return won
 
 
-def release(model: type[peewee.Model], owner: str, ids: list[str],
+def release(model: Any, owner: str, ids: list[str],
             active: Sequence[str]) -> int:
     """Give rows back at once (a stopping front), for another front to take over now."""
     return model.update(owner=None, lease_until=None).where(

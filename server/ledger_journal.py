@@ -84,7 +84,7 @@ def encode(row: dict[str, Any]) -> bytes:
 def orphans(folder: str | Path) -> list[tuple[Segment, list[dict[str, Any]]]]:
     """The segments in `folder` that no live front holds (their lock could be taken: it is held
     now, until `Journal.drop`), with their rows; a line that cannot be read is skipped."""
-    found = []
+    found: list[tuple[Segment, list[dict[str, Any]]]] = []
     folder = Path(folder)
     if not folder.is_dir():
         return found

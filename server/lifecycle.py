@@ -19,7 +19,7 @@ API's runner all go through `Lifecycle`; nothing else charges or records. Its ru
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +115,7 @@ class Lifecycle:
         self.end(run, 200)
         return body
 
-    async def stream(self, run: Run) -> AsyncIterator[bytes]:
+    async def stream(self, run: Run) -> AsyncGenerator[bytes, None]:
         """The started run's SSE events as they come; it ends (and is settled) when they do."""
         assert run.job is not None
         events = self.gateway.stream(run.job, run.ledger_route)

@@ -74,7 +74,8 @@ class Scheduler:
         self._interactive_at: dict[str, float] = {}  # per model, its last interactive arrival
         self._nursery: trio.Nursery | None = None
 
-    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[Scheduler] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
         """Serve until cancelled; the batching tasks live in this nursery."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery

@@ -44,6 +44,7 @@ class SchemaVersion(BaseModel):
 
 
 class User(BaseModel):
+    id = peewee.AutoField()  # peewee's own, declared so that the type checker knows it
     username = peewee.CharField(unique=True, max_length=64)
     password_hash = peewee.CharField(max_length=100)
     disabled = peewee.BooleanField(default=False)
@@ -57,7 +58,9 @@ class User(BaseModel):
 class Token(BaseModel):
     """A bearer credential: an access token from /token (expires) or an API key (until revoked)."""
 
+    id = peewee.AutoField()
     user = peewee.ForeignKeyField(User, backref="tokens", on_delete="CASCADE")
+    user_id: int  # the key of `user`, as peewee names it
     digest = peewee.CharField(unique=True, max_length=64)
     kind = peewee.CharField(max_length=16)  # access | api_key
     name = peewee.CharField(default="", max_length=64)
@@ -72,6 +75,7 @@ class Task(BaseModel):
 
     id = peewee.CharField(primary_key=True, max_length=40)
     user = peewee.ForeignKeyField(User, backref="tasks", on_delete="CASCADE")
+    user_id: int
     status = peewee.CharField(max_length=16, index=True)  # queued|running|completed|failed|cancelled
     kind = peewee.CharField(max_length=16)
     key_id = peewee.IntegerField(default=0)  # the API key that submitted it, for the ledger
@@ -101,6 +105,7 @@ class Limit(BaseModel):
 class Usage(BaseModel):
     """One finished request: who, what, how many tokens, how long (the usage ledger)."""
 
+    id = peewee.AutoField()
     at = peewee.DateTimeField(index=True)
     # the request's id, unique: writing a row twice (a rerun after a crash) is a no-op
     request_id = peewee.CharField(null=True, max_length=80)
@@ -269,7 +274,7 @@ class Store(BatchQueries):
         try:
             self.db.close()
         except peewee.PeeweeException:
-            self.db._state.reset()
+            self.db._state.reset()  # type: ignore[attr-defined]
 
     # --- users and tokens -------------------------------------------------------------------
 
@@ -486,19 +491,20 @@ class Store(BatchQueries):
         where = [Usage.at >= start, Usage.at < end]
         if user_id is not None:
             where.append(Usage.user_id == user_id)
-        whole = Usage.select(*totals).where(*where).dicts().get()
+        whole: dict[str, Any] = Usage.select(*totals).where(*where).dicts().get()  # type: ignore[assignment]
         answer: dict[str, Any] = {name: int(whole[name]) for name in
                                   ("requests", "prompt_tokens", "completion_tokens")}
         if group_by:
             column = USAGE_GROUPS[group_by]
-            rows = (Usage.select(column.alias("group"), *totals).where(*where)
-                    .group_by(column).order_by(column).dicts())
+            rows: Any = (Usage.select(column.alias("group"), *totals).where(*where)  # type: ignore[attr-defined]
+                         .group_by(column).order_by(column).dicts())
             answer["buckets"] = [{group_by: row["group"], **{
                 name: int(row[name]) for name in ("requests", "prompt_tokens", "completion_tokens")}}
                 for row in rows]
             if group_by == "user":  # by the name each row keeps (a removed user's too)
-                names = dict(Usage.select(Usage.user_id, peewee.fn.MAX(Usage.username)).where(
-                    *where).group_by(Usage.user_id).tuples())
+                names: dict[int, str] = dict(Usage.select(  # type: ignore[arg-type]
+                    Usage.user_id, peewee.fn.MAX(Usage.username)).where(*where).group_by(
+                    Usage.user_id).tuples())
                 for bucket in answer["buckets"]:
                     bucket["user"] = names.get(bucket["user"]) or f"#{bucket['user']}"
         return answer

@@ -45,7 +45,7 @@ class Worker:
         self.settings = settings
         self.engine = engine
         self.worker_id = settings.worker_id or default_worker_id()
-        self.state = "loading"
+        self.state: protocol.WorkerState = "loading"
         self.error = ""
         self.load_time_s = 0.0
         self.links: list[FrontLink] = []

@@ -26,9 +26,10 @@ log = logging.getLogger("cohort.worker.link")
 UNWELCOMED_HEARTBEATS = 20  # hellos unanswered before the link says what to check
 
 
-def dealer(settings: WorkerSettings, worker_id: str) -> zmq.Socket:
+def dealer(settings: WorkerSettings, worker_id: str) -> zmq.Socket[bytes]:
     """A DEALER that speaks as `worker_id`, with the worker's CURVE key and a message bound."""
-    raw = zmq.Context.instance().socket(zmq.DEALER)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    raw = context.socket(zmq.DEALER)
     raw.setsockopt(zmq.IDENTITY, worker_id.encode())
     raw.setsockopt(zmq.MAXMSGSIZE, settings.zmq_max_message_bytes)
     files = worker_key_files(settings)
@@ -81,7 +82,7 @@ class FrontLink:
         with trio.move_on_after(5):
             await sent.wait()
 
-    def emit(self, item: dict[str, Any]) -> None:
+    def emit(self, item: protocol.OutItem) -> None:
         self.worker.last_progress = trio.current_time()
         self._out_send.send_nowait(item)
 

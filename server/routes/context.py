@@ -40,7 +40,7 @@ async def json_body() -> Any:
     """The parsed JSON body, or a 400 that says why not: not UTF-8, not JSON, nested too deep,
     a string with a lone surrogate or an integer beyond 64 bits (valid JSON that the wire to the
     workers cannot carry on)."""
-    raw = await request.get_data()
+    raw = await request.get_data(cache=True, as_text=False, parse_form_data=False)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

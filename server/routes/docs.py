@@ -18,7 +18,7 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
         "param": {"type": ["string", "null"]},
         # vLLM's own refusals, relayed as vLLM gives them, carry the status as the code
         "code": {"type": ["string", "integer", "null"]}}}}}
-BEARER = [{"bearer": []}]
+BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
 def _operation(summary: str, body: str | None = None, *, secured: bool = True) -> dict:

@@ -17,7 +17,7 @@ import collections
 import math
 from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from common.protocol import EngineLoad
 from server.scheduling.prefix import PrefixOwners
@@ -29,11 +29,18 @@ ENGINE_BACKLOG = 0.25  # with fair shares: an engine queues at most a quarter of
 class Placeable(Protocol):
     """What placement reads of a job: its choices and its prompt's prefix blocks."""
 
-    prefix: tuple[int, ...]
-    failed_on: Collection[Hashable]  # workers whose engine failed this job
+    @property
+    def prefix(self) -> tuple[int, ...]: ...
+
+    @property
+    def failed_on(self) -> Collection[Hashable]: ...  # workers whose engine failed this job
 
     @property
     def seqs(self) -> int: ...
+
+
+K = TypeVar("K", bound=Hashable)  # a worker's key (the front's: its ZeroMQ identity)
+J = TypeVar("J", bound=Placeable)
 
 
 @dataclass
@@ -113,9 +120,9 @@ class Placement:
         allowed = load.max_num_seqs + max(1, math.ceil(load.max_num_seqs * self.backlog))
         return max(0, allowed - load.outstanding)
 
-    def assign(self, jobs: Sequence[Placeable], workers: dict[Hashable, WorkerLoad], *,
+    def assign(self, jobs: Sequence[J], workers: dict[K, WorkerLoad], *,
                force: bool = False, beyond_backlog: bool = False
-               ) -> tuple[dict[Hashable, list], list]:
+               ) -> tuple[dict[K, list[J]], list[J]]:
         """Give each job a worker with room (with `force`, any worker not behind on acks whose
         backlog has room, or any at all `beyond_backlog`: the engine queues it). Returns
         {worker: jobs} and the jobs no worker can take now."""
@@ -124,8 +131,8 @@ class Placement:
         backlog = {key: (self.backlog_room(load) if not beyond_backlog
                          else 0 if load.unacked_batches >= self.max_unacked_batches else 1 << 30)
                    if force else 0 for key, load in workers.items()}
-        plan: dict[Hashable, list] = {}
-        left = []
+        plan: dict[K, list[J]] = {}
+        left: list[J] = []
         for job in jobs:
             candidates = [key for key in workers if key not in job.failed_on] or list(workers)
             open_ = [key for key in candidates
@@ -138,9 +145,9 @@ class Placement:
             plan.setdefault(key, []).append(job)
         return plan, left
 
-    def _choose(self, job: Placeable, open_: list[Hashable], workers: dict[Hashable, WorkerLoad],
-                extra: dict[Hashable, int]) -> Hashable:
-        def queued(key: Hashable) -> tuple[int, float, int, int]:
+    def _choose(self, job: Placeable, open_: list[K], workers: dict[K, WorkerLoad],
+                extra: dict[K, int]) -> K:
+        def queued(key: K) -> tuple[int, float, int, int]:
             load = workers[key]
             return (load.waiting + load.unacked + extra[key], load.kv_usage,
                     load.outstanding + extra[key], load.sent + extra[key])

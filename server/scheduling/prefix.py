@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Hashable
-from typing import Any
+
 
 from common.prefix import chained_hashes
 

@@ -65,9 +65,9 @@ class Dispatcher:
 
     # --- service ---------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind, then receive and watch liveness until cancelled; started() once bound."""
-        context = zmq.Context.instance()
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         raw = context.socket(zmq.ROUTER)
         raw.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable batch must fail, not vanish
         # No ROUTER_HANDOVER: a connection under a worker id in use is refused, so no peer can take
@@ -107,12 +107,12 @@ class Dispatcher:
         base = self.settings.zmq_bind
         if self.settings.zmq_port_span <= 1:
             raw.bind(base)
-            return raw.getsockopt(zmq.LAST_ENDPOINT).decode()
+            return raw.getsockopt_string(zmq.LAST_ENDPOINT)
         prefix, _, port = base.rpartition(":")
         for offset in range(self.settings.zmq_port_span):
             try:
                 raw.bind(f"{prefix}:{int(port) + offset}")
-                return raw.getsockopt(zmq.LAST_ENDPOINT).decode()
+                return raw.getsockopt_string(zmq.LAST_ENDPOINT)
             except zmq.ZMQError as error:
                 if error.errno != zmq.EADDRINUSE:
                     raise

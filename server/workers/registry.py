@@ -4,6 +4,7 @@ them (which models are served, why one is not, what `/health` shows). No sockets
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.protocol import ROUTES
 from server.errors import BadRequest, NoWorkers, NotFound
@@ -92,7 +93,7 @@ class WorkerRegistry:
                                                            if missing[1:] else ""),
                              param=missing[0], code="unsupported_parameter")
 
-    def model_cards(self) -> list[dict[str, object]]:
+    def model_cards(self) -> list[dict[str, Any]]:
         """`/v1/models` entries: each served model with its context length and what it honours."""
         cards = []
         for model in self.models():

@@ -8,7 +8,7 @@ from typing import Any
 from common import protocol
 from common.config import WorkerSettings
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[protocol.OutItem], None]
 
 GENERATE_ROUTES = frozenset({"chat", "completions", "tokenize", "detokenize"})
 # Request features (server.openai_schema.FEATURES) that vLLM's OpenAI layer honours: a vLLM worker

@@ -12,6 +12,7 @@ import json
 import logging
 
 import httpx
+import msgspec
 
 from common import protocol
 from worker.engines import VLLM_FEATURES, Emit, Engine, EngineError
@@ -79,7 +80,8 @@ class HttpEngine(Engine):
             log.warning("upstream %s down (%s): answering %s from the mock", self.url, error,
                         request.id)
             # every fallback reply says what it is
-            await self.fallback.generate(dict(request, note=FALLBACK_NOTE), emit)
+            await self.fallback.generate(msgspec.structs.replace(request, note=FALLBACK_NOTE),
+                                         emit)
         finally:
             self.active -= 1
 

@@ -258,7 +258,7 @@ class MockEngine(Engine):
         choice.text += token
         output = request.output
         output.add(choice.index, token, finish,
-                   logprob(token, output.top_logprobs) if output.wants_logprobs else None,
+                   logprob(token, output.top_logprobs) if output.top_logprobs is not None else None,
                    stop_reason)
         choice.done = finish is not None
 
@@ -325,7 +325,7 @@ class MockEngine(Engine):
             for choice in prompt.choices:
                 if prompt.echo:
                     output.prefix(choice.index, prompt.echo, echo_logprobs(
-                        prompt.echo, output.top_logprobs) if output.wants_logprobs else [])
+                        prompt.echo, output.top_logprobs) if output.top_logprobs is not None else [])
                 if choice.tool:
                     output.call_tool(choice.index, choice.tool)
         output.flush()  # a streamed chat's role chunks go at once, as vLLM's do
@@ -339,6 +339,6 @@ class MockEngine(Engine):
         finally:  # an abort cancels us: the step loop must stop spending on these requests
             for mock_request in requests:
                 mock_request.finished.set()
-                for choice in mock_request.choices:
-                    choice.done = True
+                for running in mock_request.choices:
+                    running.done = True
 

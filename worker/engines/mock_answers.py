@@ -153,7 +153,7 @@ def plan(request: protocol.RequestItem) -> list[PromptPlan]:
     plans = []
     for number, (shown, counted) in enumerate(prompts):
         tool = _tool_called(body, shown) if request.route == "chat" else ""
-        text = _arguments(body, tool) if tool else reply_text(
+        text = _arguments(body, tool) if tool else request.note + reply_text(
             batch_id, shown, body.get("response_format"))
         words = tokenize(text)
         prompt = PromptPlan(shown, tokenize(counted) or [""])
@@ -244,7 +244,7 @@ def embeddings_body(request: protocol.RequestItem, model: str) -> tuple[dict[str
     dims = body.get("dimensions") or EMBEDDING_DIMS
     data, tokens = [], 0
     for index, text in enumerate(texts):
-        vector = embedding(text, dims)
+        vector: list[float] | str = embedding(text, dims)
         tokens += len(tokenize(text))
         if body.get("encoding_format") == "base64":
             vector = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()

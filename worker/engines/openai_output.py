@@ -194,6 +194,7 @@ class Reply:
                 "index": choice.index, "text": token, "logprobs": logprobs,
                 "finish_reason": finish, "stop_reason": None, "prompt_token_ids": None,
                 "token_ids": None}], **({"system_fingerprint": FINGERPRINT} if last else {})))
+        delta: dict[str, Any]
         if choice.tool_name:
             delta = {} if finish is not None and not token else {"content": None, "tool_calls": [
                 {"index": 0, "function": {"arguments": token}}]}

@@ -178,6 +178,7 @@ class VllmEngine(Engine):
         body = dict(request.body, request_id=request.id.removeprefix("job-"))
         if request.route in PRIORITISED:  # the front's fair shares and tiers, in vLLM's queue
             body["priority"] = request.priority
+        assert self._serving is not None  # loaded before any request reaches it
         serving = self._serving.chat or self._serving.completion
         tap = UsageTap(body, request.stream, getattr(serving, "system_fingerprint", None))
         answer = await handle(self._serving, request.route, tap.body)
@@ -199,12 +200,15 @@ class VllmEngine(Engine):
     async def generate(self, request: protocol.RequestItem, emit: Emit) -> None:
         self.active += 1
 
-        def emit_soon(item: dict[str, Any]) -> None:
-            self._token.run_sync_soon(emit, item)
+        token = self._token
+        assert token is not None  # set when the model loaded
+
+        def emit_soon(item: protocol.OutItem) -> None:
+            token.run_sync_soon(emit, item)
 
         future = asyncio.run_coroutine_threadsafe(self._produce(request, emit_soon), self._loop)
         done = trio.Event()
-        future.add_done_callback(lambda _: self._token.run_sync_soon(done.set))
+        future.add_done_callback(lambda _: token.run_sync_soon(done.set))
         try:
             await done.wait()
             error = future.exception()

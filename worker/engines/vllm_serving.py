@@ -39,7 +39,9 @@ class Answer:
         usage = getattr(self.body, "usage", None)
         if usage is None and isinstance(self.body, dict):
             usage = self.body.get("usage")
-        return counts(usage.model_dump() if hasattr(usage, "model_dump") else usage)
+        if usage is not None and hasattr(usage, "model_dump"):
+            usage = usage.model_dump()
+        return counts(usage)
 
 
 @dataclass
