@@ -205,10 +205,6 @@ class Shutdown(Message, tag="shutdown"):
     type: ClassVar[str] = "shutdown"
 
 
-MESSAGES: dict[str, type[Message]] = {
-    cls.type: cls
-    for cls in (Hello, Ready, Heartbeat, Out, Error, Bye, Welcome, HelloAgain, Batch, Abort, Shutdown)
-}
 AnyMessage = Union[Hello, Ready, Heartbeat, Out, Error, Bye, Welcome, HelloAgain, Batch, Abort,
                    Shutdown]
 _encoder = msgspec.msgpack.Encoder()

@@ -422,11 +422,6 @@ class Store(BatchQueries):
 
     # --- tasks ------------------------------------------------------------------------------
 
-    def add_task(self, task_id: str, user_id: int, kind: str, request: dict,
-                 owner: str | None = None, lease_until: datetime.datetime | None = None) -> None:
-        Task.create(id=task_id, user=user_id, status="queued", kind=kind,
-                    request=json.dumps(request), owner=owner, lease_until=lease_until)
-
     def add_tasks(self, rows: list[tuple[str, int, str, dict]], owner: str | None = None,
                   lease_until: datetime.datetime | None = None, key_id: int = 0) -> None:
         """Many tasks in one transaction (a batch request), leased to `owner` from the start."""

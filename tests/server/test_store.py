@@ -149,7 +149,7 @@ async def test_queries_run_in_threads_concurrently_without_losing_writes(databas
     user = await store.run(store.add_user, "alice", "h")
 
     async def write(i: int):
-        await store.run(store.add_task, f"t{i}", user.id, "completion", {"i": i})
+        await store.run(store.add_tasks, [(f"t{i}", user.id, "completion", {"i": i})])
 
     async with trio.open_nursery() as nursery:
         for i in range(200):
@@ -229,7 +229,7 @@ def _own_everything(store: Store, user, tag: str) -> None:
                                          "tokens": 1, "in_flight": 0, "day": None,
                                          "day_tokens": 0, "requests_left": None,
                                          "tokens_left": None}], T0, [], T0)
-    store.add_task(f"task-{tag}", user.id, "chat", {"messages": []})
+    store.add_tasks([(f"task-{tag}", user.id, "chat", {"messages": []})])
     store.add_file(File(id=f"file-{tag}", user_id=user.id, purpose="batch", filename="in.jsonl",
                         bytes=3, lines=1, sha256="x"), [(f"file-{tag}", 0, 1, "{}\n")])
     store.add_batch({"id": f"batch-{tag}", "user_id": user.id, "key_id": key.id,
