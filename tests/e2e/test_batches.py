@@ -48,6 +48,15 @@ async def submitted(client: openai.AsyncOpenAI, lines: list[dict]):
                                        completion_window="24h")
 
 
+async def under_way(client: openai.AsyncOpenAI, lines: list[dict], done: int = 2):
+    """A batch submitted, once `done` of its lines have completed."""
+    batch = await submitted(client, lines)
+    with trio.fail_after(30):
+        while (await client.batches.retrieve(batch.id)).request_counts.completed < done:
+            await trio.sleep(0.05)
+    return batch
+
+
 async def finished(client: openai.AsyncOpenAI, batch_id: str, timeout_s: float = 60):
     with trio.fail_after(timeout_s):
         while (batch := await client.batches.retrieve(batch_id)).status not in (
@@ -103,11 +112,8 @@ async def test_a_batch_runs_with_the_openai_client_from_file_to_output(make_clus
 async def test_a_cancelled_batch_ends_with_what_ran_and_an_error_line_for_the_rest(make_cluster):
     _, client = await serving(make_cluster, "bob", MOCK_TOKEN_S="0.02",
                               COHORT_BATCH_CONCURRENCY="2")
-    batch = await submitted(client, [chat_line(i, max_tokens=50, ignore_eos=True)
+    batch = await under_way(client, [chat_line(i, max_tokens=50, ignore_eos=True)
                                      for i in range(40)])
-    with trio.fail_after(30):
-        while (await client.batches.retrieve(batch.id)).request_counts.completed < 2:
-            await trio.sleep(0.1)
     cancelling = await client.batches.cancel(batch.id)
     assert cancelling.status == "cancelling"
     batch = await finished(client, batch.id)
