@@ -56,6 +56,8 @@ def request_line(text: str, number: int, seen: set[str]) -> dict[str, Any]:
 
     try:
         item = json.loads(text)
+    except RecursionError:
+        raise refuse("nested too deeply") from None
     except ValueError:
         raise refuse("not valid JSON") from None
     if not isinstance(item, dict):
@@ -76,6 +78,13 @@ def request_line(text: str, number: int, seen: set[str]) -> dict[str, Any]:
     if not isinstance(item.get("body"), dict):
         raise refuse("body must be a JSON object")
     return item
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text: split at newlines only (a raw U+2028 or other Unicode line
+    separator inside a JSON string is valid JSON, and stays in its line), a CRLF's CR dropped,
+    blank lines skipped."""
+    return [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
 
 
 def request_id(batch_id: str, line: int) -> str:
@@ -237,7 +246,7 @@ class BatchRunner:
         seq = 0
         while (data := await self.store.run(self.store.file_chunk, batch.input_file_id, seq)):
             seq += 1
-            for text in data.splitlines():
+            for text in jsonl_lines(data):
                 total += 1
                 try:
                     item = request_line(text, total, seen)

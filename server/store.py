@@ -208,9 +208,7 @@ class Store(BatchQueries):
 
     def __init__(self, url: str) -> None:
         if url.startswith("sqlite:///"):
-            folder = os.path.dirname(url.removeprefix("sqlite:///"))
-            if folder:
-                os.makedirs(folder, exist_ok=True)
+            _private_file(url.removeprefix("sqlite:///"))
         self.url = url
         self.db = _postgres(url) if url.startswith(("postgres://", "postgresql://")) else connect(url)
         if isinstance(self.db, peewee.SqliteDatabase):
@@ -577,6 +575,19 @@ class Store(BatchQueries):
     def purge_tasks(self, older_than_s: int) -> int:
         cutoff = utcnow() - datetime.timedelta(seconds=older_than_s)
         return Task.delete().where(Task.status.in_(FINAL), Task.finished_at < cutoff).execute()
+
+
+def _private_file(path: str) -> None:
+    """The SQLite file holds every prompt of every task and batch: readable by this user only
+    (0600; SQLite gives its WAL and shared-memory files the database's own mode), in a folder
+    made 0700 when it is made here. An existing file is narrowed too."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    if path and path != ":memory:":
+        os.close(os.open(path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, 0o600))
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
 
 
 def _owned_by(owner: str | None) -> list:

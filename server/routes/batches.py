@@ -8,7 +8,7 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
-from server.batch_runner import FileWriter, request_line
+from server.batch_runner import FileWriter, jsonl_lines, request_line
 from server.batch_store import File, batch_view, file_view
 from server.errors import BadRequest, NotFound
 from server.routes.context import caller, json_body, services
@@ -69,7 +69,7 @@ async def upload():
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("the file is not UTF-8", param="file") from None
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = jsonl_lines(text)
     if not lines:
         raise BadRequest("the file has no lines", param="file")
     if len(lines) > MAX_FILE_LINES:

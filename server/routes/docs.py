@@ -156,6 +156,18 @@ def openapi() -> dict:
                 {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}]}},
             "/inference/async": {"post": _operation("Store a chat or completion as a durable task",
                                                     "ChatRequest")},
+            "/inference/batch": {"post": {
+                **_operation("Several completions in one call: `prompts` with shared fields, or "
+                             "`requests` (whole bodies); `wait: false` stores them as tasks"),
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {
+                        "model": {"type": "string"},
+                        "prompts": {"type": "array", "items": {"type": "string"},
+                                    "minItems": 1, "maxItems": 1024},
+                        "requests": {"type": "array", "items": {"type": "object"},
+                                     "minItems": 1, "maxItems": 1024},
+                        "max_tokens": {"type": "integer", "minimum": 1},
+                        "wait": {"type": "boolean"}}}}}}}},
             "/token": {"post": {**_operation("A bearer token for a user's password", secured=False),
                                 "requestBody": {"required": True, "content": {"application/json": {
                                     "schema": {"type": "object", "properties": {

@@ -2,6 +2,7 @@
 lifecycle, leases, retention, reconnects."""
 
 import datetime
+import os
 import sqlite3
 
 import peewee
@@ -27,6 +28,19 @@ def test_sqlite_schema_is_created_in_wal_mode_once_with_a_version(tmp_path):
     with store.db.connection_context():
         assert [row.version for row in SchemaVersion.select()] == [SCHEMA_VERSION]
     assert sqlite3.connect(tmp_path / "sub/cohort.db").execute("pragma journal_mode").fetchone()[0] == "wal"
+
+
+def test_the_sqlite_files_are_readable_by_their_owner_only(tmp_path):
+    """Every prompt of every task and batch is in them: 0600, WAL and shared memory too."""
+    old = tmp_path / "old.db"
+    old.touch(mode=0o644)
+    for path in (tmp_path / "new" / "cohort.db", old):
+        store = make(f"sqlite:///{path}")
+        with store.db.connection_context():
+            store.add_user("alice", "h")
+            files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+            assert {oct(os.stat(f).st_mode & 0o777) for f in files} == {"0o600"}, path
+    assert oct(os.stat(tmp_path / "new").st_mode & 0o777) == "0o700"
 
 
 def test_a_version_1_store_gains_the_later_columns_and_keeps_its_rows(tmp_path):

@@ -1,0 +1,80 @@
+"""Odd but legal, or hostile, bodies on every route that takes one: a 100,000-deep JSON document
+is a 400 in OpenAI's shape (never a 500), and a raw U+2028 inside a JSON string is valid JSON,
+accepted on the JSON routes and in a batch file's lines."""
+
+import json
+
+import httpx
+import pytest
+
+from server.routes.docs import openapi
+
+DEEP = "[" * 100_000 + "]" * 100_000
+SEPARATOR = "\u2028"  # LINE SEPARATOR: JSON allows it raw inside a string
+PARAMS = {"{name}": "root", "{key_id}": "1"}
+
+
+def json_routes() -> list[tuple[str, str]]:
+    """Every route of the OpenAPI document whose body is JSON."""
+    found = []
+    for path, operations in openapi()["paths"].items():
+        for method, operation in operations.items():
+            if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                for name, value in PARAMS.items():
+                    path = path.replace(name, value)
+                found.append((method.upper(), path))
+    return found
+
+
+@pytest.fixture(scope="module")
+def admin(tmp_path_factory):
+    """A front with one mock worker and an admin's key, so the admin routes read their bodies."""
+    from harness.cluster import Cluster
+    import trio
+    cluster = Cluster(tmp_path_factory.mktemp("edge"))
+    cluster.start_front()
+    cluster.start_worker("worker1")
+    try:
+        cluster.api_key = cluster.add_user("root")
+        cluster.users("role", "root", "admin")
+        trio.run(cluster.wait_ready, 1)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("method, path", json_routes())
+def test_a_deeply_nested_body_is_a_400_on_every_json_route(admin, method, path):
+    answer = httpx.request(method, admin.url + path, content=DEEP, timeout=30,
+                           headers={**admin.headers(), "Content-Type": "application/json"})
+    assert answer.status_code == 400, (path, answer.text[:300])
+    assert "nested too deeply" in answer.json()["error"]["message"]
+
+
+def upload(cluster, text: str) -> httpx.Response:
+    return httpx.post(cluster.url + "/v1/files", headers=cluster.headers(), timeout=30,
+                      data={"purpose": "batch"}, files={"file": ("in.jsonl", text.encode())})
+
+
+def chat_line(custom_id: str, content: str) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": "cohort-mock", "max_tokens": 2, "messages": [
+                           {"role": "user", "content": content}]}}, ensure_ascii=False)
+
+
+def test_a_deeply_nested_line_in_a_batch_file_is_a_400_naming_the_line(admin):
+    answer = upload(admin, chat_line("a", "fine") + "\n" + DEEP + "\n")
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == "line 2: nested too deeply"
+
+
+def test_a_raw_line_separator_inside_a_string_is_valid_json_everywhere(admin):
+    content = f"one{SEPARATOR}two"
+    answer = upload(admin, chat_line("a", content) + "\r\n" + chat_line("b", "x") + "\n")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["lines"] == 2
+    body = json.dumps({"model": "cohort-mock", "max_tokens": 2, "messages": [
+        {"role": "user", "content": content}]}, ensure_ascii=False)
+    chat = httpx.post(admin.url + "/v1/chat/completions", content=body.encode(), timeout=30,
+                      headers={**admin.headers(), "Content-Type": "application/json"})
+    assert chat.status_code == 200, chat.text
