@@ -120,6 +120,10 @@ class ServerSettings:
         True, "COHORT_USAGE_LEDGER",
         doc="one row per finished request in the store, for /v1/usage (0: none kept, and /v1/usage says so)",
     )
+    public_models: bool = env_field(
+        False, "COHORT_PUBLIC_MODELS",
+        doc="anonymous /ready lists the models served (0: only a caller with a token sees them)",
+    )
     metrics_per_user: bool = env_field(
         False, "COHORT_METRICS_PER_USER",
         doc="/metrics gains requests and tokens per user and model (a label per user: off by default)",

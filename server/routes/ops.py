@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 
 from common.config import describe
 from server.errors import Unauthorized
@@ -35,11 +35,27 @@ async def health():
 
 @blueprint.get("/ready")
 async def ready():
-    """Ready when the front's services run and some model has a ready worker."""
+    """Ready when the front's services run and some model has a ready worker. Which models
+    are served is the deployment's business: a stranger sees them only with
+    COHORT_PUBLIC_MODELS=1, a caller with a token always."""
     cohort = services()
     models = cohort.dispatcher.models()
     up = cohort.gateway.services_up and not cohort.gateway.draining and bool(models)
-    return {"ready": up, "models": models}, 200 if up else 503
+    answer: dict[str, object] = {"ready": up}
+    if cohort.settings.public_models or await _known_caller():
+        answer["models"] = models
+    return answer, 200 if up else 503
+
+
+async def _known_caller() -> bool:
+    """Whether the request carries a valid token (an anonymous probe is no error)."""
+    if "Authorization" not in request.headers and not services().settings.auth_disabled:
+        return False
+    try:
+        await caller()
+    except Unauthorized:
+        return False
+    return True
 
 
 @blueprint.get("/stats")

@@ -78,3 +78,23 @@ def test_a_raw_line_separator_inside_a_string_is_valid_json_everywhere(admin):
     chat = httpx.post(admin.url + "/v1/chat/completions", content=body.encode(), timeout=30,
                       headers={**admin.headers(), "Content-Type": "application/json"})
     assert chat.status_code == 200, chat.text
+
+
+def test_a_stranger_learns_readiness_not_what_is_served(admin):
+    anonymous = httpx.get(admin.url + "/ready")
+    assert anonymous.status_code == 200 and anonymous.json() == {"ready": True}
+    known = httpx.get(admin.url + "/ready", headers=admin.headers()).json()
+    assert known == {"ready": True, "models": ["cohort-mock"]}
+    wrong = httpx.get(admin.url + "/ready", headers={"Authorization": "Bearer nope"})
+    assert wrong.json() == {"ready": True}  # a probe with a bad token is still a probe
+    assert httpx.get(admin.url + "/health").json() == {"status": "ok"}
+
+
+async def test_an_operator_may_show_the_models_to_anyone(make_cluster):
+    cluster = make_cluster(COHORT_PUBLIC_MODELS="1")
+    cluster.start_front()
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user("ops")
+    await cluster.wait_ready(1)
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(cluster.url + "/ready")).json()["models"] == ["cohort-mock"]
