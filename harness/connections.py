@@ -8,10 +8,12 @@ from harness.cluster import procfile
 HEALTH = b"GET /health HTTP/1.1\r\nHost: cohort\r\n\r\n"
 
 
-async def one_health_request(port: int) -> trio.SocketStream:
-    """A connection that made one request and was left open, as keep-alive clients leave them."""
+async def one_health_request(port: int, close: bool = False) -> trio.SocketStream:
+    """A connection that made one request and was left open, as keep-alive clients leave them
+    (`close`: one that asked for `Connection: close`, and still does not close its end)."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    await stream.send_all(HEALTH)
+    await stream.send_all(HEALTH.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+                          if close else HEALTH)
     received = b""
     while not _whole(received):
         chunk = await stream.receive_some(65536)

@@ -8,6 +8,8 @@ hypercorn 0.18's trio worker has no hook for either, so this wraps two methods o
   connection stayed open for good. Its timer (a task spawned per response) is replaced by one
   sleeping task per connection that closes it once idle for COHORT_KEEP_ALIVE_S; hypercorn's own
   keep-alive is set out of the way (its first timer still closes idle connections at shutdown).
+- It closes a connection that must close (`Connection: close`, a 413) from a task quart-trio has
+  already cancelled, so the close never happened: here it is shielded.
 - It accepts connections until the process runs out of descriptors, after which every new client
   waits in the backlog behind idle ones. Here a connection past the bound closes the oldest idle
   one to make room; if none is idle, the new one gets a 503 and is closed, and those at work keep
@@ -20,7 +22,7 @@ import logging
 import resource
 
 import trio
-from hypercorn.events import Updated
+from hypercorn.events import Closed, Updated
 from hypercorn.trio.tcp_server import TCPServer
 
 log = logging.getLogger("cohort.connections")
@@ -122,6 +124,13 @@ def install(limit: int = 0, keep_alive_s: float = 5.0) -> Connections:
                 # its first timer (started with the connection) would close this busy
                 # connection at shutdown; stopped once, nothing per request after
                 await self.idle_task.stop()
+        elif isinstance(event, Closed):
+            # The protocol closes a connection it must not keep (`Connection: close`, a 413)
+            # from the task that sent the response, which quart-trio has cancelled by then:
+            # unshielded, the close stopped at its first checkpoint and the socket stayed open
+            # for good, counted busy, never reclaimed.
+            with trio.CancelScope(shield=True):
+                await protocol_send(self, event)
         else:
             await protocol_send(self, event)
 
