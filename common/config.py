@@ -129,6 +129,11 @@ class ServerSettings:
         doc="/metrics gains requests and tokens per user and model (a label per user: off by default)",
     )
     request_timeout_s: float = env_field(600.0, "COHORT_REQUEST_TIMEOUT_S")
+    stream_buffer_bytes: int = env_field(
+        1 << 20, "COHORT_STREAM_BUFFER_BYTES",
+        doc="a stream's events the front holds for a client that does not read them; past it the "
+            "engine's request is aborted and the stream ends with an error",
+    )
     drain_timeout_s: float = env_field(
         30.0, "COHORT_DRAIN_TIMEOUT_S",
         doc="on SIGTERM/SIGINT the front takes no new requests and lets those in flight finish this long",
@@ -200,7 +205,7 @@ class ServerSettings:
             raise SettingError("COHORT_ZMQ_MAX_MESSAGE_BYTES must hold a whole batch: at least "
                                "COHORT_MAX_BATCH_SIZE x COHORT_MAX_BODY_BYTES + 1 MiB")
         positive = ("max_batch_size", "max_batches_per_worker", "max_queue", "max_body_bytes",
-                    "batch_concurrency", "max_file_bytes",
+                    "batch_concurrency", "max_file_bytes", "stream_buffer_bytes",
                     "max_tokens_limit", "max_n", "zmq_port_span")
         for name in positive:
             if getattr(self, name) < 1:

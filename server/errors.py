@@ -174,6 +174,14 @@ class WorkerDied(EngineFailed):
     code = "worker_died"
 
 
+class SlowReader(CohortError):
+    """A streaming client read too slowly: its events filled the front's buffer for it."""
+
+    status = 408
+    error_type = "timeout_error"
+    code = "client_too_slow"
+
+
 class DeadlineExceeded(CohortError):
     status = 504
     error_type = "timeout_error"

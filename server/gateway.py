@@ -155,7 +155,9 @@ class Gateway:
                     if isinstance(more, CohortError):
                         raise more
                     ready.append(more)  # no Restart here: the job has sent output, so it stays
-                yield b"".join(item.data for item in ready)
+                data = b"".join(item.data for item in ready)
+                job.buffered_bytes -= len(data)
+                yield data
                 if ready[-1].done:
                     break
         finally:

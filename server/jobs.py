@@ -58,6 +58,7 @@ class Job:
     used_tokens: int | None = None  # prompt and completion tokens, once it ended well
     usage: dict[str, int] = field(default_factory=dict)  # the engine's counts, once it ended
     first_output_at: float = 0.0
+    buffered_bytes: int = 0  # a stream's output delivered and not yet taken by its client
     _send: trio.MemorySendChannel = field(init=False, repr=False)
     outputs: trio.MemoryReceiveChannel = field(init=False, repr=False)
 
@@ -83,6 +84,8 @@ class Job:
     def deliver(self, item: OutItem) -> bool:
         """Pass one out item to the handler; True once it was the last."""
         self.got_output = True
+        if self.spec.stream:
+            self.buffered_bytes += len(item.data)
         self._send.send_nowait(item)
         if item.done:
             self.state = "done"

@@ -7,8 +7,9 @@ API's runner all go through `Lifecycle`; nothing else charges or records. Its ru
 - A request is admitted against its payer's limits before it is queued (`admit`), all or none
   for a group; stored work (tasks, Batch API lines) holds no concurrency slot.
 - Whatever way it ends, it is settled once (`end`): what it really used is charged (above the
-  estimate too), so a refusal at submit or a failure gives back everything, and a request cut
-  off mid-run (the client left) keeps its estimate, its real use unknown.
+  estimate too), so a refusal at submit or a failure before any output gives back everything,
+  and a request cut off mid-run (the client left, or read its stream too slowly) keeps its
+  estimate, its real use unknown.
 - A request that reached a worker leaves exactly one ledger row, keyed by its request id, with
   its ledger route (`chat`, `completions`, `embeddings`, `async`, `batch_item`, `batch_api`).
   An interactive request's row is journaled as it ends, before its answer does (server.usage);
@@ -150,10 +151,11 @@ class Lifecycle:
         job = run.job
         if job is not None and job.used_tokens is not None:
             used: int | None = job.used_tokens
-        elif status == CLIENT_LEFT and run.reached_worker:
-            used = None  # cut off mid-run: its use is unknown, its estimate stands
+        elif job is not None and run.reached_worker and (job.got_output or status == CLIENT_LEFT):
+            used = None  # cut off mid-run (the client left, read too slowly, ...): its use is
+            # unknown, its estimate stands
         else:
-            used = 0  # refused or failed: nothing is charged
+            used = 0  # refused, or failed before any output: nothing is charged
         if run.ticket is not None:
             self.limiter.settle(run.ticket, used, trio.current_time())
         if not run.reached_worker:

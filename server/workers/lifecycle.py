@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from common import protocol
 from common.config import ServerSettings
-from server.errors import (BadRequest, CohortError, EngineFailed, NoWorkers, UpstreamUnavailable,
-                           WorkerDied)
+from server.errors import (BadRequest, CohortError, EngineFailed, NoWorkers, SlowReader,
+                           UpstreamUnavailable, WorkerDied)
 from server.jobs import Job
 from server.metrics import Metrics
 from server.rate import TokenBucket
@@ -206,14 +206,27 @@ class WorkerLifecycle:
             if not job.got_output:
                 job.first_output_at = now
                 self.metrics.ttft.observe(job.first_output_at - job.enqueued_at)
-            if job.deliver(item):
-                self.release(job)
-                if item.status >= 500:
-                    actions.add(self._count_failure(worker, f"the engine answered {item.status}",
-                                                    now))
-                else:
-                    worker.breaker.succeeded()
+            if not job.deliver(item):
+                if job.buffered_bytes > self.settings.stream_buffer_bytes:
+                    actions.add(self._too_slow(worker, job))
+                continue
+            self.release(job)
+            if item.status >= 500:
+                actions.add(self._count_failure(worker, f"the engine answered {item.status}", now))
+            else:
+                worker.breaker.succeeded()
         return actions
+
+    def _too_slow(self, worker: WorkerHandle, job: Job) -> Actions:
+        """A stream whose client does not read: the front holds at most COHORT_STREAM_BUFFER_BYTES
+        of its events; past that the engine's request is aborted (its work freed) and the
+        stream ends, after what is buffered, with an error that says why."""
+        self.release(job)
+        self.metrics.aborts.inc()
+        job.fail(SlowReader(
+            f"the client read this stream too slowly: over {self.settings.stream_buffer_bytes} "
+            "bytes of its events waited (COHORT_STREAM_BUFFER_BYTES), so it was stopped"))
+        return Actions(send=[(worker.identity, protocol.Abort([job.id]))])
 
     def _failed(self, worker: WorkerHandle, message: protocol.Error, now: float) -> Actions:
         """Requests that failed on a worker (or, without ids, the worker itself)."""

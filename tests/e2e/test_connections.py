@@ -100,3 +100,38 @@ async def test_a_413_is_followed_by_the_close_it_announces(make_cluster):
             received += chunk
     assert received.startswith(b"HTTP/1.1 413") and b"connection: close" in received.lower(), received[:200]
     await stream.aclose()
+
+
+async def test_a_stream_nobody_reads_is_bounded_then_stopped_with_the_engines_work_freed(
+        make_cluster):
+    """A client starts a large stream (16 choices of 8,192 tokens) and reads nothing. Once the
+    kernel's socket buffers are full the front holds at most COHORT_STREAM_BUFFER_BYTES of its
+    events; then the engine's request is aborted and the stream ends, after what was held, with
+    an error event naming the cause (the front buffered 7.3 MB a minute for such a client)."""
+    cluster = make_cluster(COHORT_STREAM_BUFFER_BYTES="65536", MOCK_TOKEN_S="0.0005",
+                           MOCK_TTFT_S="0")
+    await started(cluster)
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user("alice")
+    await cluster.wait_ready(1)
+    body = (b'{"model": "cohort-mock", "prompt": "go", "max_tokens": 8192, "n": 16, '
+            b'"ignore_eos": true, "stream": true}')
+    stream = await trio.open_tcp_stream("127.0.0.1", cluster.port)
+    await stream.send_all(b"POST /v1/completions HTTP/1.1\r\nHost: cohort\r\n"
+                          b"Authorization: Bearer " + cluster.api_key.encode() + b"\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: "
+                          + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with trio.fail_after(60):  # the socket buffers fill, then the front's: the job is stopped
+        while not ((health := await cluster.health()) and health["workers"][0]["engine_active"]
+                   == 0 and httpx.get(cluster.url + "/stats",
+                                      headers=cluster.headers()).json()["aborts"] >= 1):
+            await trio.sleep(0.2)
+    received = b""
+    with trio.fail_after(30):
+        while chunk := await stream.receive_some(1 << 20):
+            received += chunk
+            if received.endswith(b"data: [DONE]\n\n") or received.endswith(b"0\r\n\r\n"):
+                break
+    assert b'"code":"client_too_slow"' in received and b"data: [DONE]" in received
+    assert len(received) < 16 * 8192 * 100  # it stopped long before the whole answer
+    await stream.aclose()

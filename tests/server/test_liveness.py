@@ -4,7 +4,7 @@ what becomes of a worker's jobs when it dies or fails them; registration and its
 
 from common import protocol
 from common.config import ServerSettings
-from server.errors import BadRequest, NoWorkers, WorkerDied
+from server.errors import BadRequest, NoWorkers, SlowReader, WorkerDied
 from server.jobs import Job, JobSpec, Restart
 from server.metrics import Metrics
 from server.scheduling.placement import Placement
@@ -129,3 +129,19 @@ def test_a_worker_whose_engine_keeps_failing_is_paused_and_its_model_fails_what_
     assert [type(r) for r in returned] == [FailQueued]
     assert cycle.tick(2.5, PERIOD).changed  # its first pause (1 s) is over: tried again
     assert cycle.workers[b"w1"].state == "ready"
+
+
+def test_a_stream_whose_client_does_not_read_is_stopped_past_its_buffer():
+    cycle = lifecycle("w1")
+    cycle.settings = ServerSettings(worker_timeout_s=2.0, stream_buffer_bytes=1000)
+    job = running(cycle, "w1", stream=True)
+    event = b"data: " + b"x" * 394 + b"\n\n"  # 402 bytes
+    for _ in range(2):
+        assert cycle.take(b"w1", protocol.Out([protocol.out_item(job.id, event)]), 1.0).send == []
+    actions = cycle.take(b"w1", protocol.Out([protocol.out_item(job.id, event)]), 1.0)
+    assert actions.send == [(b"w1", protocol.Abort([job.id]))]  # the engine's work is freed
+    seen = outputs(job)
+    assert [len(item.data) for item in seen[:3]] == [402] * 3  # what was buffered stays
+    assert isinstance(seen[3], SlowReader) and "COHORT_STREAM_BUFFER_BYTES" in seen[3].message
+    assert job.id not in cycle.workers[b"w1"].jobs
+    assert cycle.take(b"w1", protocol.Out([protocol.out_item(job.id, event)]), 1.1).send == []
