@@ -20,6 +20,7 @@ from server import leases
 from server.db import BaseModel, unix, utcnow
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+UPLOADING = "uploading"  # a file's purpose while its upload is being written: not shown
 
 
 class File(BaseModel):
@@ -144,21 +145,43 @@ class BatchQueries:
 
     # --- files ------------------------------------------------------------------------------
 
-    def add_file(self, file: File, chunks: list[tuple[str, int, int, str]]) -> File:
-        """A file and its chunks (file id, seq, first line number, whole lines), in one
-        transaction."""
+    def begin_file(self, file: File) -> None:
+        """An upload begins: its row, hidden (purpose UPLOADING) until `finish_file`, so its
+        chunks can be written as they come and a front that dies mid-upload leaves a row that
+        `purge_stalled_uploads` removes with them."""
+        File.create(id=file.id, user_id=file.user_id, purpose=UPLOADING, filename=file.filename,
+                    bytes=0, lines=0, sha256="", created_at=utcnow())
+
+    def add_file_chunk(self, file_id: str, seq: int, first_line: int, data: str) -> None:
+        FileChunk.create(file_id=file_id, seq=seq, first_line=first_line, data=data)
+
+    def finish_file(self, file: File) -> File:
+        """The upload is whole: its size, lines and checksum, and it is shown."""
+        File.update(purpose=file.purpose, bytes=file.bytes, lines=file.lines,
+                    sha256=file.sha256).where(File.id == file.id).execute()
+        return File.get_by_id(file.id)
+
+    def drop_file(self, file_id: str) -> None:
+        """An upload that failed: its row and what it wrote."""
         with self.db.atomic():
-            for file_id, seq, first_line, data in chunks:
-                FileChunk.create(file_id=file_id, seq=seq, first_line=first_line, data=data)
-            file.save(force_insert=True)
-            return file
+            FileChunk.delete().where(FileChunk.file_id == file_id).execute()
+            File.delete().where(File.id == file_id).execute()
+
+    def purge_stalled_uploads(self, older_than: datetime.datetime) -> int:
+        """Uploads their front never finished (it died): their rows and chunks."""
+        with self.db.atomic():
+            stalled = [f.id for f in File.select(File.id).where(
+                File.purpose == UPLOADING, File.created_at < older_than)]
+            FileChunk.delete().where(FileChunk.file_id.in_(stalled)).execute()
+            return File.delete().where(File.id.in_(stalled)).execute()
 
     def file_of(self, user_id: int, file_id: str) -> File | None:
-        return File.get_or_none(File.id == file_id, File.user_id == user_id)
+        return File.get_or_none(File.id == file_id, File.user_id == user_id,
+                                File.purpose != UPLOADING)
 
     def files_of(self, user_id: int, purpose: str | None, limit: int,
                  after: str | None) -> dict[str, Any]:
-        query = File.select().where(File.user_id == user_id)
+        query = File.select().where(File.user_id == user_id, File.purpose != UPLOADING)
         if purpose:
             query = query.where(File.purpose == purpose)
         page = _page(query, File, user_id, limit, after)

@@ -238,6 +238,8 @@ class TaskRunner:
         while True:
             purged = await self.store.run(self.store.purge_tasks, self.settings.task_retention_s)
             await self.store.run(self.store.purge_expired_tokens)
+            await self.store.run(self.store.purge_stalled_uploads,  # their front died mid-way
+                                 utcnow() - datetime.timedelta(seconds=PURGE_PERIOD_S))
             if purged:
                 log.info("purged %d task(s) past COHORT_TASK_RETENTION_S", purged)
             await trio.sleep(PURGE_PERIOD_S)

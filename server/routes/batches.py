@@ -4,17 +4,20 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import IO, Any
 
+import trio
 from quart import Blueprint, Response, request
 
-from server.batch_runner import FileWriter, jsonl_lines, request_line
+from server.batch_runner import FileWriter, request_line
 from server.batch_store import File, batch_view, file_view
 from server.errors import BadRequest, NotFound
 from server.routes.context import caller, json_body, services
 
 blueprint = Blueprint("batches", __name__)
 MAX_FILE_LINES = 50_000
+READ_BLOCK = 1 << 20
 
 
 def with_upload_limit(request_class: type, max_file_bytes: int) -> type:
@@ -50,10 +53,11 @@ def _listing(page: dict[str, Any]) -> dict[str, Any]:
 
 @blueprint.post("/v1/files")
 async def upload():
-    """A JSONL file for a batch, checked line by line before it is kept (the error names the
-    line), with its size, line count and SHA-256."""
+    """A JSONL file for a batch, checked line by line (the error names the line) as it streams
+    into the store a chunk at a time, with its size, line count and SHA-256: the front's memory
+    holds about one chunk and one line, whatever the file's size (quart spools the uploaded part
+    to a temporary file beyond 500 KB)."""
     principal = await caller()
-    settings = services().settings
     form, files = await request.form, await request.files
     if form.get("purpose") != "batch":
         raise BadRequest("purpose must be `batch` (the only purpose Cohort keeps files for)",
@@ -61,31 +65,61 @@ async def upload():
     upload = files.get("file")
     if upload is None:
         raise BadRequest("send the file as the multipart field `file`", param="file")
-    data = upload.read()
-    if len(data) > settings.max_file_bytes:
-        raise BadRequest(f"the file is over {settings.max_file_bytes} bytes "
-                         "(COHORT_MAX_FILE_BYTES)", param="file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("the file is not UTF-8", param="file") from None
-    lines = jsonl_lines(text)
-    if not lines:
-        raise BadRequest("the file has no lines", param="file")
-    if len(lines) > MAX_FILE_LINES:
-        raise BadRequest(f"the file has {len(lines)} lines; a batch takes at most "
-                         f"{MAX_FILE_LINES}", param="file")
-    seen: set[str] = set()
     writer = FileWriter("file-" + secrets.token_hex(12), principal.user_id, "batch",
                         (upload.filename or "input.jsonl")[:255])
-    chunks = []
-    for number, line in enumerate(lines, start=1):
-        request_line(line, number, seen)
-        chunks.append(writer.add(line))
-    chunks = [chunk for chunk in [*chunks, writer.rest()] if chunk is not None]
     store = services().store
-    file = await store.run(store.add_file, writer.row(), chunks)
-    return file_view(file)
+    await store.run(store.begin_file, writer.row())
+    try:
+        await _store_lines(upload.stream, writer)
+        return file_view(await store.run(store.finish_file, writer.row()))
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await store.run(store.drop_file, writer.id)
+        raise
+
+
+async def _store_lines(stream: IO[bytes], writer: FileWriter) -> None:
+    """Check each line of the uploaded file and write the file's chunks as they fill."""
+    store, limit = services().store, services().settings.max_file_bytes
+    seen: set[str] = set()
+    number = size = 0
+    async for raw in _lines(stream):
+        size += len(raw) + 1
+        if size > limit + 1:
+            raise BadRequest(f"the file is over {limit} bytes (COHORT_MAX_FILE_BYTES)",
+                             param="file")
+        try:
+            line = raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError:
+            raise BadRequest(f"line {number + 1}: not UTF-8", param="file") from None
+        if not line.strip():
+            continue
+        number += 1
+        if number > MAX_FILE_LINES:
+            raise BadRequest(f"the file has more than {MAX_FILE_LINES} lines, the most a batch "
+                             "takes", param="file")
+        request_line(line, number, seen)
+        chunk = writer.add(line)
+        if chunk is not None:
+            await store.run(store.add_file_chunk, *chunk)
+    if not number:
+        raise BadRequest("the file has no lines", param="file")
+    rest = writer.rest()
+    if rest is not None:
+        await store.run(store.add_file_chunk, *rest)
+
+
+async def _lines(stream: IO[bytes]) -> AsyncIterator[bytes]:
+    """The file's lines, split at newlines only (see batch_runner.jsonl_lines), read a block at
+    a time in a thread (the spooled file is on disk)."""
+    carry = b""
+    while block := await trio.to_thread.run_sync(stream.read, READ_BLOCK):
+        lines = (carry + block).split(b"\n")
+        carry = lines.pop()
+        for line in lines:
+            yield line
+    if carry:
+        yield carry
 
 
 @blueprint.get("/v1/files")

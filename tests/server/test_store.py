@@ -244,8 +244,11 @@ def _own_everything(store: Store, user, tag: str) -> None:
                                          "day_tokens": 0, "requests_left": None,
                                          "tokens_left": None}], T0, [], T0)
     store.add_tasks([(f"task-{tag}", user.id, "chat", {"messages": []})])
-    store.add_file(File(id=f"file-{tag}", user_id=user.id, purpose="batch", filename="in.jsonl",
-                        bytes=3, lines=1, sha256="x"), [(f"file-{tag}", 0, 1, "{}\n")])
+    upload = File(id=f"file-{tag}", user_id=user.id, purpose="batch", filename="in.jsonl",
+                  bytes=3, lines=1, sha256="x")
+    store.begin_file(upload)
+    store.add_file_chunk(f"file-{tag}", 0, 1, "{}\n")
+    store.finish_file(upload)
     store.add_batch({"id": f"batch-{tag}", "user_id": user.id, "key_id": key.id,
                      "endpoint": "/v1/chat/completions", "input_file_id": f"file-{tag}",
                      "completion_window": "24h", "status": "in_progress", "expires_at": T0})
@@ -319,3 +322,22 @@ def test_disabling_a_user_stops_its_queued_tasks_and_running_batches(database_ur
         assert batch.status == "cancelling" and "user_disabled" in batch.errors
         assert Task.get_by_id("task-b").status == "queued"
         assert store.batch_of(None, "batch-b").status == "in_progress"
+
+
+def test_an_upload_is_hidden_until_whole_and_a_stalled_one_is_purged(database_url):
+    from server.batch_store import File, FileChunk
+    store = make(database_url)
+    with store.db.connection_context():
+        alice = store.add_user("alice", "h")
+        upload = File(id="file-up", user_id=alice.id, purpose="batch", filename="in.jsonl",
+                      bytes=3, lines=1, sha256="x")
+        store.begin_file(upload)
+        store.add_file_chunk("file-up", 0, 1, "{}\n")
+        assert store.file_of(alice.id, "file-up") is None  # still being written
+        assert store.files_of(alice.id, None, 20, None)["data"] == []
+        assert store.purge_stalled_uploads(T0) == 0  # not stalled yet
+        assert store.purge_stalled_uploads(utcnow() + LEASE) == 1  # its front died
+        assert not FileChunk.select().where(FileChunk.file_id == "file-up").exists()
+        store.begin_file(upload)
+        store.finish_file(upload)
+        assert store.file_of(alice.id, "file-up").purpose == "batch"
