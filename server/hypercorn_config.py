@@ -17,6 +17,7 @@ worker_class = "trio"
 bind = [f"{_settings.host}:{_settings.port}"]
 graceful_timeout = _settings.drain_timeout_s + 5.0
 keep_alive_timeout = 10 * 365 * 86400.0  # COHORT_KEEP_ALIVE_S is kept by server/connections.py
+backlog = 1024  # hypercorn's 100 let a burst of 300 connects meet resets before any was read
 
 
 def _more_descriptors() -> None:

@@ -135,3 +135,34 @@ async def test_a_stream_nobody_reads_is_bounded_then_stopped_with_the_engines_wo
     assert b'"code":"client_too_slow"' in received and b"data: [DONE]" in received
     assert len(received) < 16 * 8192 * 100  # it stopped long before the whole answer
     await stream.aclose()
+
+
+async def test_clients_dripping_their_bodies_are_served_without_a_traceback(make_cluster):
+    """300 clients connect at once and send their bodies 20 bytes every 0.2 s: each is
+    answered, and the front logs no traceback for this ordinary behaviour."""
+    cluster = make_cluster()
+    await started(cluster)
+    cluster.start_worker("worker1")
+    key = cluster.add_user("alice")
+    await cluster.wait_ready(1)
+    body = b'{"model": "cohort-mock", "prompt": "' + b"x" * 100 + b'", "max_tokens": 4}'
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: cohort\r\nAuthorization: Bearer "
+            + key.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n")
+    answers: list[bytes] = []
+
+    async def drip() -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", cluster.port)
+        await stream.send_all(head)
+        for start in range(0, len(body), 20):
+            await stream.send_all(body[start:start + 20])
+            await trio.sleep(0.2)
+        answers.append(await stream.receive_some(65536))
+        await stream.aclose()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(300):
+                nursery.start_soon(drip)
+    assert [answer[:12] for answer in answers] == [b"HTTP/1.1 200"] * 300
+    assert "Traceback" not in cluster.log("front")
