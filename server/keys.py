@@ -21,7 +21,7 @@ from common.keys import FRONT, KeyFiles
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m server.keys",
-                                     description=__doc__.splitlines()[0])
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="a key for workers NAME and NAME-* on another machine")
     add.add_argument("name")

@@ -32,7 +32,7 @@ def _password(from_stdin: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.users", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m server.users", description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="add a user")
     add.add_argument("username")

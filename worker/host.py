@@ -227,7 +227,7 @@ def ignore_after_receiving() -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m worker", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--no-supervisor", action="store_true",
                         help="run the engine host in this process, without restarts")
     parser.add_argument("--gpus", help="one engine host per GPU: a list (0,1) or auto")

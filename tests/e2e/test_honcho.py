@@ -70,3 +70,23 @@ def test_a_killed_engine_host_is_restarted_and_300_requests_all_succeed(tmp_path
         os.killpg(honcho.pid, signal.SIGINT)
         honcho.wait(30)
     assert "restart 1" in (tmp_path / "honcho.log").read_text()
+
+
+def test_a_dot_env_in_the_checkout_does_not_steer_the_tests(tmp_path):
+    """The README advises a `.env` for settings, and honcho reads it: a developer's (here one
+    that moves the front's port) must not reach the harness's `honcho start`."""
+    from harness.cluster import ROOT
+    dot_env = ROOT / ".env"
+    if dot_env.exists():  # a developer's own: leave it alone, it is exactly the case tested
+        return
+    cluster = Cluster(tmp_path, MOCK_TOKEN_S="0", MOCK_TTFT_S="0")
+    dot_env.write_text("COHORT_PORT=1\nCOHORT_ZMQ_BIND=tcp://127.0.0.1:1\n")
+    try:
+        honcho = cluster.start_honcho()
+        try:
+            trio.run(cluster.wait_ready, 2)  # on the harness's port, with its workers
+        finally:
+            os.killpg(honcho.pid, signal.SIGINT)
+            honcho.wait(30)
+    finally:
+        dot_env.unlink()
