@@ -7,6 +7,7 @@ costs a task per response and did not work under quart-trio; server/connections.
 COHORT_KEEP_ALIVE_S instead.
 """
 
+import logging
 import resource
 
 from common.config import ServerSettings, load
@@ -17,6 +18,9 @@ worker_class = "trio"
 bind = [f"{_settings.host}:{_settings.port}"]
 graceful_timeout = _settings.drain_timeout_s + 5.0
 keep_alive_timeout = 10 * 365 * 86400.0  # COHORT_KEEP_ALIVE_S is kept by server/connections.py
+# hypercorn's own messages go through Cohort's log format, once (its own handler printed "Running
+# on ..." a second time, in its format)
+errorlog = logging.getLogger("hypercorn.error")
 backlog = 1024  # hypercorn's 100 let a burst of 300 connects meet resets before any was read
 
 

@@ -141,8 +141,9 @@ class FrontLink:
                         f"the worker could not read this batch: {error}", ids, "undecodable"))
                 continue
             if isinstance(message, protocol.Welcome):
+                if not self.welcomed:  # a hello said again before the first welcome: one log
+                    log.info("registered with front %s at %s", message.front_id, self.endpoint)
                 self.welcomed = True
-                log.info("registered with front %s at %s", message.front_id, self.endpoint)
             elif isinstance(message, protocol.HelloAgain):
                 self.welcomed = False
                 self.received = 0  # the front forgot us: its new record of us counts from zero

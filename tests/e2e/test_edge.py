@@ -137,3 +137,10 @@ def test_a_raw_line_separator_is_never_refused_as_invalid_json(admin, method, pa
                            headers={**admin.headers(), "Content-Type": "application/json"})
     assert answer.status_code < 500, (path, answer.text[:300])
     assert "not valid JSON" not in answer.text, path
+
+
+def test_start_up_is_logged_once(admin):
+    """hypercorn's own handler printed "Running on" a second time, and a worker that said hello
+    again before its first welcome logged its registration twice."""
+    assert admin.log("front").count("Running on") == 1
+    assert admin.log("worker1").count("registered with front") == 1
