@@ -168,8 +168,9 @@ class BatchQueries:
             File.delete().where(File.id == file_id).execute()
 
     def purge_stalled_uploads(self, older_than: datetime.datetime) -> int:
-        """Uploads their front never finished (it died): their rows and chunks."""
-        with self.db.atomic():
+        """Uploads their front never finished (it died): their rows and chunks. It reads, then
+        writes: SQLite's write lock is taken first (a reader turned writer fails at once)."""
+        with self._writing():
             stalled = [f.id for f in File.select(File.id).where(
                 File.purpose == UPLOADING, File.created_at < older_than)]
             FileChunk.delete().where(FileChunk.file_id.in_(stalled)).execute()

@@ -28,6 +28,7 @@ import logging
 import secrets
 from typing import Any
 
+import peewee
 import trio
 
 from server.auth import Principal
@@ -235,11 +236,19 @@ class TaskRunner:
             "code": "quarantined"})
 
     async def _purge_loop(self) -> None:
+        """Hourly housekeeping. A store that is busy or down now is tried again next time: an
+        old row waiting an hour more must not stop the front."""
         while True:
-            purged = await self.store.run(self.store.purge_tasks, self.settings.task_retention_s)
-            await self.store.run(self.store.purge_expired_tokens)
-            await self.store.run(self.store.purge_stalled_uploads,  # their front died mid-way
-                                 utcnow() - datetime.timedelta(seconds=PURGE_PERIOD_S))
-            if purged:
-                log.info("purged %d task(s) past COHORT_TASK_RETENTION_S", purged)
+            try:
+                purged = await self.store.run(self.store.purge_tasks,
+                                              self.settings.task_retention_s)
+                await self.store.run(self.store.purge_expired_tokens)
+                await self.store.run(self.store.purge_stalled_uploads,  # their front died
+                                     utcnow() - datetime.timedelta(seconds=PURGE_PERIOD_S))
+            except (peewee.OperationalError, peewee.InterfaceError) as error:
+                log.warning("housekeeping skipped this time (%s); tried again in %g s", error,
+                            PURGE_PERIOD_S)
+            else:
+                if purged:
+                    log.info("purged %d task(s) past COHORT_TASK_RETENTION_S", purged)
             await trio.sleep(PURGE_PERIOD_S)
