@@ -49,8 +49,9 @@ def _parse(kind: type, name: str, raw: str) -> object:
         raise SettingError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
 
-def env_field(default: Any, *names: str, doc: str = "") -> Any:
-    """A dataclass field read from the first of `names` found in the environment."""
+def env_field(default: Any, *names: str, doc: str) -> Any:
+    """A dataclass field read from the first of `names` found in the environment; `doc` is its
+    meaning, the one source of the settings reference and `.env.example`."""
     return field(default=default, metadata={"env": names, "doc": doc})
 
 
@@ -85,118 +86,174 @@ def describe(settings: Any) -> dict[str, object]:
 class ServerSettings:
     """What the front needs: HTTP, ZeroMQ, batching, limits, store and auth."""
 
-    host: str = env_field("127.0.0.1", "COHORT_HOST", doc="HTTP bind address")
+    host: str = env_field("127.0.0.1", "COHORT_HOST", doc="the front's HTTP address")
     # not PORT: honcho sets PORT for every process it starts
-    port: int = env_field(8001, "COHORT_PORT", doc="HTTP port")
+    port: int = env_field(8001, "COHORT_PORT", doc="the front's HTTP port")
     zmq_bind: str = env_field(
-        "tcp://127.0.0.1:5555", "COHORT_ZMQ_BIND", doc="ROUTER endpoint the workers connect to"
+        "tcp://127.0.0.1:5555", "COHORT_ZMQ_BIND",
+        doc="the front's ZeroMQ ROUTER endpoint, which the workers connect to",
     )
     zmq_port_span: int = env_field(
         1, "COHORT_ZMQ_PORT_SPAN",
-        doc="with several fronts (hypercorn -w N): each binds the first free port of this many",
+        doc="with several front processes (`hypercorn --workers N`), each binds the first free "
+            "port of this many, from `COHORT_ZMQ_BIND`'s",
     )
-    max_batch_size: int = env_field(32, "COHORT_MAX_BATCH_SIZE", "VLLM_MAX_BATCH_SIZE")
-    max_wait_s: float = env_field(0.1, "COHORT_BATCH_WAIT_S", "VLLM_BATCH_WAIT_TIMEOUT")
+    max_batch_size: int = env_field(
+        32, "COHORT_MAX_BATCH_SIZE", "VLLM_MAX_BATCH_SIZE", doc="most requests in one batch message",
+    )
+    max_wait_s: float = env_field(
+        0.1, "COHORT_BATCH_WAIT_S", "VLLM_BATCH_WAIT_TIMEOUT",
+        doc="the longest a request waits in the front while every worker is full (never while "
+            "one has room); then the least loaded engine queues it",
+    )
     max_batches_per_worker: int = env_field(
         4, "COHORT_MAX_CONCURRENT_BATCHES", "VLLM_MAX_CONCURRENT_BATCHES",
-        doc="batches a worker may have on the wire, sent but not yet taken into its engine",
+        doc="batches a worker may have on the wire, sent but not yet taken into its engine (a "
+            "worker that stops reading gets no more)",
     )
     prefix_affinity: bool = env_field(
         True, "COHORT_PREFIX_AFFINITY",
-        doc="prefer the worker that served a request's prompt prefix (its prefix cache)",
+        doc="send a request whose prompt starts like an earlier one to the worker that was sent "
+            "it (its prefix cache likely holds it)",
     )
     affinity_margin: int = env_field(
         4, "COHORT_AFFINITY_MARGIN",
-        doc="how many more requests than the least busy worker an affine worker may hold",
+        doc="how many more sequences than the least busy worker an affine worker may hold",
     )
     max_queue: int = env_field(
-        1024, "COHORT_MAX_QUEUE", doc="queued requests per model and user before 429 (the whole queue: 4x)"
+        1024, "COHORT_MAX_QUEUE",
+        doc="queued requests per model and user before a 429 (the whole model's queue holds 4x)",
     )
     fair_shares: bool = env_field(
         True, "COHORT_FAIR_SHARES",
-        doc="users take turns in each model's queue, by tokens; async and batch work only fills idle capacity (0: one line, oldest first)",
+        doc="users take turns in each model's queue by tokens, and async tasks and batches take "
+            "only idle capacity; 0: one line, oldest first",
     )
     usage_ledger: bool = env_field(
         True, "COHORT_USAGE_LEDGER",
-        doc="one row per finished request in the store, for /v1/usage (0: none kept, and /v1/usage says so)",
+        doc="one ledger row per request that reached a worker, journaled before its answer ends "
+            "and committed once a second, or written with its task's or batch line's outcome; "
+            "0: no ledger, and `/v1/usage` answers 404 saying so",
     )
     public_models: bool = env_field(
         False, "COHORT_PUBLIC_MODELS",
-        doc="anonymous /ready lists the models served (0: only a caller with a token sees them)",
+        doc="1: anonymous `GET /ready` lists the models served; 0: only a caller with a token "
+            "sees them",
     )
     metrics_per_user: bool = env_field(
         False, "COHORT_METRICS_PER_USER",
-        doc="/metrics gains requests and tokens per user and model (a label per user: off by default)",
+        doc="1: `/metrics` gains `cohort_user_requests_total` and `cohort_user_tokens_total` by "
+            "user and model (a label value per user, so off by default)",
     )
-    request_timeout_s: float = env_field(600.0, "COHORT_REQUEST_TIMEOUT_S")
+    request_timeout_s: float = env_field(
+        600.0, "COHORT_REQUEST_TIMEOUT_S", doc="a request's deadline; past it its job is aborted",
+    )
     stream_buffer_bytes: int = env_field(
         1 << 20, "COHORT_STREAM_BUFFER_BYTES",
-        doc="a stream's events the front holds for a client that does not read them; past it the "
-            "engine's request is aborted and the stream ends with an error",
+        doc="a stream's events the front holds for a client that does not read them (beyond the "
+            "kernel's socket buffers); past it the engine's request is aborted and the stream "
+            "ends with an error event `client_too_slow`",
     )
     drain_timeout_s: float = env_field(
         30.0, "COHORT_DRAIN_TIMEOUT_S",
-        doc="on SIGTERM/SIGINT the front takes no new requests and lets those in flight finish this long",
+        doc="on SIGTERM/SIGINT the front answers 503 to new requests (`/ready` false) and lets "
+            "what is in flight finish this long, then ends the rest with an error event; "
+            "hypercorn's graceful timeout is 5 s more",
     )
     keep_alive_s: float = env_field(
         5.0, "COHORT_KEEP_ALIVE_S",
-        doc="an idle keep-alive connection closes after this long (vllm serve's default too)",
+        doc="an idle keep-alive connection, or one whose request head is not whole, closes after "
+            "this long (`vllm serve`'s default too)",
     )
     max_connections: int = env_field(
         0, "COHORT_MAX_CONNECTIONS",
-        doc="open client connections; past it the oldest idle one closes, or a new one gets 503 (0: below the descriptor limit)",
+        doc="open client connections; past it a new connection closes the oldest idle one, or, "
+            "with none idle, gets a 503 `too_many_connections`; 0: the descriptor limit less 256 "
+            "(the front raises its soft limit to the hard one)",
     )
     worker_timeout_s: float = env_field(
-        3.0, "COHORT_WORKER_TIMEOUT_S", doc="a worker silent this long is dead"
+        3.0, "COHORT_WORKER_TIMEOUT_S", doc="a worker silent this long is dead",
     )
-    max_retries: int = env_field(2, "COHORT_MAX_RETRIES", doc="re-runs of a job whose worker died")
-    max_body_bytes: int = env_field(1 << 20, "COHORT_MAX_BODY_BYTES")
-    max_prompt_chars: int = env_field(200_000, "COHORT_MAX_PROMPT_CHARS")
-    max_tokens_limit: int = env_field(8192, "COHORT_MAX_TOKENS_LIMIT")
-    max_n: int = env_field(16, "COHORT_MAX_N", doc="largest `n` (choices per request)")
+    max_retries: int = env_field(
+        2, "COHORT_MAX_RETRIES", doc="re-runs of a request whose worker died before it streamed",
+    )
+    max_body_bytes: int = env_field(
+        1 << 20, "COHORT_MAX_BODY_BYTES", doc="the largest request body (413 above)",
+    )
+    max_prompt_chars: int = env_field(
+        200_000, "COHORT_MAX_PROMPT_CHARS", doc="the largest prompt, or sum of messages",
+    )
+    max_tokens_limit: int = env_field(
+        8192, "COHORT_MAX_TOKENS_LIMIT", doc="the largest `max_tokens` accepted",
+    )
+    max_n: int = env_field(
+        16, "COHORT_MAX_N", doc="the largest `n`, counting every prompt's choices",
+    )
     drop_params: bool = env_field(
         False, "COHORT_DROP_PARAMS",
-        doc="drop unknown request fields (named in the X-Cohort-Dropped-Params header) instead of a 400",
+        doc="drop unknown request fields instead of a 400; the response names them in "
+            "`X-Cohort-Dropped-Params`",
     )
     database_url: str = env_field(
-        "", "DATABASE_URL", doc="peewee db URL; empty: SQLite file under data_dir"
+        "", "DATABASE_URL",
+        doc="the store; empty: SQLite under `COHORT_DATA_DIR`; `postgresql://user:pw@host/cohort` "
+            "(install `.[postgres]`) for fronts on several machines",
     )
-    data_dir: str = env_field("data", "COHORT_DATA_DIR")
+    data_dir: str = env_field(
+        "data", "COHORT_DATA_DIR",
+        doc="the SQLite file, the ledger's journal and the wire's CURVE keys (`keys/`); created "
+            "readable by the service's user only",
+    )
     zmq_insecure: bool = env_field(
         False, "COHORT_ZMQ_INSECURE",
-        doc="no CURVE on the worker wire: anyone who reaches the port can read prompts and forge answers",
+        doc="no CURVE on the worker wire (front and workers must agree): anyone who reaches the "
+            "port can read prompts and forge answers; logged loudly",
     )
     zmq_max_message_bytes: int = env_field(
-        64 << 20, "COHORT_ZMQ_MAX_MESSAGE_BYTES", doc="a larger wire message drops its peer",
+        64 << 20, "COHORT_ZMQ_MAX_MESSAGE_BYTES",
+        doc="a larger message on the worker wire drops its peer, and both ends decode within it; "
+            "it must hold a whole batch. A message its receiver cannot decode is answered for "
+            "the requests it names (a 502 that says why)",
     )
     auth_disabled: bool = env_field(
-        False, "COHORT_AUTH_DISABLED", doc="local development only: every route open"
+        False, "COHORT_AUTH_DISABLED", doc="local development only: every route open",
     )
-    token_ttl_s: int = env_field(3600, "COHORT_TOKEN_TTL_S")
+    token_ttl_s: int = env_field(3600, "COHORT_TOKEN_TTL_S", doc="lifetime of `/token` tokens")
     auth_cache_s: float = env_field(
-        5.0, "COHORT_AUTH_CACHE_S", doc="how long a verified key is trusted without the store"
+        5.0, "COHORT_AUTH_CACHE_S",
+        doc="how long a verified key is trusted without asking the store (a revoked key or a "
+            "disabled user takes effect within it)",
     )
-    task_retention_s: int = env_field(7 * 86400, "COHORT_TASK_RETENTION_S")
+    task_retention_s: int = env_field(
+        7 * 86400, "COHORT_TASK_RETENTION_S", doc="finished async tasks are purged after this",
+    )
     task_lease_s: float = env_field(
         15.0, "COHORT_TASK_LEASE_S",
-        doc="a front holds the tasks it runs this long, renewed every third of it; a dead front's tasks go to another front after it",
+        doc="a front holds the tasks and batches it runs this long, renewed every third of it; a "
+            "stopped front's work goes to another front once its lease lapses (fronts' clocks "
+            "must agree to well within it)",
     )
     batch_headroom: float = env_field(
         0.125, "COHORT_BATCH_HEADROOM",
-        doc="share of each engine's max_num_seqs that batch work leaves free, for interactive requests that arrive (0: batch fills every slot)",
+        doc="the share of each engine's `max_num_seqs` that batch work leaves free for "
+            "interactive requests, kept only while interactive traffic is recent (5 s) and never "
+            "a whole engine; 0: batch work fills every slot",
     )
     batch_concurrency: int = env_field(
         256, "COHORT_BATCH_CONCURRENCY",
-        doc="lines of one Batch API batch a front runs at once (they take idle capacity only)",
+        doc="lines of one Batch API batch a front runs at once (they take only idle capacity)",
     )
     max_file_bytes: int = env_field(
-        100 << 20, "COHORT_MAX_FILE_BYTES", doc="the largest file /v1/files takes (50,000 lines at most)"
+        100 << 20, "COHORT_MAX_FILE_BYTES",
+        doc="the largest file `POST /v1/files` takes (and 50,000 lines at most)",
     )
     limit_sync_s: float = env_field(
         1.0, "COHORT_LIMIT_SYNC_S",
-        doc="fronts sharing a store share their limit counts this often, so limits hold across them (0: each front counts for itself)",
+        doc="fronts sharing a store share their limit counts this often, one transaction per "
+            "front, off the request path; 0: each front counts for itself (N fronts: N times a "
+            "limit)",
     )
-    log_level: str = env_field("INFO", "COHORT_LOG_LEVEL")
+    log_level: str = env_field("INFO", "COHORT_LOG_LEVEL", doc="log level of every process")
 
     def check(self) -> None:
         if self.affinity_margin < 0:
@@ -230,94 +287,177 @@ class WorkerSettings:
 
     connect: tuple = env_field(
         ("tcp://127.0.0.1:5555",), "COHORT_CONNECT",
-        doc="front endpoints, comma-separated; one link per front",
+        doc="the fronts' ZeroMQ endpoints, comma-separated (`--connect`); one link per front",
     )
-    worker_id: str = env_field("", "COHORT_WORKER_ID", doc="default: host-pid")
+    worker_id: str = env_field(
+        "", "COHORT_WORKER_ID", doc="the worker's id (`--worker-id`); empty: host-pid",
+    )
     data_dir: str = env_field(
-        "data", "COHORT_DATA_DIR", doc="where a worker on the front's machine finds the wire keys"
+        "data", "COHORT_DATA_DIR",
+        doc="where a worker on the front's machine finds the wire's CURVE keys",
     )
     worker_key: str = env_field(
         "", "COHORT_WORKER_KEY",
-        doc="this worker's CURVE secret key file (from python -m server.keys add); default: the data directory's local key",
+        doc="a worker on another machine: its CURVE secret key file, made by `python -m "
+            "server.keys add NAME`; empty: the data directory's local key",
     )
     front_key: str = env_field(
-        "", "COHORT_FRONT_KEY", doc="the front's public key file; default: beside COHORT_WORKER_KEY, or in the data directory",
+        "", "COHORT_FRONT_KEY",
+        doc="the front's public key file; empty: `front.key` beside `COHORT_WORKER_KEY`, or in "
+            "the data directory",
     )
-    zmq_insecure: bool = env_field(False, "COHORT_ZMQ_INSECURE", doc="no CURVE: only with a front that has none")
-    zmq_max_message_bytes: int = env_field(64 << 20, "COHORT_ZMQ_MAX_MESSAGE_BYTES")
-    engine: str = env_field("", "COHORT_ENGINE", doc="mock | vllm | http (default: from the flags below)")
-    use_real_vllm: bool = env_field(False, "USE_REAL_VLLM", "MOCK_USE_REAL_VLLM")
-    upstream_url: str = env_field("", "REAL_VLLM_URL", doc="engine http: an OpenAI-compatible server")
-    upstream_fallback_to_mock: bool = env_field(False, "COHORT_UPSTREAM_FALLBACK_TO_MOCK")
-    upstream_timeout_s: float = env_field(600.0, "COHORT_UPSTREAM_TIMEOUT_S")
-    upstream_api_key: str = env_field("", "COHORT_UPSTREAM_API_KEY")
-    model: str = env_field("", "COHORT_MODEL", "REAL_VLLM_MODEL", "MOCK_VLLM_MODEL")
-    served_model_name: str = env_field("", "COHORT_SERVED_MODEL_NAME")
-    quantization: str = env_field("", "MOCK_VLLM_QUANTIZATION", doc="awq | gptq | auto | empty")
-    max_model_len: int = env_field(2048, "COHORT_MAX_MODEL_LEN", "MOCK_VLLM_MAX_LEN")
-    trust_remote_code: bool = env_field(False, "MOCK_VLLM_TRUST_REMOTE_CODE")
-    hf_token: str = env_field("", "WORKER_HF_TOKEN")
+    zmq_insecure: bool = env_field(
+        False, "COHORT_ZMQ_INSECURE", doc="no CURVE: only with a front that has none",
+    )
+    zmq_max_message_bytes: int = env_field(
+        64 << 20, "COHORT_ZMQ_MAX_MESSAGE_BYTES",
+        doc="a larger message from the front drops the link (the front's value should match)",
+    )
+    engine: str = env_field(
+        "", "COHORT_ENGINE",
+        doc="`mock`, `vllm` or `http` (`--engine`); empty: from `USE_REAL_VLLM` and "
+            "`REAL_VLLM_URL`, else the mock",
+    )
+    use_real_vllm: bool = env_field(
+        False, "USE_REAL_VLLM", "MOCK_USE_REAL_VLLM", doc="1: engine `vllm`",
+    )
+    upstream_url: str = env_field(
+        "", "REAL_VLLM_URL",
+        doc="engine `http`: the OpenAI-compatible server to forward to (e.g. `vllm serve`)",
+    )
+    upstream_fallback_to_mock: bool = env_field(
+        False, "COHORT_UPSTREAM_FALLBACK_TO_MOCK",
+        doc="engine `http`: answer from the mock while the upstream is down (each reply says so)",
+    )
+    upstream_timeout_s: float = env_field(
+        600.0, "COHORT_UPSTREAM_TIMEOUT_S", doc="engine `http`: the upstream's read timeout",
+    )
+    upstream_api_key: str = env_field(
+        "", "COHORT_UPSTREAM_API_KEY", doc="engine `http`: the key sent to the upstream",
+    )
+    model: str = env_field(
+        "", "COHORT_MODEL", "REAL_VLLM_MODEL", "MOCK_VLLM_MODEL",
+        doc="the model folder or hub name (`--model`); empty: the engine's default (vLLM: the "
+            "prepared SmolLM2 folder; the mock: `cohort-mock`)",
+    )
+    models_dir: str = env_field(
+        "models", "COHORT_MODELS_DIR",
+        doc="where `python -m worker.models prepare` puts the bundled model, and where a vLLM "
+            "worker with no `COHORT_MODEL` looks for it",
+    )
+    served_model_name: str = env_field(
+        "", "COHORT_SERVED_MODEL_NAME", doc="the name clients use; empty: the folder's name",
+    )
+    quantization: str = env_field(
+        "", "MOCK_VLLM_QUANTIZATION", doc="vLLM's quantization: `awq`, `gptq`, `auto` or empty",
+    )
+    max_model_len: int = env_field(
+        2048, "COHORT_MAX_MODEL_LEN", "MOCK_VLLM_MAX_LEN", doc="the context length",
+    )
+    trust_remote_code: bool = env_field(
+        False, "MOCK_VLLM_TRUST_REMOTE_CODE", doc="let transformers run the model's own code",
+    )
+    hf_token: str = env_field("", "WORKER_HF_TOKEN", doc="a hub token, for gated models")
     gpu_memory_utilization: float = env_field(
         0.0, "COHORT_GPU_MEMORY_UTILIZATION",
-        doc="share of GPU memory (on CPU: of the NUMA node's memory) for vLLM; 0: 0.9 on GPU, 0.3 on CPU",
+        doc="vLLM's memory share (on CPU: of the NUMA node's memory); 0: 0.9 on a GPU, 0.3 on "
+            "CPU, so two workers fit side by side",
     )
-    enforce_eager: bool = env_field(True, "COHORT_ENFORCE_EAGER")
-    device: str = env_field("auto", "COHORT_DEVICE", doc="auto | cuda | cpu")
-    capacity: int = env_field(256, "COHORT_WORKER_CAPACITY", doc="sequences one worker runs at once")
+    enforce_eager: bool = env_field(
+        True, "COHORT_ENFORCE_EAGER",
+        doc="skip CUDA graphs and compilation (a load of about 1 min instead of 4)",
+    )
+    device: str = env_field("auto", "COHORT_DEVICE", doc="`auto`, `cuda` or `cpu`")
+    capacity: int = env_field(
+        256, "COHORT_WORKER_CAPACITY", doc="sequences one worker runs at once",
+    )
     max_num_seqs: int = env_field(
-        0, "COHORT_MAX_NUM_SEQS", doc="vLLM's max_num_seqs: sequences the engine runs at once (0: engine default)"
+        0, "COHORT_MAX_NUM_SEQS",
+        doc="vLLM's `max_num_seqs`: sequences the engine runs at once; 0: the engine's default "
+            "(the mock: `COHORT_WORKER_CAPACITY`)",
     )
     max_num_batched_tokens: int = env_field(
         0, "COHORT_MAX_NUM_BATCHED_TOKENS",
-        doc="vLLM's max_num_batched_tokens: tokens one engine step takes (0: engine default)",
+        doc="vLLM's `max_num_batched_tokens`: the token budget of one engine step; 0: the "
+            "engine's default (the mock: 2048)",
     )
     runner: str = env_field(
         "auto", "COHORT_RUNNER",
-        doc="vLLM's --runner: auto | generate | pooling (pooling with COHORT_CONVERT=embed serves /v1/embeddings)",
+        doc="vLLM's `--runner`: `auto`, `generate` or `pooling` (with `COHORT_CONVERT=embed`, "
+            "the worker serves `/v1/embeddings`)",
     )
-    convert: str = env_field("auto", "COHORT_CONVERT", doc="vLLM's --convert: auto | embed | none")
+    convert: str = env_field(
+        "auto", "COHORT_CONVERT",
+        doc="vLLM's `--convert`: `embed` turns a generative model into an embedding model",
+    )
     tool_call_parser: str = env_field(
-        "", "COHORT_TOOL_CALL_PARSER", doc="vLLM's --tool-call-parser (hermes, llama3_json, ...)"
+        "", "COHORT_TOOL_CALL_PARSER",
+        doc="vLLM's `--tool-call-parser` (`hermes`, `llama3_json`, ...): how `tool_choice: auto` "
+            "output is read",
     )
     enable_auto_tool_choice: bool = env_field(
         False, "COHORT_ENABLE_AUTO_TOOL_CHOICE",
-        doc="vLLM's --enable-auto-tool-choice: tool_choice auto (needs COHORT_TOOL_CALL_PARSER)",
+        doc="vLLM's `--enable-auto-tool-choice`; needs `COHORT_TOOL_CALL_PARSER`",
     )
-    chat_template: str = env_field("", "COHORT_CHAT_TEMPLATE", doc="vLLM's --chat-template: a file or the template")
-    heartbeat_interval_s: float = env_field(0.5, "COHORT_HEARTBEAT_INTERVAL_S")
-    drain_timeout_s: float = env_field(30.0, "COHORT_DRAIN_TIMEOUT_S")
+    chat_template: str = env_field(
+        "", "COHORT_CHAT_TEMPLATE",
+        doc="vLLM's `--chat-template`: a file, or the template itself; empty: the model's",
+    )
+    heartbeat_interval_s: float = env_field(
+        0.5, "COHORT_HEARTBEAT_INTERVAL_S", doc="how often a worker tells the front it lives",
+    )
+    drain_timeout_s: float = env_field(
+        30.0, "COHORT_DRAIN_TIMEOUT_S",
+        doc="on SIGTERM/SIGINT a worker takes nothing new and lets what it runs finish this long",
+    )
     engine_stall_s: float = env_field(
         120.0, "COHORT_ENGINE_STALL_S",
-        doc="an engine with requests and no output this long is dead: its host restarts (0: never)",
+        doc="an engine with requests running and no output this long is dead: its host says "
+            "bye and restarts; 0: never",
     )
     restart_backoff_s: float = env_field(
         1.0, "COHORT_RESTART_BACKOFF_S",
-        doc="first wait before the supervisor restarts a dead engine host; doubles to 60 s",
+        doc="the supervisor's first wait before it restarts a dead engine host; it doubles up to "
+            "60 s, and starts over once a host has lived a minute",
     )
-    mock_ttft_s: float = env_field(0.0, "MOCK_TTFT_S", doc="mock: fixed extra cost of a step that prefills")
+    mock_ttft_s: float = env_field(
+        0.0, "MOCK_TTFT_S", doc="mock: a fixed extra cost of a step that prefills",
+    )
     mock_prefill_token_s: float = env_field(
-        0.00005, "MOCK_PREFILL_TOKEN_S", doc="mock: prefill time per prompt token not in the prefix cache"
+        0.00005, "MOCK_PREFILL_TOKEN_S",
+        doc="mock: prefill time per prompt token not in its prefix cache",
     )
-    mock_token_s: float = env_field(0.01, "MOCK_TOKEN_S", doc="mock: decode step time at batch size 1")
+    mock_token_s: float = env_field(
+        0.01, "MOCK_TOKEN_S", doc="mock: a forward pass's time at one sequence",
+    )
     mock_batch_growth: float = env_field(
-        0.02, "MOCK_BATCH_GROWTH", doc="mock: extra step time per extra sequence, as a share"
+        0.02, "MOCK_BATCH_GROWTH", doc="mock: a forward pass's extra time per extra sequence, as a share",
     )
     mock_batch_cost_s: float = env_field(
-        0.0, "MOCK_BATCH_COST_S", doc="mock: fixed cost of each batch received (scaling tests)"
+        0.0, "MOCK_BATCH_COST_S", doc="mock: a fixed cost of each batch message received",
     )
-    mock_max_tokens: int = env_field(64, "MOCK_MAX_TOKENS", doc="mock: reply length cap")
+    mock_max_tokens: int = env_field(
+        64, "MOCK_MAX_TOKENS", doc="mock: the reply's cap when a request gives no `max_tokens`",
+    )
     mock_reply_length: str = env_field(
         "echo", "MOCK_REPLY_LENGTH",
-        doc="mock: echo (the reply echoes the prompt, then stops) | max_tokens (exactly max_tokens long)",
+        doc="mock: `echo` (the reply echoes the prompt, then stops) or `max_tokens` (exactly "
+            "`max_tokens` long, as vLLM's `ignore_eos`)",
     )
-    mock_kv_tokens: int = env_field(262144, "MOCK_KV_TOKENS", doc="mock: KV cache size in tokens")
+    mock_kv_tokens: int = env_field(
+        262144, "MOCK_KV_TOKENS", doc="mock: its KV cache, in tokens",
+    )
     mock_prefix_cache_tokens: int = env_field(
-        65536, "MOCK_PREFIX_CACHE_TOKENS", doc="mock: prompt tokens its prefix cache keeps (0: none)"
+        65536, "MOCK_PREFIX_CACHE_TOKENS", doc="mock: the prompt tokens its prefix cache keeps; 0: none",
     )
-    mock_error_rate: float = env_field(0.0, "MOCK_ERROR_RATE", doc="mock: share of requests that fail")
-    mock_crash_after: int = env_field(0, "MOCK_CRASH_AFTER", doc="mock: exit after N requests (0: never)")
-    mock_load_s: float = env_field(0.0, "MOCK_LOAD_S", doc="mock: simulated model load time")
-    log_level: str = env_field("INFO", "COHORT_LOG_LEVEL")
+    mock_error_rate: float = env_field(
+        0.0, "MOCK_ERROR_RATE", doc="mock: the share of requests that fail (fault injection)",
+    )
+    mock_crash_after: int = env_field(
+        0, "MOCK_CRASH_AFTER", doc="mock: its host exits after this many requests; 0: never",
+    )
+    mock_load_s: float = env_field(0.0, "MOCK_LOAD_S", doc="mock: a simulated model load time")
+    log_level: str = env_field("INFO", "COHORT_LOG_LEVEL", doc="log level of every process")
 
     def check(self) -> None:
         if self.engine_name not in {"mock", "vllm", "http"}:

@@ -20,7 +20,9 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def models_dir() -> str:
-    return os.path.abspath(os.environ.get("COHORT_MODELS_DIR", "models"))
+    from common.config import WorkerSettings, load
+
+    return os.path.abspath(load(WorkerSettings).models_dir)
 
 
 def default_model_path() -> str:
