@@ -140,6 +140,10 @@ def openapi() -> dict:
                                                "DetokenizeRequest")},
             "/v1/models": {"get": _operation("Served models, with context length, routes and "
                                              "features")},
+            "/v1/models/{model_id}": {"get": {**_operation("One served model (404 model_not_found "
+                                                           "if it is not served to you)"),
+                                              "parameters": [
+                {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]}},
             "/tasks": {"get": {**_operation("Your async tasks, newest first"), "parameters": [
                 {"name": "status", "in": "query", "schema": {"type": "string"}},
                 {"name": "limit", "in": "query", "schema": {"type": "integer"}},

@@ -11,7 +11,7 @@ from typing import Any
 
 from quart import Blueprint, Response, g
 
-from server.errors import CohortError
+from server.errors import CohortError, NotFound
 from server.lifecycle import Run
 from server.openai_schema import parse_chat, parse_completion, parse_embeddings, parse_tokens
 from server.routes.context import caller, json_body, services
@@ -117,11 +117,27 @@ async def detokenize():
     return await _answer(partial(parse_tokens, "detokenize"))
 
 
-@blueprint.get("/v1/models")
-async def models():
+async def _model_cards() -> list[dict]:
+    """The models the caller may use, as OpenAI's model objects (a key limited to some models
+    sees only those)."""
     principal = await caller()
     now = int(time.time())
-    data = [{"object": "model", "created": now, "owned_by": "cohort", **card}
+    return [{"object": "model", "created": now, "owned_by": "cohort", **card}
             for card in services().dispatcher.registry.model_cards()
             if principal.models is None or card["id"] in principal.models]
-    return {"object": "list", "data": data}
+
+
+@blueprint.get("/v1/models")
+async def models():
+    return {"object": "list", "data": await _model_cards()}
+
+
+@blueprint.get("/v1/models/<path:model_id>")
+async def model(model_id: str):
+    """OpenAI's retrieve: one model, or a 404 `model_not_found` as OpenAI answers (a model the
+    caller's key may not use does not exist to it)."""
+    for card in await _model_cards():
+        if card["id"] == model_id:
+            return card
+    raise NotFound(f"The model {model_id!r} does not exist", param="model",
+                   code="model_not_found")

@@ -89,6 +89,8 @@ async def test_a_key_limited_to_some_models_is_refused_the_others(make_cluster):
         await client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
     assert refused.value.body["code"] == "model_not_allowed"
     assert (await client.models.list()).data == []
+    with pytest.raises(openai.NotFoundError):  # a model the key may not use is not shown either
+        await client.models.retrieve(MODEL)
     await client.close()
     async with httpx.AsyncClient(base_url=cluster.url, timeout=30,
                                  headers=cluster.headers()) as http:

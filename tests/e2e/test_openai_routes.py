@@ -68,6 +68,16 @@ def test_models_lists_what_ready_workers_serve(shared):
     assert cards[0].max_model_len == 2048 and "response_format" in cards[0].features
 
 
+def test_a_model_is_retrieved_by_its_id_and_an_unknown_one_is_a_404_in_openais_shape(shared):
+    api = client(shared)
+    card = api.models.retrieve(MODEL)
+    assert card.id == MODEL and card.object == "model" and card.max_model_len == 2048
+    with pytest.raises(openai.NotFoundError) as missing:
+        api.models.retrieve("no-such-model")
+    assert missing.value.body["code"] == "model_not_found"
+    assert missing.value.body["param"] == "model" and "no-such-model" in missing.value.body["message"]
+
+
 def test_what_the_engine_cannot_honour_is_a_400_that_names_it(shared):
     api = client(shared)
     question = [{"role": "user", "content": "x"}]
