@@ -59,6 +59,7 @@ class Supervisor:
         else:
             self.slots = [HostSlot(base, command + [base], dict(os.environ))]
         self.stopping = False
+        self.stop_requested = trio.Event()  # cuts a restart's backoff short
 
     async def run(self) -> int:
         _become_subreaper()
@@ -90,7 +91,11 @@ class Supervisor:
                       f"in {backoff:g} s")
             log.error("worker %s: %s", slot.worker_id, reason)
             await trio.to_thread.run_sync(self._say_bye, slot.worker_id, reason)
-            await trio.sleep(backoff)
+            with trio.move_on_after(backoff):
+                await self.stop_requested.wait()
+            if self.stopping:  # a SIGTERM in the backoff: no new host to outlive the stop
+                codes.append(code)
+                return
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _pass_on(self, signals) -> None:
@@ -98,6 +103,7 @@ class Supervisor:
         group, so they may have the signal already; they take a second one calmly)."""
         async for signum in signals:
             self.stopping = True
+            self.stop_requested.set()
             log.info("supervisor: %s, stopping the engine host(s)", signal.Signals(signum).name)
             for slot in self.slots:
                 if slot.proc is not None and slot.proc.returncode is None:

@@ -7,7 +7,7 @@ import httpx
 import pytest
 import trio
 
-from harness.cluster import engine_host
+from harness.cluster import engine_host, group_alive
 
 MODEL = "cohort-mock"
 SLOW = {"MOCK_TOKEN_S": "0.02", "MOCK_TTFT_S": "0.02"}  # replies take ~0.3 s: kills land mid-load
@@ -106,6 +106,27 @@ async def test_health_says_restarting_while_the_supervisor_waits_to_restart_a_ho
     assert "restart 1 in 3 s" in health["workers"][0]["error"]
     assert httpx.get(cluster.url + "/ready").status_code == 503  # its only worker is out
     await cluster.wait_ready(1, timeout_s=30)
+
+
+async def test_a_sigterm_while_the_supervisor_waits_to_restart_stops_it_without_a_new_host(
+        make_cluster):
+    """A stop during the restart backoff ends the wait: the supervisor exits at once and starts no
+    host that would outlive it (before, it slept out the backoff and then started one)."""
+    cluster = make_cluster()
+    cluster.start_front()
+    cluster.start_worker("worker1", COHORT_RESTART_BACKOFF_S="60")
+    cluster.api_key = cluster.add_user("ops")
+    await cluster.wait_ready(1)
+    os.kill(engine_host(cluster.procs["worker1"].pid, "worker1"), signal.SIGKILL)
+    await cluster.wait_for(lambda h: h["workers"][0]["state"] == "restarting",
+                           "the worker shown restarting", timeout_s=10)
+    group = cluster.procs["worker1"].pid
+    cluster.signal("worker1", signal.SIGTERM)
+    with trio.fail_after(10):  # the backoff is 60 s
+        while group_alive(group):
+            await trio.sleep(0.05)
+    assert "restart 1 in 60 s" in cluster.log("worker1")
+    assert cluster.log("worker1").count("engine ready") == 1  # no second host came up
 
 
 async def test_injected_engine_errors_fail_only_their_requests(make_cluster):
