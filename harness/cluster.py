@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import trio
 
+from harness.loads import LOG_LINES, doomed, exit_cause, honcho_lines, serving, tail
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,6 +58,9 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self.api_key = ""
         self._health_key = ""
+        self._honcho: subprocess.Popen | None = None
+        self._expected_exits: set[int] = set()  # pids of processes the test signalled or waited
+        self._seen_serving: set[str] = set()  # worker ids /health ever showed loaded
 
     def _spawn(self, name: str, command: str, **env: str) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "ab")
@@ -71,9 +76,11 @@ class Cluster:
         log = open(self.tmp / "honcho.log", "wb")
         # the harness's settings, not a `.env` a developer keeps in the checkout (honcho reads it)
         (self.tmp / "empty.env").touch()
-        return subprocess.Popen([sys.executable, "-m", "honcho", "start", "--env",
-                                 str(self.tmp / "empty.env")], cwd=ROOT, env=self.env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start", "--env",
+                                         str(self.tmp / "empty.env")], cwd=ROOT, env=self.env,
+                                        stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        return self._honcho
 
     def start_front(self, **env: str) -> None:
         self._spawn("front", procfile()["front"], **env)
@@ -92,9 +99,11 @@ class Cluster:
         self._spawn(name, command, **env)
 
     def signal(self, name: str, signum: int = signal.SIGKILL) -> None:
+        self._expected_exits.add(self.procs[name].pid)
         os.killpg(self.procs[name].pid, signum)
 
     def wait_exit(self, name: str, timeout_s: float = 30) -> int:
+        self._expected_exits.add(self.procs[name].pid)
         return self.procs[name].wait(timeout_s)
 
     def log(self, name: str) -> str:
@@ -103,6 +112,14 @@ class Cluster:
         if not path.exists() and name == "front" and (self.tmp / "honcho.log").exists():
             path = self.tmp / "honcho.log"  # under honcho the front logs there
         return path.read_text(errors="replace") if path.exists() else f"(no {path.name})"
+
+    def log_tail(self, name: str, lines: int = LOG_LINES) -> str:
+        """The last lines of a process's log (under honcho: of its lines in honcho.log)."""
+        path, honcho = self.tmp / f"{name}.log", self.tmp / "honcho.log"
+        if not path.exists() and honcho.exists():
+            return tail(honcho_lines(honcho.read_text(errors="replace"), name), lines) \
+                or tail(honcho.read_text(errors="replace"), lines)
+        return tail(self.log(name), lines)
 
     def users(self, *args: str, stdin: str = "") -> str:
         done = subprocess.run([sys.executable, "-m", "server.users", *args], cwd=ROOT, env=self.env,
@@ -136,21 +153,57 @@ class Cluster:
 
     async def wait_for(self, predicate, what: str, timeout_s: float = 60) -> dict:
         """Wait until /health satisfies `predicate` (it is the readiness signal orchestrators use)."""
+        return await self._wait(predicate, what, timeout_s, self._front_exit)
+
+    async def wait_ready(self, workers: int, timeout_s: float = 60) -> dict:
+        """Wait for `workers` ready workers; a worker whose load will not succeed, or a process
+        of ours that exited unasked, ends the wait at once with the cause and its log's tail."""
+        return await self._wait(
+            lambda h: sum(w["state"] in ("ready", "busy") for w in h["workers"]) >= workers,
+            f"{workers} ready worker(s)", timeout_s, self._load_failure)
+
+    async def wait_workers_ready(self, ids: list[str], timeout_s: float = 60) -> dict:
+        """Wait until each of these workers is ready, failing at once as `wait_ready` does."""
+        return await self._wait(
+            lambda h: set(ids) <= {w["id"] for w in h["workers"] if w["state"] in ("ready", "busy")},
+            f"workers {', '.join(ids)} ready", timeout_s, self._load_failure)
+
+    async def _wait(self, predicate, what: str, timeout_s: float, failure) -> dict:
+        """Poll /health until `predicate` holds; `failure(health)` names a reason to stop now."""
+        health = None
         with trio.move_on_after(timeout_s):
             while True:
                 health = await self.health()
+                self._seen_serving |= serving(health)
                 if health is not None and predicate(health):
                     return health
-                for name, proc in self.procs.items():
-                    if name == "front" and proc.poll() is not None:
-                        raise AssertionError(f"the front exited:\n{self.log('front')[-3000:]}")
+                reason = failure(health)
+                if reason:
+                    raise AssertionError(f"while waiting for {what}: {reason}")
                 await trio.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; front log:\n{self.log('front')[-3000:]}")
+        states = "; ".join(f"{w['id']} {w['state']} {w['error']}".strip()
+                           for w in (health or {}).get("workers", [])) or "none"
+        raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}; workers: "
+                             f"{states}; front log:\n{self.log_tail('front')}")
 
-    async def wait_ready(self, workers: int, timeout_s: float = 60) -> dict:
-        return await self.wait_for(
-            lambda h: sum(w["state"] in ("ready", "busy") for w in h["workers"]) >= workers,
-            f"{workers} ready worker(s)", timeout_s)
+    def _front_exit(self, health: dict | None) -> str:
+        proc = self.procs.get("front")
+        if proc is None or proc.poll() is None:
+            return ""
+        return f"the front {exit_cause(proc.returncode)}; its log:\n{self.log_tail('front')}"
+
+    def _load_failure(self, health: dict | None) -> str:
+        """Why a wait for workers cannot succeed: a worker's load failed, or a process of ours
+        exited that the test did not stop; "" while it still can."""
+        for worker_id, why in doomed(health, self._seen_serving).items():
+            return f"worker {worker_id}: {why}; its log:\n{self.log_tail(worker_id)}"
+        exited = [(name, proc) for name, proc in self.procs.items()
+                  if proc.poll() is not None and proc.pid not in self._expected_exits]
+        if self._honcho is not None and self._honcho.poll() is not None:
+            exited.append(("honcho", self._honcho))
+        for name, proc in exited:
+            return f"{name} {exit_cause(proc.returncode)}; its log:\n{self.log_tail(name)}"
+        return ""
 
     def stop(self) -> None:
         """SIGTERM to every process group, then SIGKILL to what is left of them after 20 s (the
@@ -159,7 +212,7 @@ class Cluster:
         for group in groups:
             _signal_group(group, signal.SIGTERM)
         deadline = time.monotonic() + 20
-        while any(_group_alive(group) for group in groups) and time.monotonic() < deadline:
+        while any(group_alive(group) for group in groups) and time.monotonic() < deadline:
             time.sleep(0.05)  # bounded: processes outside our children cannot be waited on
         for group in groups:
             _signal_group(group, signal.SIGKILL)
@@ -174,7 +227,7 @@ def _signal_group(group: int, signum: int) -> None:
         pass
 
 
-def _group_alive(group: int) -> bool:
+def group_alive(group: int) -> bool:
     """Whether any process of the group still runs (zombies do not count)."""
     try:
         os.killpg(group, 0)

@@ -82,12 +82,16 @@ REQUESTS = {
 }
 VARYING = {"id", "created"}  # per request in vLLM too
 TOLERANCE = 1e-3  # logprobs: the same forward pass, but batches may differ in shape
+# Under pytest's `timeout` (300 s), which also counts the first test's setup: a wait it cuts
+# short inside trio.run leaves the run behind. The three engines load in about 100 s on 2 cores.
+LOAD_TIMEOUT_S = 240
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """`vllm serve` and Cohort (front + one vLLM worker, and an embedding worker), loading side by
-    side: three engines, so each takes a fifth of the memory (vLLM reserves its KV cache at start)."""
+    side: three engines, so each takes a fifth of the memory (vLLM reserves its KV cache at start).
+    Yielded once both serve and both workers are ready; a load that fails ends it at once."""
     serve = VllmServe(tmp_path_factory.mktemp("serve"), MODEL_PATH, "--served-model-name", "smol",
                       "--enable-auto-tool-choice", "--tool-call-parser", "hermes").start()
     cohort = Cluster(tmp_path_factory.mktemp("cohort"), COHORT_ENGINE="vllm",
@@ -103,8 +107,8 @@ def pair(tmp_path_factory):
 
     async def both_up():
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve.wait_up)
-            nursery.start_soon(cohort.wait_ready, 2, 600)
+            nursery.start_soon(serve.wait_up, LOAD_TIMEOUT_S)
+            nursery.start_soon(cohort.wait_workers_ready, ["worker1", "embedder"], LOAD_TIMEOUT_S)
 
     try:
         cohort.api_key = cohort.add_user("alice")

@@ -12,12 +12,16 @@ import pytest
 import trio
 
 from harness.cluster import Cluster, alive, descendants, engine_core
+from tests.e2e.deadline import deadline
 from worker.models import default_model_path
 
 pytestmark = pytest.mark.vllm
 MODEL_PATH = os.environ.get("COHORT_MODEL") or default_model_path()
 MODEL = os.path.basename(MODEL_PATH.rstrip("/"))
-LOAD_TIMEOUT_S = 600
+# Under pytest's `timeout` (300 s), which also counts the first test's setup: a wait it cuts
+# short inside trio.run leaves the run behind. Two engines load in about 50 s on 2 CPU cores.
+LOAD_TIMEOUT_S = 240
+TEST_DEADLINE_S = 200  # each async test's, inside its trio run
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -30,7 +34,7 @@ def real(tmp_path_factory):
     cluster.start_worker("worker2", VLLM_CPU_OMP_THREADS_BIND="1")
     try:
         cluster.api_key = cluster.add_user("alice")
-        health = trio.run(cluster.wait_ready, 2, LOAD_TIMEOUT_S)
+        health = trio.run(cluster.wait_workers_ready, ["worker1", "worker2"], LOAD_TIMEOUT_S)
         cluster.load_times = [w["load_time_s"] for w in health["workers"]]
         yield cluster
     finally:
@@ -82,6 +86,7 @@ def test_streamed_chat_and_completion_are_coherent(real):
     assert completion.choices[0].text.strip() and completion.usage.completion_tokens <= 5
 
 
+@deadline(TEST_DEADLINE_S)
 async def test_concurrent_requests_spread_by_the_engines_own_load(real):
     seen: list[dict] = []
     async with httpx.AsyncClient(timeout=300, headers=real.headers()) as http:
@@ -135,6 +140,7 @@ def test_structured_output_and_sampling_extras_reach_vllm(real):
                                         extra_body={"logit_bias": {"99999999": 5}})
 
 
+@deadline(TEST_DEADLINE_S)
 async def test_the_prefix_cache_hit_rate_reaches_the_front(real):
     prompt = "The history of the city of Paris is long. " * 20  # ~200 tokens: whole blocks
     async with httpx.AsyncClient(timeout=120, headers=real.headers()) as http:
@@ -148,6 +154,7 @@ async def test_the_prefix_cache_hit_rate_reaches_the_front(real):
                 await trio.sleep(0.1)
 
 
+@deadline(TEST_DEADLINE_S)
 async def test_an_abort_reaches_vllm(real):
     async with httpx.AsyncClient(timeout=120, headers=real.headers()) as http:
         with trio.move_on_after(60):
@@ -171,6 +178,7 @@ async def test_an_abort_reaches_vllm(real):
     assert stats["aborts"] >= 1
 
 
+@deadline(TEST_DEADLINE_S)
 async def test_a_dead_engine_core_is_noticed_its_requests_rerun_and_the_worker_restarted(real):
     """SIGKILL of vLLM's EngineCore: the host notices (vLLM's EngineDeadError), says bye, the
     front re-runs what it had on the other worker, and the supervisor starts a fresh host."""
@@ -206,8 +214,8 @@ def test_stopping_a_worker_leaves_no_engine_process(real):
     assert len(engine_processes) >= 2  # python -m worker, vLLM's EngineCore and its workers
     real.signal("worker2", signal.SIGTERM)
     proc.wait(60)
-    deadline = time.monotonic() + 30  # grandchildren cannot be waited on: bounded polling
-    while any(alive(pid) for pid in engine_processes) and time.monotonic() < deadline:
+    until = time.monotonic() + 30  # grandchildren cannot be waited on: bounded polling
+    while any(alive(pid) for pid in engine_processes) and time.monotonic() < until:
         time.sleep(0.2)
     assert not [pid for pid in engine_processes if alive(pid)]
     assert "said bye" in real.log("front")

@@ -12,6 +12,7 @@ import httpx
 import trio
 
 from harness.cluster import free_port
+from harness.loads import LOG_LINES, exit_cause, tail
 
 
 class VllmServe:
@@ -34,21 +35,27 @@ class VllmServe:
                                          start_new_session=True)
         return self
 
-    async def wait_up(self, timeout_s: float = 600) -> None:
-        """Until /v1/models answers (the signal that it serves), or fail with its log's tail."""
-        with trio.fail_after(timeout_s):
+    async def wait_up(self, timeout_s: float = 240) -> None:
+        """Until /v1/models answers (the signal that it serves); if it exits first, or does not
+        answer within `timeout_s`, fail at once with its log's last lines."""
+        assert self.proc is not None, "wait_up before start"
+        with trio.move_on_after(timeout_s):
             async with httpx.AsyncClient() as http:
                 while True:
-                    assert self.proc.poll() is None, f"vllm serve exited: {self.log_tail()}"
+                    if self.proc.poll() is not None:
+                        raise AssertionError(f"vllm serve {exit_cause(self.proc.returncode)}; "
+                                             f"its log:\n{self.log_tail()}")
                     try:
                         if (await http.get(self.url + "/v1/models")).status_code == 200:
                             return
                     except httpx.TransportError:
                         pass
                     await trio.sleep(0.5)
+        raise AssertionError(f"vllm serve did not answer within {timeout_s:g} s; its log:\n"
+                             f"{self.log_tail()}")
 
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
+    def log_tail(self, lines: int = LOG_LINES) -> str:
+        return tail(self.log_path.read_text(errors="replace"), lines)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
