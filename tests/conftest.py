@@ -5,6 +5,8 @@ import signal
 
 import pytest
 
+from tests import free_memory
+from tests.trio_runs import pytest_runtest_makereport  # noqa: F401 (a hook: finishes left runs)
 from worker.models import default_model_path, is_prepared
 
 INSTALL = ("pip install -e '.[cpu]' (or '.[gpu]'), pip uninstall -y torchvision torchaudio "
@@ -19,12 +21,20 @@ def vllm_missing() -> str:
     return ""
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k deselected what will not run
 def pytest_collection_modifyitems(config, items):
     """Real-engine tests skip with the way to install vLLM; where COHORT_REQUIRE_VLLM is set (CI),
-    a missing vLLM fails them instead: a silently skipped test proves nothing."""
-    reason = vllm_missing()
+    a missing vLLM fails them instead: a silently skipped test proves nothing. Where they will
+    run, the run stops before any test if less memory is free than they need (an engine that
+    cannot get it is killed while loading)."""
     wanted = [item for item in items if "vllm" in item.keywords]
-    if not reason or not wanted:
+    if not wanted:
+        return
+    reason = vllm_missing()
+    if not reason:
+        short = free_memory.check()
+        if short:
+            raise pytest.UsageError(short)
         return
     if os.environ.get("COHORT_REQUIRE_VLLM"):
         raise pytest.UsageError(f"COHORT_REQUIRE_VLLM is set, but {reason}")
