@@ -16,6 +16,7 @@ once.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from server.gateway import Gateway
 from server.lifecycle import Lifecycle, Run
 from server.limits import Limits
 from server.openai_schema import parse_chat, parse_completion, parse_embeddings
+from server.periodic import every
 from server.store import Store, utcnow
 from server.task_runner import batch_tier
 
@@ -116,7 +118,12 @@ class BatchRunner:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await self._take_over()
-                nursery.start_soon(self._lease_loop)
+                nursery.start_soon(functools.partial(
+                    every, self.settings.task_lease_s / 3, self._lease_round,
+                    what="renewing batch leases",
+                    meanwhile="this front's batches run on, and another front may take one over "
+                              "once its lease lapses (a line's outcome is written only by its "
+                              "batch's owner)"))
                 task_status.started()
                 await trio.sleep_forever()
         finally:  # stopping: hand the batches back, for another front to go on at once
@@ -125,15 +132,15 @@ class BatchRunner:
                 if self._held:
                     await self.store.run(self.store.release_batches, self.owner, list(self._held))
 
-    async def _lease_loop(self) -> None:
-        while True:
-            await trio.sleep(self.settings.task_lease_s / 3)
-            held = await self.store.run(self.store.renew_batch_leases, self.owner,
-                                        self._lease_until())
-            for batch_id in set(self._held) - held:  # taken over while this front stalled
-                log.info("batch %s is no longer ours; stopping it here", batch_id)
-                self._held[batch_id].cancel()
-            await self._take_over()
+    async def _lease_round(self) -> None:
+        """Renew our batches' leases, stop those taken over while this front stalled, and take
+        over lapsed ones."""
+        held = await self.store.run(self.store.renew_batch_leases, self.owner,
+                                    self._lease_until())
+        for batch_id in set(self._held) - held:  # taken over while this front stalled
+            log.info("batch %s is no longer ours; stopping it here", batch_id)
+            self._held[batch_id].cancel()
+        await self._take_over()
 
     async def _take_over(self) -> None:
         claimed = await self.store.run(self.store.claim_lapsed_batches, self.owner, utcnow(),

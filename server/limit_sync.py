@@ -19,6 +19,7 @@ from dataclasses import asdict
 
 import trio
 
+from server.periodic import every
 from server.limits import CountChange, Counters, Limiter
 from server.store import FrontCount, utcnow
 
@@ -127,7 +128,6 @@ class LimitSync:
         self.period_s = period_s
         self.remote = RemoteCounts(limiter, STALE_AFTER_SYNCS * period_s + READ_MARGIN_S)
         self.syncs = 0
-        self.failures = 0
         self._read_at: datetime.datetime | None = None
         self._pruned_at: float | None = None
 
@@ -136,20 +136,8 @@ class LimitSync:
         if self.period_s <= 0:
             log.info("limit sync off (COHORT_LIMIT_SYNC_S=0): each front counts for itself")
             return
-        while True:
-            await trio.sleep(self.period_s)
-            try:
-                await self.sync()
-            except Exception as error:  # the store is down: limits hold per front meanwhile
-                self.failures += 1
-                if self.failures == 1 or self.failures % 60 == 0:
-                    log.warning("could not share limit counts with the other fronts (%s); each "
-                                "front counts for itself until the store answers", error,
-                                exc_info=self.failures == 1)
-            else:
-                if self.failures:
-                    log.info("limit counts shared again after %d failed sync(s)", self.failures)
-                self.failures = 0
+        await every(self.period_s, self.sync, what="sharing limit counts with the other fronts",
+                    meanwhile="each front counts for itself until the store answers")
 
     async def sync(self, wall: datetime.datetime | None = None) -> None:
         """One round: write what changed here, read what changed elsewhere, apply it; and once

@@ -23,12 +23,12 @@ often fronts die under it.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import secrets
 from typing import Any
 
-import peewee
 import trio
 
 from server.auth import Principal
@@ -37,6 +37,7 @@ from server.jobs import JobSpec
 from server.gateway import Gateway
 from server.lifecycle import Lifecycle, Run
 from server.openai_schema import parse_chat, parse_completion
+from server.periodic import every
 from server.store import Store, utcnow
 
 log = logging.getLogger("cohort.tasks")
@@ -75,14 +76,21 @@ class TaskRunner:
         self.owner = gateway.dispatcher.front_id
         self._nursery: trio.Nursery | None = None
         self._running: dict[str, tuple[trio.CancelScope, int]] = {}  # task: (scope, user id)
+        self._stray: set[str] = set()  # held but not running here at the last lease round
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await self._take_over_lapsed()
-                nursery.start_soon(self._lease_loop)
-                nursery.start_soon(self._purge_loop)
+                nursery.start_soon(functools.partial(
+                    every, self.settings.task_lease_s / 3, self._lease_round,
+                    what="renewing task leases",
+                    meanwhile="this front's tasks run on, and another front may take one over "
+                              "once its lease lapses (only its owner records the outcome)"))
+                nursery.start_soon(functools.partial(
+                    every, PURGE_PERIOD_S, self._purge, what="hourly housekeeping",
+                    first_now=True))
                 task_status.started()
                 await trio.sleep_forever()
         finally:  # stopping: hand back what still runs, so another front need not wait a lease
@@ -95,23 +103,19 @@ class TaskRunner:
     def _lease_until(self) -> datetime.datetime:
         return utcnow() + datetime.timedelta(seconds=self.settings.task_lease_s)
 
-    async def _lease_loop(self) -> None:
+    async def _lease_round(self) -> None:
         """Renew our leases, stop what is no longer ours (cancelled, or taken over while this
         front stalled), and take over lapsed leases of fronts that stopped."""
-        stray_before: set[str] = set()
-        while True:
-            await trio.sleep(self.settings.task_lease_s / 3)
-            held = await self.stop_lost()
-            # Held but not running here two rounds in a row (not just submitted): hand it back,
-            # so it is taken over rather than renewed forever.
-            stray = held - set(self._running)
-            if stray & stray_before:
-                log.warning("%d task(s) held but not running; handing them back",
-                            len(stray & stray_before))
-                await self.store.run(self.store.release_leases, self.owner,
-                                     sorted(stray & stray_before))
-            stray_before = stray
-            await self._take_over_lapsed()
+        held = await self.stop_lost()
+        # Held but not running here two rounds in a row (not just submitted): hand it back, so it
+        # is taken over rather than renewed forever.
+        stray = held - set(self._running)
+        if stray & self._stray:
+            log.warning("%d task(s) held but not running; handing them back",
+                        len(stray & self._stray))
+            await self.store.run(self.store.release_leases, self.owner, sorted(stray & self._stray))
+        self._stray = stray
+        await self._take_over_lapsed()
 
     async def stop_lost(self) -> set[str]:
         """Renew our leases and stop at once what is no longer ours to run (cancelled, its user
@@ -235,20 +239,12 @@ class TaskRunner:
             "message": f"this task is not run again: {why}", "type": "server_error",
             "code": "quarantined"})
 
-    async def _purge_loop(self) -> None:
-        """Hourly housekeeping. A store that is busy or down now is tried again next time: an
-        old row waiting an hour more must not stop the front."""
-        while True:
-            try:
-                purged = await self.store.run(self.store.purge_tasks,
-                                              self.settings.task_retention_s)
-                await self.store.run(self.store.purge_expired_tokens)
-                await self.store.run(self.store.purge_stalled_uploads,  # their front died
-                                     utcnow() - datetime.timedelta(seconds=PURGE_PERIOD_S))
-            except (peewee.OperationalError, peewee.InterfaceError) as error:
-                log.warning("housekeeping skipped this time (%s); tried again in %g s", error,
-                            PURGE_PERIOD_S)
-            else:
-                if purged:
-                    log.info("purged %d task(s) past COHORT_TASK_RETENTION_S", purged)
-            await trio.sleep(PURGE_PERIOD_S)
+    async def _purge(self) -> None:
+        """Housekeeping: finished tasks past their retention, expired tokens, uploads whose
+        front died. An old row waiting an hour more is harmless."""
+        purged = await self.store.run(self.store.purge_tasks, self.settings.task_retention_s)
+        await self.store.run(self.store.purge_expired_tokens)
+        await self.store.run(self.store.purge_stalled_uploads,  # their front died
+                             utcnow() - datetime.timedelta(seconds=PURGE_PERIOD_S))
+        if purged:
+            log.info("purged %d task(s) past COHORT_TASK_RETENTION_S", purged)
