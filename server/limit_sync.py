@@ -19,7 +19,7 @@ from dataclasses import asdict
 
 import trio
 
-from server.periodic import every
+from server.periodic import Streak, every
 from server.limits import CountChange, Counters, Limiter
 from server.store import FrontCount, utcnow
 
@@ -128,6 +128,7 @@ class LimitSync:
         self.period_s = period_s
         self.remote = RemoteCounts(limiter, STALE_AFTER_SYNCS * period_s + READ_MARGIN_S)
         self.syncs = 0
+        self.streak = Streak()  # failed syncs in a row (/health)
         self._read_at: datetime.datetime | None = None
         self._pruned_at: float | None = None
 
@@ -137,7 +138,8 @@ class LimitSync:
             log.info("limit sync off (COHORT_LIMIT_SYNC_S=0): each front counts for itself")
             return
         await every(self.period_s, self.sync, what="sharing limit counts with the other fronts",
-                    meanwhile="each front counts for itself until the store answers")
+                    meanwhile="each front counts for itself until the store answers",
+                    streak=self.streak)
 
     async def sync(self, wall: datetime.datetime | None = None) -> None:
         """One round: write what changed here, read what changed elsewhere, apply it; and once

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import peewee
 import trio
@@ -19,24 +20,31 @@ STORE_ERRORS = (peewee.PeeweeException,)  # peewee wraps every driver's errors i
 LOG_EVERY = 60  # after the first failure with its traceback, one line per this many failures
 
 
+@dataclass
+class Streak:
+    """Failed rounds in a row, for `/health` to show (0: the last round worked)."""
+
+    failures: int = 0
+
+
 async def every(period_s: float, round_: Callable[[], Awaitable[object]], *, what: str,
-                meanwhile: str = "", first_now: bool = False) -> None:
+                meanwhile: str = "", first_now: bool = False, streak: Streak | None = None) -> None:
     """Run `round_` every `period_s` seconds, for good. `what` names it in the log; `meanwhile`
-    says what holds while the store fails."""
-    failures = 0
+    says what holds while the store fails; `streak` counts the failures in a row."""
+    streak = streak or Streak()
     if not first_now:
         await trio.sleep(period_s)
     while True:
         try:
             await round_()
         except STORE_ERRORS as error:
-            failures += 1
-            if failures == 1 or failures % LOG_EVERY == 0:
+            streak.failures += 1
+            if streak.failures == 1 or streak.failures % LOG_EVERY == 0:
                 log.warning("%s failed (%s; %d in a row)%s; tried again every %g s", what, error,
-                            failures, f"; {meanwhile}" if meanwhile else "", period_s,
-                            exc_info=failures == 1)
+                            streak.failures, f"; {meanwhile}" if meanwhile else "", period_s,
+                            exc_info=streak.failures == 1)
         else:
-            if failures:
-                log.info("%s works again after %d failed round(s)", what, failures)
-            failures = 0
+            if streak.failures:
+                log.info("%s works again after %d failed round(s)", what, streak.failures)
+            streak.failures = 0
         await trio.sleep(period_s)

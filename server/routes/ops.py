@@ -30,7 +30,7 @@ async def health():
             "auth": "disabled" if cohort.settings.auth_disabled else "required",
             "config": describe(cohort.settings), "workers": workers,
             "limit_sync": {"syncs": cohort.limit_sync.syncs,
-                           "failures": cohort.limit_sync.failures}}
+                           "failures": cohort.limit_sync.streak.failures}}
 
 
 @blueprint.get("/ready")

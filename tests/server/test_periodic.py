@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from server.periodic import every
+from server.periodic import Streak, every
 
 
 async def test_a_round_the_store_refuses_is_tried_again_next_period_and_recovery_is_said(
@@ -21,9 +21,14 @@ async def test_a_round_the_store_refuses_is_tried_again_next_period_and_recovery
             raise peewee.OperationalError("database is locked")
 
     caplog.set_level(logging.INFO, "cohort.periodic")
-    with trio.move_on_after(10.5):
-        await every(2.0, round_, what="renewing leases", meanwhile="tasks run on")
-    assert rounds == [2.0, 4.0, 6.0, 8.0, 10.0]  # every period, failures or not
+    streak = Streak()
+    with trio.move_on_after(6.5):
+        await every(2.0, round_, what="renewing leases", meanwhile="tasks run on", streak=streak)
+    assert streak.failures == 2  # what /health shows
+    with trio.move_on_after(4.5):
+        await every(2.0, round_, what="renewing leases", meanwhile="tasks run on", streak=streak)
+    assert rounds == [2.0, 4.0, 6.0, 8.5, 10.5]  # every period, failures or not
+    assert streak.failures == 0
     messages = [record.getMessage() for record in caplog.records]
     assert messages[0].startswith("renewing leases failed (database is locked; 1 in a row); "
                                   "tasks run on")
