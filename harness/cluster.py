@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from harness.loads import LOG_LINES, doomed, exit_cause, honcho_lines, serving, tail
+from harness.readiness import LOG_LINES, doomed, exit_cause, honcho_lines, serving, tail
 
 ROOT = Path(__file__).resolve().parents[1]
 

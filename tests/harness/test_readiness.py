@@ -2,7 +2,7 @@
 
 import signal
 
-from harness.loads import doomed, exit_cause, honcho_lines, serving, tail
+from harness.readiness import doomed, exit_cause, honcho_lines, serving, tail
 
 
 def health(*workers) -> dict:
