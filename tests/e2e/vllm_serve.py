@@ -12,7 +12,7 @@ import httpx
 import trio
 
 from harness.cluster import free_port
-from harness.loads import LOG_LINES, exit_cause, tail
+from harness.readiness import LOG_LINES, exit_cause, tail
 
 
 class VllmServe:
