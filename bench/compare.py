@@ -5,7 +5,8 @@ through the whole path vs a bare Quart-trio route), 3 streaming, 4 scaling over 
 5 real engine (Cohort + a vLLM worker vs `vllm serve`, measured with vLLM's own benchmark client;
 when vLLM is installed), 6 front scale-out (1 vs 2 front processes), 7 store task writes,
 8 the gateway's cost on a lone request, 9 short requests among long ones, 10 prefix affinity
-(8-10: `bench/scheduling.py`). Every load is bounded in count and time, on loopback.
+(8-10: `bench/scheduling.py`), 13 placement against vLLM's own router (`bench/routers.py`;
+when vLLM is installed). Every load is bounded in count and time, on loopback.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
-from bench import peer, scheduling  # noqa: E402
+from bench import peer, routers, scheduling  # noqa: E402
 from harness.load import Result, run_load  # noqa: E402
 from harness.cluster import Cluster, free_port, procfile  # noqa: E402
 
@@ -475,6 +476,9 @@ class Bench:
     async def prefix_affinity(self) -> None:
         self.results["10 prefix affinity"] = await scheduling.prefix_affinity(self)
 
+    async def router_placement(self) -> None:
+        self.results["13 placement against vLLM's router"] = await routers.run_routers(self)
+
 
 async def wait_http(url: str, timeout_s: float = 60) -> None:
     with trio.fail_after(timeout_s):
@@ -541,7 +545,8 @@ def plot(bench: Bench, folder: Path) -> None:
 
 SCENARIOS = {1: "sequential_vs_batched", 2: "gateway_overhead", 3: "streaming", 4: "scaling",
              5: "real_engine", 6: "front_scale_out", 7: "store_writes", 8: "gateway_cost",
-             9: "mixed_lengths", 10: "prefix_affinity", 11: "fair_shares", 12: "batch_api"}
+             9: "mixed_lengths", 10: "prefix_affinity", 11: "fair_shares", 12: "batch_api",
+             13: "router_placement"}
 
 
 def main() -> None:
@@ -566,6 +571,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, nargs="?", const=Path("bench/results"),
                         help="write PNG charts into this folder (default bench/results)")
     scheduling.add_arguments(parser)
+    routers.add_arguments(parser)
     args = parser.parse_args()
     bench = Bench(args)
     print(f"# Cohort benchmarks on {platform.node()}: {os.cpu_count()} cores, "
