@@ -94,15 +94,22 @@ async def test_a_crashing_worker_is_retried_elsewhere(make_cluster):
     await cluster.wait_ready(2)
 
 
-async def test_health_says_restarting_while_the_supervisor_waits_to_restart_a_host(make_cluster):
+async def kill_host_until_restarting(make_cluster, backoff_s: str):
+    """One ready worker whose engine host is SIGKILLed; returns once /health shows the worker
+    `restarting` (its supervisor waiting out `backoff_s`): (cluster, health)."""
     cluster = make_cluster()
     cluster.start_front()
-    cluster.start_worker("worker1", COHORT_RESTART_BACKOFF_S="3")
+    cluster.start_worker("worker1", COHORT_RESTART_BACKOFF_S=backoff_s)
     cluster.api_key = cluster.add_user("ops")
     await cluster.wait_ready(1)
     os.kill(engine_host(cluster.procs["worker1"].pid, "worker1"), signal.SIGKILL)
     health = await cluster.wait_for(lambda h: h["workers"][0]["state"] == "restarting",
                                     "the worker shown restarting", timeout_s=10)
+    return cluster, health
+
+
+async def test_health_says_restarting_while_the_supervisor_waits_to_restart_a_host(make_cluster):
+    cluster, health = await kill_host_until_restarting(make_cluster, "3")
     assert "restart 1 in 3 s" in health["workers"][0]["error"]
     assert httpx.get(cluster.url + "/ready").status_code == 503  # its only worker is out
     await cluster.wait_ready(1, timeout_s=30)
@@ -112,14 +119,7 @@ async def test_a_sigterm_while_the_supervisor_waits_to_restart_stops_it_without_
         make_cluster):
     """A stop during the restart backoff ends the wait: the supervisor exits at once and starts no
     host that would outlive it (before, it slept out the backoff and then started one)."""
-    cluster = make_cluster()
-    cluster.start_front()
-    cluster.start_worker("worker1", COHORT_RESTART_BACKOFF_S="60")
-    cluster.api_key = cluster.add_user("ops")
-    await cluster.wait_ready(1)
-    os.kill(engine_host(cluster.procs["worker1"].pid, "worker1"), signal.SIGKILL)
-    await cluster.wait_for(lambda h: h["workers"][0]["state"] == "restarting",
-                           "the worker shown restarting", timeout_s=10)
+    cluster, _ = await kill_host_until_restarting(make_cluster, "60")
     group = cluster.procs["worker1"].pid
     cluster.signal("worker1", signal.SIGTERM)
     with trio.fail_after(10):  # the backoff is 60 s
