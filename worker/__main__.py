@@ -58,8 +58,7 @@ class Supervisor:
                                    dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)) for gpu in gpus]
         else:
             self.slots = [HostSlot(base, command + [base], dict(os.environ))]
-        self.stopping = False
-        self.stop_requested = trio.Event()  # cuts a restart's backoff short
+        self.stopping = trio.Event()  # SIGTERM or SIGINT came; it also cuts a restart's backoff
 
     async def run(self) -> int:
         _become_subreaper()
@@ -81,7 +80,7 @@ class Supervisor:
             slot.proc = await trio.lowlevel.open_process(slot.command, env=slot.env)
             code = await slot.proc.wait()
             self._kill_orphans()
-            if self.stopping or code in (0, host.CONFIG_ERROR):
+            if self.stopping.is_set() or code in (0, host.CONFIG_ERROR):
                 codes.append(code)
                 return
             if trio.current_time() - started > MAX_BACKOFF_S:
@@ -92,8 +91,8 @@ class Supervisor:
             log.error("worker %s: %s", slot.worker_id, reason)
             await trio.to_thread.run_sync(self._say_bye, slot.worker_id, reason)
             with trio.move_on_after(backoff):
-                await self.stop_requested.wait()
-            if self.stopping:  # a SIGTERM in the backoff: no new host to outlive the stop
+                await self.stopping.wait()
+            if self.stopping.is_set():  # a SIGTERM in the backoff: no new host to outlive the stop
                 codes.append(code)
                 return
             backoff = min(backoff * 2, MAX_BACKOFF_S)
@@ -102,8 +101,7 @@ class Supervisor:
         """SIGTERM or SIGINT: stop restarting, and let the hosts finish (honcho signals the whole
         group, so they may have the signal already; they take a second one calmly)."""
         async for signum in signals:
-            self.stopping = True
-            self.stop_requested.set()
+            self.stopping.set()
             log.info("supervisor: %s, stopping the engine host(s)", signal.Signals(signum).name)
             for slot in self.slots:
                 if slot.proc is not None and slot.proc.returncode is None:
