@@ -206,9 +206,11 @@ class Cluster:
         return ""
 
     def stop(self) -> None:
-        """SIGTERM to every process group, then SIGKILL to what is left of them after 20 s (the
-        `sh` at the head of a group may be gone while the processes it started still run)."""
-        groups = [proc.pid for proc in self.procs.values()]
+        """SIGTERM to every process group (honcho's too, if it was started), then SIGKILL to what
+        is left of them after 20 s (the `sh` at the head of a group may be gone while the
+        processes it started still run)."""
+        procs = [*self.procs.values(), *([self._honcho] if self._honcho else [])]
+        groups = [proc.pid for proc in procs]
         for group in groups:
             _signal_group(group, signal.SIGTERM)
         deadline = time.monotonic() + 20
@@ -216,7 +218,7 @@ class Cluster:
             time.sleep(0.05)  # bounded: processes outside our children cannot be waited on
         for group in groups:
             _signal_group(group, signal.SIGKILL)
-        for proc in self.procs.values():
+        for proc in procs:
             proc.wait()
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -111,7 +110,7 @@ WITH_EXAMPLES = [page for page in PAGES if any(not block.not_run for block in bl
 def test_every_block_of_the_page_runs_as_written(page, tmp_path):
     runnable = [block for block in blocks(page) if not block.not_run]
     cluster = Cluster(tmp_path)
-    honcho = cluster.start_honcho()
+    cluster.start_honcho()
     try:
         trio.run(cluster.wait_ready, 2)
         (tmp_path / ".venv").symlink_to(sys.prefix)
@@ -122,10 +121,5 @@ def test_every_block_of_the_page_runs_as_written(page, tmp_path):
         failures = [why for block in runnable
                     if (why := run(block, tmp_path, env, cluster.port))]
     finally:
-        os.killpg(honcho.pid, signal.SIGINT)
-        try:
-            honcho.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(honcho.pid, signal.SIGKILL)
-            honcho.wait()
+        cluster.stop()
     assert failures == [], "\n\n".join(failures)
