@@ -17,6 +17,7 @@ from common.config import ServerSettings, WorkerSettings
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "settings.md"
 ENV_EXAMPLE = ROOT / ".env.example"
+MIB = 1 << 20
 
 SECTIONS = (
     ("The front", "front", ServerSettings,
@@ -49,8 +50,6 @@ def shown_default(value: object) -> str:
         return "1" if value else "0"
     if isinstance(value, tuple):
         return ",".join(str(part) for part in value)
-    if isinstance(value, int) and value >= 1 << 20 and value % (1 << 20) == 0:
-        return f"{value} ({value >> 20} MiB)"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
@@ -65,8 +64,10 @@ def reference() -> str:
             names = item.metadata["env"]
             shown = f"`{names[0]}`" + "".join(f" (or `{alias}`)" for alias in names[1:])
             default = shown_default(item.default)
-            parts.append(f"| {shown} | {f'`{default}`' if default else '(empty)'} "
-                         f"| {item.metadata['doc']} |\n")
+            cell = f"`{default}`" if default else "(empty)"
+            if isinstance(item.default, int) and item.default >= MIB and item.default % MIB == 0:
+                cell += f" ({item.default // MIB} MiB)"
+            parts.append(f"| {shown} | {cell} | {item.metadata['doc']} |\n")
     return "".join(parts)
 
 
@@ -82,8 +83,7 @@ def env_example() -> str:
             doc = item.metadata["doc"].replace("`", "")
             doc += f" (also: {', '.join(names[1:])})" if names[1:] else ""
             lines += textwrap.wrap(doc, 98, initial_indent="# ", subsequent_indent="# ")
-            default = shown_default(item.default).split(" (")[0]
-            lines.append(f"# {names[0]}={default}")
+            lines.append(f"# {names[0]}={shown_default(item.default)}")
     return "\n".join(lines) + "\n"
 
 
@@ -92,14 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="exit 1, naming the stale files, instead of rewriting them")
     args = parser.parse_args(argv)
-    stale = [path for path, text in ((REFERENCE, reference()), (ENV_EXAMPLE, env_example()))
-             if not path.exists() or path.read_text() != text]
+    documents = {REFERENCE: reference(), ENV_EXAMPLE: env_example()}
+    stale = {path: text for path, text in documents.items()
+             if not path.exists() or path.read_text() != text}
     if args.check:
         for path in stale:
             print(f"{path.relative_to(ROOT)} is stale: run python -m common.settings_doc",
                   file=sys.stderr)
         return 1 if stale else 0
-    for path, text in ((REFERENCE, reference()), (ENV_EXAMPLE, env_example())):
+    for path, text in stale.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return 0
