@@ -92,6 +92,7 @@ async def run_sessions(url: str, model: str, conversations: list[list[str]], *, 
     ttfts = [1000 * t["ttft_s"] for t in done]
     output = sum(t["usage"].get("completion_tokens", 0) for t in done)
     errors = [t["error"] for t in turns if "error" in t]
+    requests = sum(len(c) for c in conversations)
 
     def pct(q: float) -> float | None:
         return round(float(np.percentile(ttfts, q)), 2) if ttfts else None
@@ -100,10 +101,9 @@ async def run_sessions(url: str, model: str, conversations: list[list[str]], *, 
             "e2el_p50_ms": round(1000 * float(np.median([t["latency_s"] for t in done])), 1)
             if done else None,
             "tokens_per_s": round(output / duration, 2), "duration_s": round(duration, 2),
-            "completed": len(done), "failed": len(turns) - len(done) + sum(
-                len(c) for c in conversations) - len(turns),
+            "completed": len(done), "failed": requests - len(done),  # turns not sent count too
             "output_tokens": output,
-            "expected_tokens": output_len * sum(len(c) for c in conversations),
+            "expected_tokens": output_len * requests,
             "input_tokens": sum(t["usage"].get("prompt_tokens", 0) for t in done),
             "output_lens": sorted({t["usage"].get("completion_tokens", 0) for t in done}),
             "first_error": errors[0][-300:] if errors else ""}
