@@ -119,34 +119,20 @@ def prefix_command(url: str, path: str, knobs: Knobs, seed: int, folder, name: s
 
 
 async def front_health(cluster, url: str) -> dict:
-    """A front's /health with the worker details (the key the cluster keeps for them)."""
-    if not cluster._health_key and not cluster.api_key:
-        await cluster.health()  # makes the key, if the front wants one for details
-    async with httpx.AsyncClient(timeout=5) as http:
-        reply = await http.get(url + "/health", headers=cluster.headers(
-            cluster.api_key or cluster._health_key or None))
-    return reply.json()
+    """A front's /health with the worker details (the harness's `Cluster.health`); an error,
+    as the load's other failures are, when it does not answer."""
+    health = await cluster.health(url)
+    if health is None:
+        raise httpx.TransportError(f"{url}/health did not answer")
+    return health
 
 
 async def wait_fronts(cluster, urls: list[str], timeout_s: float) -> None:
-    """Until each front shows both workers ready; fails at once when a worker or front fails."""
+    """Until each front shows both workers ready, within `timeout_s` in all; the harness's wait
+    fails at once, with the log's tail, when a worker's load fails or a process exits."""
     with trio.fail_after(timeout_s):
         for url in urls:
-            while True:
-                try:
-                    workers = (await front_health(cluster, url)).get("workers", [])
-                except (httpx.TransportError, ValueError):
-                    workers = []
-                if sum(w.get("state") in ("ready", "busy") for w in workers) >= 2:
-                    break
-                failed = [f"{w['id']}: {w.get('error')}" for w in workers if w.get("state") == "failed"]
-                failed += [f"{name} exited with {cluster.procs[name].returncode}: "
-                           f"{cluster.log(name)[-600:]}" for name in
-                           ("front", "front_b", "worker1", "worker2")
-                           if cluster.procs[name].poll() is not None]
-                if failed:
-                    raise RuntimeError("Cohort did not load: " + " / ".join(failed))
-                await trio.sleep(0.5)
+            await cluster.wait_workers_ready(["worker1", "worker2"], timeout_s, url=url)
 
 
 class Systems:

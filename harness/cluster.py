@@ -136,19 +136,20 @@ class Cluster:
         key = key or self.api_key
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    async def health(self) -> dict | None:
-        """/health with its details: with the cluster's key, or once the front answers without
-        them (anonymous callers get the status only), with a key of the harness's own."""
+    async def health(self, url: str | None = None) -> dict | None:
+        """/health of the front (or of another front of the cluster, at `url`) with its details:
+        with the cluster's key, or once the front answers without them (anonymous callers get
+        the status only), with a key of the harness's own."""
         key = self.api_key or self._health_key
         try:
             async with httpx.AsyncClient(timeout=5) as client:
-                health = (await client.get(self.url + "/health",
+                health = (await client.get((url or self.url) + "/health",
                                            headers=self.headers(key) if key else {})).json()
         except (httpx.TransportError, ValueError):
             return None
         if "workers" not in health and not key:
             self._health_key = await trio.to_thread.run_sync(self.add_user, "cluster-health")
-            return await self.health()
+            return await self.health(url)
         return health
 
     async def wait_for(self, predicate, what: str, timeout_s: float = 60) -> dict:
@@ -162,18 +163,21 @@ class Cluster:
             lambda h: sum(w["state"] in ("ready", "busy") for w in h["workers"]) >= workers,
             f"{workers} ready worker(s)", timeout_s, self._load_failure)
 
-    async def wait_workers_ready(self, ids: list[str], timeout_s: float = 60) -> dict:
-        """Wait until each of these workers is ready, failing at once as `wait_ready` does."""
+    async def wait_workers_ready(self, ids: list[str], timeout_s: float = 60,
+                                 url: str | None = None) -> dict:
+        """Wait until each of these workers is ready (as the front at `url` sees them, by
+        default the first), failing at once as `wait_ready` does."""
         return await self._wait(
             lambda h: set(ids) <= {w["id"] for w in h["workers"] if w["state"] in ("ready", "busy")},
-            f"workers {', '.join(ids)} ready", timeout_s, self._load_failure)
+            f"workers {', '.join(ids)} ready", timeout_s, self._load_failure, url)
 
-    async def _wait(self, predicate, what: str, timeout_s: float, failure) -> dict:
+    async def _wait(self, predicate, what: str, timeout_s: float, failure,
+                    url: str | None = None) -> dict:
         """Poll /health until `predicate` holds; `failure(health)` names a reason to stop now."""
         health = None
         with trio.move_on_after(timeout_s):
             while True:
-                health = await self.health()
+                health = await self.health(url)
                 self._seen_serving |= serving(health)
                 if health is not None and predicate(health):
                     return health

@@ -40,7 +40,7 @@ def script(cluster, *answers):
     """/health answers these in turn, then the last one for ever; returns the calls made."""
     calls = []
 
-    async def health():
+    async def health(url=None):  # as Cluster.health: the first front, or the one at `url`
         calls.append(trio.current_time())
         return answers[min(len(calls), len(answers)) - 1]
 
