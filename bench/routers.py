@@ -154,8 +154,10 @@ class Systems:
             del cluster.env["COHORT_PREFIX_AFFINITY"]
             self.urls["cohort"] = cluster.url
             for i, cpu in enumerate(CPUS, 1):
-                cluster._spawn(f"worker{i}", f"{sys.executable} bench/kv_host.py --worker-id worker{i}",
-                               VLLM_CPU_OMP_THREADS_BIND=cpu, BENCH_KV_CACHE_MEMORY_BYTES=str(knobs.kv_bytes))
+                # the engine host alone: a bounded benchmark needs no supervisor's restarts
+                cluster._spawn(f"worker{i}", f"{sys.executable} -m worker.host --worker-id worker{i}",
+                               VLLM_CPU_OMP_THREADS_BIND=cpu,
+                               COHORT_KV_CACHE_MEMORY_BYTES=str(knobs.kv_bytes))
             urls = [cluster.url, self.urls["cohort-load-only"]]
             self.waits["cohort"] = lambda: wait_fronts(cluster, urls, knobs.load_timeout_s)
         policies = [p for p in ROUTERS if p in wanted]

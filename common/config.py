@@ -55,9 +55,19 @@ def env_field(default: Any, *names: str, doc: str) -> Any:
     return field(default=default, metadata={"env": names, "doc": doc})
 
 
+# Settings that were removed: set, they would be ignored without a word, so they stop the start.
+RETIRED = {
+    "COHORT_AFFINITY_MARGIN": "placement prices a worker's sequences against the prefill its "
+                              "cache saves; set COHORT_PREFIX_SEQ_TOKENS instead (docs/settings.md)",
+}
+
+
 def load(cls: type, env: Mapping[str, str] | None = None, **overrides: object) -> Any:
     """Build settings `cls` from `env` (default: os.environ), then apply explicit overrides."""
     env = os.environ if env is None else env
+    for name, why in RETIRED.items():
+        if name in env:
+            raise SettingError(f"{name} is no longer read: {why}")
     values: dict[str, object] = {}
     for item in dataclasses.fields(cls):
         names = item.metadata.get("env", ())
@@ -113,12 +123,14 @@ class ServerSettings:
     )
     prefix_affinity: bool = env_field(
         True, "COHORT_PREFIX_AFFINITY",
-        doc="send a request whose prompt starts like an earlier one to the worker that was sent "
-            "it (its prefix cache likely holds it)",
+        doc="send a request whose prompt starts like an earlier one to a worker whose engine "
+            "holds that prefix (as its engine reports, or where it was sent last)",
     )
-    affinity_margin: int = env_field(
-        4, "COHORT_AFFINITY_MARGIN",
-        doc="how many more sequences than the least busy worker an affine worker may hold",
+    prefix_seq_tokens: int = env_field(
+        64, "COHORT_PREFIX_SEQ_TOKENS",
+        doc="what placement counts each sequence a worker already has as, in prompt tokens to "
+            "prefill: a prompt goes to the worker holding its longest prefix until that worker "
+            "has more sequences than the prefill it saves is worth (see Scheduling)",
     )
     max_queue: int = env_field(
         1024, "COHORT_MAX_QUEUE",
@@ -256,8 +268,8 @@ class ServerSettings:
     log_level: str = env_field("INFO", "COHORT_LOG_LEVEL", doc="log level of every process")
 
     def check(self) -> None:
-        if self.affinity_margin < 0:
-            raise SettingError("COHORT_AFFINITY_MARGIN must be >= 0")
+        if self.prefix_seq_tokens < 1:
+            raise SettingError("COHORT_PREFIX_SEQ_TOKENS must be >= 1")
         if self.zmq_max_message_bytes < self.max_batch_size * self.max_body_bytes + (1 << 20):
             raise SettingError("COHORT_ZMQ_MAX_MESSAGE_BYTES must hold a whole batch: at least "
                                "COHORT_MAX_BATCH_SIZE x COHORT_MAX_BODY_BYTES + 1 MiB")
@@ -362,6 +374,16 @@ class WorkerSettings:
         0.0, "COHORT_GPU_MEMORY_UTILIZATION",
         doc="vLLM's memory share (on CPU: of the NUMA node's memory); 0: 0.9 on a GPU, 0.3 on "
             "CPU, so two workers fit side by side",
+    )
+    kv_cache_memory_bytes: int = env_field(
+        0, "COHORT_KV_CACHE_MEMORY_BYTES",
+        doc="vLLM's KV cache size in bytes (`--kv-cache-memory-bytes`); 0: what the memory share "
+            "leaves",
+    )
+    kv_events: bool = env_field(
+        True, "COHORT_KV_EVENTS",
+        doc="a vLLM worker reads its engine's KV cache events and tells the fronts which prompt "
+            "prefixes its cache holds, so they place by it; off: they estimate from what they sent",
     )
     enforce_eager: bool = env_field(
         True, "COHORT_ENFORCE_EAGER",
@@ -468,9 +490,11 @@ class WorkerSettings:
             raise SettingError("MOCK_ERROR_RATE must be between 0 and 1")
         if self.mock_reply_length not in {"echo", "max_tokens"}:
             raise SettingError(f"MOCK_REPLY_LENGTH={self.mock_reply_length!r}: use echo or max_tokens")
-        if min(self.max_num_seqs, self.max_num_batched_tokens, self.mock_prefix_cache_tokens) < 0:
-            raise SettingError("COHORT_MAX_NUM_SEQS, COHORT_MAX_NUM_BATCHED_TOKENS and "
-                               "MOCK_PREFIX_CACHE_TOKENS must be >= 0")
+        if min(self.max_num_seqs, self.max_num_batched_tokens, self.mock_prefix_cache_tokens,
+               self.kv_cache_memory_bytes) < 0:
+            raise SettingError("COHORT_MAX_NUM_SEQS, COHORT_MAX_NUM_BATCHED_TOKENS, "
+                               "MOCK_PREFIX_CACHE_TOKENS and COHORT_KV_CACHE_MEMORY_BYTES must be "
+                               ">= 0")
         if self.runner not in {"auto", "generate", "pooling"}:
             raise SettingError(f"COHORT_RUNNER={self.runner!r}: use auto, generate or pooling")
         if self.enable_auto_tool_choice and not self.tool_call_parser:

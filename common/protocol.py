@@ -45,6 +45,7 @@ class EngineLoad(Struct, kw_only=True):
     max_num_seqs: Count = 0  # the engine's limits (0: unknown)
     max_num_batched_tokens: Count = 0
     received: Count = 0
+    prefixes_held: Count = 0  # prefix fingerprints its cache holds (engines that report them)
 
 
 ROUTES = ("chat", "completions", "embeddings", "tokenize", "detokenize")
@@ -63,6 +64,11 @@ class RequestItem(Struct):
     priority: int = 0
     batch_id: str = ""  # set by the worker from the batch it came in (logs, the mock's answers)
     note: str = ""  # set by the worker: what the mock says first (the http engine's fallback)
+    # the front's fingerprints of the prompt's prefix (common.prefix.text_fingerprints of blocks
+    # of server.scheduling.prefix.BLOCK_CHARS characters) and the prompt's length in characters:
+    # a worker whose engine reports its cache says which of them it holds (see worker.residency)
+    prefix: list[int] = []
+    prompt_chars: Count = 0
 
 
 class OutItem(Struct):
@@ -80,8 +86,10 @@ class OutItem(Struct):
 
 
 def request_item(request_id: str, route: str, body: dict[str, Any], *, trace_id: str = "",
-                 stream: bool = False, priority: int = 0) -> RequestItem:
-    return RequestItem(request_id, route, body, trace_id, stream, priority)
+                 stream: bool = False, priority: int = 0, prefix: list[int] | None = None,
+                 prompt_chars: int = 0) -> RequestItem:
+    return RequestItem(request_id, route, body, trace_id, stream, priority,
+                       prefix=prefix or [], prompt_chars=prompt_chars)
 
 
 def out_item(request_id: str, data: bytes, *, done: bool = False, status: int = 200,
@@ -122,6 +130,9 @@ class Hello(Message, tag="hello"):
     # request features past the base it honours (see server.openai_schema.FEATURES)
     features: list[str] = []
     max_model_len: int = 0
+    # its engine reports which prefixes it holds (`held`/`dropped` on out and heartbeat), from
+    # the engine's own cache; without it the front estimates from what it sent
+    reports_prefixes: bool = False
 
 
 class Ready(Message, tag="ready"):
@@ -140,6 +151,8 @@ class Heartbeat(Message, tag="heartbeat"):
     active: int = 0
     state: WorkerState = "ready"
     load: EngineLoad | None = None
+    held: list[int] = []  # prefix fingerprints the engine's cache now holds (see Hello)
+    dropped: list[int] = []  # ... and those it no longer holds, or never took in
 
 
 class Out(Message, tag="out"):
@@ -148,6 +161,8 @@ class Out(Message, tag="out"):
     type: ClassVar[str] = "out"
     items: list[OutItem] = []
     load: EngineLoad | None = None  # piggy-backed: fresh between heartbeats
+    held: list[int] = []  # as in Heartbeat: what the engine's cache took in or let go
+    dropped: list[int] = []
 
 
 class Error(Message, tag="error"):

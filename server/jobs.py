@@ -73,6 +73,11 @@ class Job:
         return self.spec.seqs
 
     @property
+    def prompt_chars(self) -> int:
+        """The prompt's length, of which `prefix` fingerprints the leading blocks."""
+        return len(self.spec.prompt_text)
+
+    @property
     def finished(self) -> bool:
         return self.state in ("done", "cancelled")
 

@@ -61,7 +61,8 @@ class Worker:
         return protocol.Hello(self.worker_id, self.engine.name, self.engine.model,
                               self.engine.capacity, self.engine.device, self.state, os.getpid(),
                               self.load_time_s, self.error, self.capabilities(),
-                              self.settings.max_model_len)
+                              self.settings.max_model_len,
+                              reports_prefixes=self.engine.residency is not None)
 
     def capabilities(self) -> list[str]:
         """The routes and request features the engine serves (loading may settle them)."""

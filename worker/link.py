@@ -1,7 +1,10 @@
 """One worker's connection to one front: hello until welcomed, heartbeats, outputs coalesced per step.
 
 A worker connects one DEALER per front (several fronts: `--connect` takes a list) and answers each
-on its own link. Outputs emitted together (one engine step) leave as one `out` message.
+on its own link. Outputs emitted together (one engine step) leave as one `out` message. Each link
+also tells its front which prompt prefixes the engine's cache took in or let go since the last
+message (worker.residency), with its outputs and heartbeats; everything held, when the front is
+new to this worker.
 """
 
 from __future__ import annotations
@@ -48,12 +51,15 @@ class FrontLink:
         self.received = 0  # requests taken from this front: the acknowledgement in every load
         self.max_message_bytes = worker.settings.zmq_max_message_bytes
         self._sock: TrioSocket | None = None
+        residency = worker.engine.residency
+        self.changes = residency.listen() if residency is not None else None
         # Unbounded: emit() is called from the engine's step and must never wait; the flush task
         # drains it as fast as the socket takes messages.
         # `None` asks for a load report alone (a batch just arrived).
         self._out_send, self._out_receive = trio.open_memory_channel[Any](math.inf)
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        residency = self.worker.engine.residency
         raw = dealer(self.worker.settings, self.worker.worker_id)
         raw.setsockopt(zmq.LINGER, 500)  # long enough for a last bye, no longer
         raw.setsockopt(zmq.SNDHWM, 100_000)
@@ -70,6 +76,8 @@ class FrontLink:
                     await self._receive_loop(nursery)
             finally:  # leaving (stopped, or failed): tell the front while the socket is open
                 await self._say_bye(self.worker.stop_reason or "worker stopping")
+                if self.changes is not None and residency is not None:
+                    residency.unlisten(self.changes)
 
     async def send(self, message: protocol.Message) -> None:
         assert self._sock is not None
@@ -104,8 +112,9 @@ class FrontLink:
                     items.append(self._out_receive.receive_nowait())
                 except trio.WouldBlock:
                     break
+            held, dropped = self._prefix_changes()
             await self.send(protocol.Out([i for i in items if isinstance(i, protocol.OutItem)],
-                                         self.worker.load(self.received)))
+                                         self.worker.load(self.received), held, dropped))
             for item in items:
                 if isinstance(item, trio.Event):
                     item.set()
@@ -124,8 +133,13 @@ class FrontLink:
                     log.warning("no welcome from the front at %s after %g s: is it up, does it "
                                 "know this worker's key (python -m server.keys list), and is "
                                 "COHORT_FRONT_KEY its key?", self.endpoint, patience)
+            held, dropped = self._prefix_changes()
             await self.send(protocol.Heartbeat(self.worker.engine.unfinished(), self.worker.state,
-                                               self.worker.load(self.received)))
+                                               self.worker.load(self.received), held, dropped))
+
+    def _prefix_changes(self) -> tuple[list[int], list[int]]:
+        """What the engine's cache took in and let go that this front has not been told."""
+        return self.changes.take() if self.changes is not None else ([], [])
 
     async def _receive_loop(self, nursery: trio.Nursery) -> None:
         assert self._sock is not None
@@ -147,6 +161,9 @@ class FrontLink:
             elif isinstance(message, protocol.HelloAgain):
                 self.welcomed = False
                 self.received = 0  # the front forgot us: its new record of us counts from zero
+                residency = self.worker.engine.residency
+                if residency is not None and self.changes is not None:
+                    residency.resync(self.changes)  # ... and what our engine holds
                 await self.send(self.worker.hello())
             elif isinstance(message, protocol.Batch):
                 self.received += len(message.requests)

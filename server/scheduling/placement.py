@@ -1,14 +1,21 @@
-"""Who gets a request: placement by engine load first, then by prefix affinity within a margin.
+"""Who gets a request: the worker where it costs least, its prompt's uncached part against load.
 
 A worker has *room* while its engine could start another sequence now: what it runs, what waits
 in it and what the front sent that it has not acknowledged stay under its `max_num_seqs`, its KV
 cache is not full, and fewer than `max_unacked_batches` batches are still on the wire to it (a
-worker that stops reading gets no more). Among workers with room, the one with the least queued
-work (waiting + unacknowledged, then KV use, then running, then fewest sent) gets the request,
-unless the worker that was last sent this prompt's prefix holds at most `affinity_margin`
-sequences more than it: that one likely skips the prefill. The margin bounds the imbalance
-affinity may cause, so it cannot build a hot spot. A job re-run after an engine failed it goes to
-another worker while there is one (it waits for that one's room rather than fail there again).
+worker that stops reading gets no more). Among workers with room:
+
+- When no worker holds any of the prompt's prefix, the least queued one gets it (waiting +
+  unacknowledged, then KV use, then running, then fewest sent).
+- Otherwise each is priced in prompt tokens: what it would have to prefill (the prompt less the
+  longest prefix it holds, see server.scheduling.prefix) plus `seq_tokens` for every sequence it
+  already has (running, waiting, unacknowledged, and those this batch just gave it). The cheapest
+  wins. So the longest cached prefix goes first, and a hot prefix spreads to a second engine once
+  its holder has more sequences than the prefill it saves is worth: with 64 tokens a sequence,
+  8 more for a 512-token prefix, 64 more for a 4,096-token system prompt.
+
+A job re-run after an engine failed it goes to another worker while there is one (it waits for
+that one's room rather than fail there again).
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from common.protocol import EngineLoad
-from server.scheduling.prefix import PrefixOwners
+from server.scheduling.prefix import BLOCK_CHARS, PrefixHolders
 
 KV_FULL = 0.98
+CHARS_PER_TOKEN = 4  # the front does not tokenize: an English text's usual ratio
 ENGINE_BACKLOG = 0.25  # with fair shares: an engine queues at most a quarter of max_num_seqs  # vLLM preempts near a full KV cache; sending more only makes it queue
 
 
@@ -31,6 +39,9 @@ class Placeable(Protocol):
 
     @property
     def prefix(self) -> tuple[int, ...]: ...
+
+    @property
+    def prompt_chars(self) -> int: ...
 
     @property
     def failed_on(self) -> Collection[Hashable]: ...  # workers whose engine failed this job
@@ -57,6 +68,8 @@ class WorkerLoad:
     sent: int = 0  # requests sent, ever: the worker acknowledges by this count
     received: int = 0
     unacked: int = 0  # sequences of the batches not acknowledged yet
+    reports_prefixes: bool = False  # its engine says which prefixes it holds (Hello)
+    prefixes_held: int = 0
     _marks: collections.deque[tuple[int, int]] = field(default_factory=collections.deque)
 
     def report(self, load: EngineLoad) -> None:
@@ -65,6 +78,7 @@ class WorkerLoad:
         self.prefix_hit_rate = load.prefix_hit_rate
         self.max_num_seqs = load.max_num_seqs or self.max_num_seqs
         self.max_num_batched_tokens = load.max_num_batched_tokens
+        self.prefixes_held = load.prefixes_held
         self.received = max(self.received, load.received)
         while self._marks and self._marks[0][0] <= self.received:
             self.unacked -= self._marks.popleft()[1]
@@ -87,23 +101,38 @@ class WorkerLoad:
 class Placement:
     """Chooses a worker for each job of a batch; pure, so it is tested without sockets."""
 
-    def __init__(self, *, max_unacked_batches: int, affinity_margin: int,
+    def __init__(self, *, max_unacked_batches: int, seq_tokens: int = 64,
                  prefix_affinity: bool = True, backlog: float = 0.0) -> None:
         self.max_unacked_batches = max_unacked_batches
         # What an engine may hold waiting when the front forces work on it, as a share of its
         # max_num_seqs (0: no bound). Bounded, the rest waits in the front, where fair shares
         # order it; a little is kept there so a freed slot never waits on a round trip.
         self.backlog = backlog
-        self.affinity_margin = affinity_margin
+        self.seq_tokens = seq_tokens  # what a sequence an engine already has is worth, in tokens
         self.prefix_affinity = prefix_affinity
-        self.owners = PrefixOwners()
+        self.holders = PrefixHolders()
+        self._estimated: set[Hashable] = set()  # workers whose engines report no prefixes
 
     def sent(self, key: Hashable, load: WorkerLoad, jobs: Sequence[Placeable]) -> None:
         """Record a batch sent to a worker: unacknowledged work, and the prefixes it now holds."""
         load.sent_batch(jobs)
+        if not load.reports_prefixes:
+            self._estimated.add(key)
         for job in jobs:
             if job.prefix:
-                self.owners.remember(job.prefix, key)
+                self.holders.sent(job.prefix, key, self._estimated)
+
+    def reported(self, key: Hashable, held: Sequence[int], dropped: Sequence[int]) -> None:
+        """What a worker's engine said its cache took in and let go."""
+        if dropped:
+            self.holders.dropped(key, dropped)
+        if held:
+            self.holders.held(key, held)
+
+    def forget(self, key: Hashable) -> None:
+        """A worker died, restarted or was paused: nothing of its cache counts any more."""
+        self.holders.forget(key)
+        self._estimated.discard(key)
 
     def room(self, load: WorkerLoad) -> int:
         """Sequences this worker's engine could start now (0: it is saturated)."""
@@ -152,11 +181,15 @@ class Placement:
             return (load.waiting + load.unacked + extra[key], load.kv_usage,
                     load.outstanding + extra[key], load.sent + extra[key])
 
-        best = min(open_, key=queued)
         if not (self.prefix_affinity and job.prefix):
-            return best
-        limit = workers[best].outstanding + extra[best] + self.affinity_margin
-        matches = {key: self.owners.match(job.prefix, key) for key in open_
-                   if workers[key].outstanding + extra[key] <= limit}
-        affine = max(matches, key=lambda key: (matches[key], key == best))
-        return affine if matches[affine] else best
+            return min(open_, key=queued)
+        cached = {key: self.holders.longest(job.prefix, key) * BLOCK_CHARS for key in open_}
+        if not any(cached.values()):
+            return min(open_, key=queued)
+
+        def cost(key: K) -> tuple[float, int, float, int, int]:
+            uncached = max(0, job.prompt_chars - cached[key]) / CHARS_PER_TOKEN
+            sequences = workers[key].outstanding + extra[key]
+            return (uncached + self.seq_tokens * sequences, *queued(key))
+
+        return min(open_, key=cost)

@@ -129,6 +129,7 @@ class WorkerLifecycle:
                                   hello.capacity, hello.device, hello.pid, hello.state, now,
                                   hello.load_time_s)
             worker.load.max_num_seqs = hello.capacity  # until its engine reports its own limit
+            worker.load.reports_prefixes = hello.reports_prefixes
             worker.features, worker.max_model_len = frozenset(hello.features), hello.max_model_len
             self.workers[identity] = worker
             log.info("worker %s joined: engine %s, model %s, %s, state %s", hello.worker_id,
@@ -153,6 +154,9 @@ class WorkerLifecycle:
             return Actions(send=[(identity, protocol.HelloAgain())])
         worker.last_seen = now
         actions = Actions()
+        if isinstance(message, (protocol.Out, protocol.Heartbeat)) and \
+                (message.held or message.dropped):
+            self.registry.placement.reported(identity, message.held, message.dropped)
         if isinstance(message, protocol.Out):
             actions.add(self._outputs(worker, message.items, now))
             actions.changed |= self._take_load(worker, message.load)
@@ -275,7 +279,7 @@ class WorkerLifecycle:
         worker.error = f"{worker.breaker.failures} requests in a row failed; last: {reason}"
         log.warning("worker %s paused for %g s: %s", worker.worker_id, worker.breaker.pause_s,
                     worker.error)
-        self.registry.placement.owners.forget(worker.identity)
+        self.registry.placement.forget(worker.identity)
         return Actions(returned=self._orphaned(worker.model), changed=True)
 
     def _orphaned(self, model: str) -> list[Returned]:
@@ -341,7 +345,7 @@ class WorkerLifecycle:
                     f"worker {worker.worker_id} died ({reason}) while running this request"
                     + ("" if job.retryable else " after part of it was streamed")))
         worker.jobs.clear()
-        self.registry.placement.owners.forget(worker.identity)
+        self.registry.placement.forget(worker.identity)
         actions = Actions(changed=True)
         if retry:
             self.metrics.retries.inc(len(retry))

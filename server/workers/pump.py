@@ -46,7 +46,7 @@ class Dispatcher:
         self.front_id = f"{socket.gethostname()}-{os.getpid()}"
         self.endpoint = ""
         self.placement = Placement(max_unacked_batches=settings.max_batches_per_worker,
-                                   affinity_margin=settings.affinity_margin,
+                                   seq_tokens=settings.prefix_seq_tokens,
                                    prefix_affinity=settings.prefix_affinity,
                                    backlog=policy.engine_backlog)
         self.registry = WorkerRegistry(self.placement, metrics)
@@ -232,7 +232,8 @@ class Dispatcher:
         def item(job: Job) -> protocol.RequestItem:
             spec = job.spec
             return protocol.request_item(job.id, spec.route, spec.body, trace_id=spec.trace_id,
-                                         stream=spec.stream, priority=priorities[job.id])
+                                         stream=spec.stream, priority=priorities[job.id],
+                                         prefix=list(job.prefix), prompt_chars=job.prompt_chars)
         try:
             return jobs, protocol.Batch(batch_id, [item(job) for job in jobs]).encode()
         except (ValueError, TypeError, OverflowError, msgspec.EncodeError):

@@ -142,6 +142,9 @@ class WorkerRegistry:
             "engine_active": w.active, "running": w.load.running, "waiting": w.load.waiting,
             "unacknowledged": w.load.unacked, "kv_usage": round(w.load.kv_usage, 4),
             "prefix_hit_rate": round(w.load.prefix_hit_rate, 4),
+            "prefixes": "reported" if w.load.reports_prefixes else "estimated",
+            "prefixes_held": w.load.prefixes_held,  # as its engine reports
+            "prefixes_counted": self.placement.holders.counts[w.identity],  # as placement sees
             "max_num_seqs": w.load.max_num_seqs,
             "max_num_batched_tokens": w.load.max_num_batched_tokens,
             "batches_sent": w.batches_sent, "jobs_done": w.jobs_done,

@@ -141,17 +141,30 @@ def test_structured_output_and_sampling_extras_reach_vllm(real):
 
 
 @deadline(TEST_DEADLINE_S)
-async def test_the_prefix_cache_hit_rate_reaches_the_front(real):
-    prompt = "The history of the city of Paris is long. " * 20  # ~200 tokens: whole blocks
+async def test_the_prefix_cache_and_what_it_holds_reach_the_front(real):
+    """vLLM's KV events, joined in the worker with each prompt's tokens, tell the front which
+    prefixes each engine holds; the front places the same prefix where it is held."""
+    prompt = "The history of the city of Paris is long. " * 40  # ~400 tokens: whole blocks
     async with httpx.AsyncClient(timeout=120, headers=real.headers()) as http:
+        async def done() -> dict[str, int]:
+            workers = (await http.get(real.url + "/health")).json()["workers"]
+            return {w["id"]: w["jobs_done"] for w in workers}
+
+        before = await done()
         for _ in range(3):
             r = await http.post(real.url + "/v1/completions", json={
                 "model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0})
             assert r.status_code == 200
-        with trio.fail_after(10):  # the next heartbeat carries it
-            while not any(w["prefix_hit_rate"] > 0 for w in
-                          (await http.get(real.url + "/health")).json()["workers"]):
+        after = await done()
+        assert sorted(after[w] - before[w] for w in after) == [0, 3]  # one engine: the holder
+        with trio.fail_after(10):  # the next heartbeat carries them
+            while True:
+                workers = (await http.get(real.url + "/health")).json()["workers"]
+                if any(w["prefix_hit_rate"] > 0 for w in workers) and \
+                        any(w["prefixes_held"] > 0 for w in workers):
+                    break
                 await trio.sleep(0.1)
+        assert {w["prefixes"] for w in workers} == {"reported"}
 
 
 @deadline(TEST_DEADLINE_S)

@@ -15,7 +15,7 @@ PERIOD = 0.5
 
 
 def lifecycle(*workers: str, timeout_s: float = 2.0) -> WorkerLifecycle:
-    registry = WorkerRegistry(Placement(max_unacked_batches=4, affinity_margin=2), Metrics())
+    registry = WorkerRegistry(Placement(max_unacked_batches=4), Metrics())
     cycle = WorkerLifecycle(ServerSettings(worker_timeout_s=timeout_s), Metrics(), registry,
                             "front-1")
     for name in workers:

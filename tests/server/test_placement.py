@@ -1,6 +1,9 @@
 """Who gets a request: placement by load, then by prefix, and the batching loop driven by it,
 without sockets, in virtual time."""
 
+import subprocess
+import sys
+
 import trio
 
 from common.protocol import EngineLoad
@@ -9,7 +12,7 @@ from server.scheduler import Scheduler
 from server.scheduling.policy import SchedulingPolicy
 from server.scheduling.placement import KV_FULL, Placement, WorkerLoad
 from server.openai_schema import Message, chat_prompt_text
-from server.scheduling.prefix import BLOCK_CHARS, PrefixOwners, prefix_blocks
+from server.scheduling.prefix import BLOCK_CHARS, PrefixHolders, prefix_blocks
 
 SYSTEM = "You are a careful assistant. " * 40  # about 1,100 characters: four blocks
 
@@ -22,7 +25,7 @@ def job(prompt: str = "hi", n: int = 1) -> Job:
 
 
 def placement(**kw) -> Placement:
-    return Placement(**{"max_unacked_batches": 4, "affinity_margin": 4, **kw})
+    return Placement(**{"max_unacked_batches": 4, **kw})
 
 
 def loads(**figures: dict) -> dict[str, WorkerLoad]:
@@ -89,40 +92,88 @@ def test_a_shared_prefix_goes_back_to_the_worker_that_has_it():
     workers = loads(a=dict(running=3), b=dict(running=0))
     policy = placement()
     policy.sent("a", workers["a"], [job(SYSTEM + "first question")])
-    workers["a"].report(EngineLoad(running=4, received=1))
+    workers["a"].report(EngineLoad(running=3, received=1))
     plan, _ = policy.assign([job(SYSTEM + "another question")], workers)
-    assert list(plan) == ["a"]  # within the margin (4 <= 0 + 4)
+    # a: 38 uncached tokens + 3 sequences x 64 = 230; b: all 294 tokens of the prompt
+    assert list(plan) == ["a"]
+    workers["a"].report(EngineLoad(running=4, received=1))  # a tie (294): the less loaded
+    assert list(policy.assign([job(SYSTEM + "another question")], workers)[0]) == ["b"]
     no_affinity = placement(prefix_affinity=False)
     assert list(no_affinity.assign([job(SYSTEM + "x")], workers)[0]) == ["b"]
     assert list(policy.assign([job("short, no prefix to speak of")], workers)[0]) == ["b"]
 
 
-def test_affinity_yields_beyond_the_margin_and_the_prefix_moves_with_it():
+def test_a_hot_prefix_spreads_once_its_holder_has_more_sequences_than_the_prefill_saves():
     workers = loads(a=dict(running=5), b=dict(running=0))
     policy = placement()
     policy.sent("a", WorkerLoad(), [job(SYSTEM)])
     plan, _ = policy.assign([job(SYSTEM + "q")], workers)
-    assert list(plan) == ["b"]  # 5 > 0 + 4: load wins
+    assert list(plan) == ["b"]  # a: 34 + 5 x 64 = 354; b: 290
+    patient = placement(seq_tokens=32)  # a sequence is worth less: a keeps it (34 + 160)
+    patient.sent("a", WorkerLoad(), [job(SYSTEM)])
+    assert list(patient.assign([job(SYSTEM + "q")], workers)[0]) == ["a"]
     policy.sent("b", workers["b"], plan["b"])
     workers["a"].running = workers["b"].running = 0
-    assert list(policy.assign([job(SYSTEM + "r")], workers)[0]) == ["b"]  # b computed it last
+    # a worker whose engine reports nothing is estimated: the prefix moved to b, computed last
+    assert list(policy.assign([job(SYSTEM + "r")], workers)[0]) == ["b"]
+
+
+def test_the_longest_held_prefix_wins_and_engines_that_report_hold_one_prefix_together():
+    workers = loads(a=dict(reports_prefixes=True), b=dict(reports_prefixes=True, running=1))
+    policy = placement()
+    long_prompt = job(SYSTEM + "q")
+    policy.reported("a", held=long_prompt.prefix[:2], dropped=[])
+    policy.reported("b", held=long_prompt.prefix, dropped=[])
+    assert list(policy.assign([long_prompt], workers)[0]) == ["b"]  # 4 blocks beat 2
+    policy.sent("a", workers["a"], [long_prompt])  # reported engines keep what they hold
+    assert policy.holders.longest(long_prompt.prefix, "b") == 4
+    workers["b"].running = 2
+    assert list(policy.assign([job(SYSTEM + "r")], workers)[0]) == ["a"]  # both: the idler
+
+
+def test_an_eviction_the_engine_reports_ends_the_affinity():
+    workers = loads(a=dict(reports_prefixes=True), b=dict(reports_prefixes=True))
+    policy = placement()
+    first = job(SYSTEM + "q")
+    policy.sent("a", workers["a"], [first])
+    workers["a"].running = 2
+    assert list(policy.assign([job(SYSTEM + "r")], workers)[0]) == ["a"]
+    policy.reported("a", held=[], dropped=first.prefix[2:])  # its engine evicted the tail
+    assert policy.holders.longest(first.prefix, "a") == 2
+    policy.reported("a", held=[], dropped=first.prefix[:2])
+    assert list(policy.assign([job(SYSTEM + "r")], workers)[0]) == ["b"]
+    policy.reported("b", held=first.prefix, dropped=[])
+    policy.forget("b")  # b died: nothing of its cache counts
+    assert policy.holders.longest(first.prefix, "b") == 0
 
 
 def test_a_waiting_queue_counts_against_affinity_like_any_load():
     workers = loads(a=dict(running=1, waiting=2), b=dict(running=0))
-    policy = placement(affinity_margin=2)
+    policy = placement(seq_tokens=100)
     policy.sent("a", WorkerLoad(), [job(SYSTEM)])
-    assert list(policy.assign([job(SYSTEM + "q")], workers)[0]) == ["b"]  # 3 > 0 + 2
+    assert list(policy.assign([job(SYSTEM + "q")], workers)[0]) == ["b"]  # 34 + 300 > 290
     workers["a"].running = 0
-    assert list(policy.assign([job(SYSTEM + "q")], workers)[0]) == ["a"]  # 2 <= 0 + 2
+    assert list(policy.assign([job(SYSTEM + "q")], workers)[0]) == ["a"]  # 34 + 200 < 290
 
 
 def test_affinity_within_one_batch_cannot_pile_everything_on_one_worker():
     workers = loads(a=dict(), b=dict())
-    policy = placement(affinity_margin=2)
+    policy = placement()
     policy.sent("a", WorkerLoad(), [job(SYSTEM)])
     plan, _ = policy.assign([job(SYSTEM + str(i)) for i in range(10)], workers)
-    assert sorted(len(v) for v in plan.values()) == [4, 6]
+    # a keeps the prefix while it has fewer than 4 more sequences than b (256 tokens saved)
+    assert {key: len(value) for key, value in plan.items()} == {"a": 7, "b": 3}
+
+
+def test_the_front_remembers_a_bounded_number_of_prefixes_and_estimates_one_holder():
+    holders = PrefixHolders(max_blocks=4)
+    holders.sent((0, 1, 2), "a", estimated={"a", "c"})
+    holders.held("b", (3, 4, 5, 6))
+    assert holders.longest((0, 1, 2), "a") == 0  # the oldest went
+    assert holders.longest((3, 4, 5, 6), "b") == 4
+    holders.sent((3, 4), "a", estimated={"a", "c"})
+    holders.sent((3, 4), "c", estimated={"a", "c"})  # estimated: the prefix moves from a to c
+    assert [holders.longest((3, 4), w) for w in "abc"] == [0, 2, 2]  # b reports: it stays
 
 
 def test_ties_go_to_the_worker_sent_least():
@@ -138,14 +189,10 @@ def test_prefix_blocks_chain_and_chat_roles_count():
     as_system = chat_prompt_text([Message(role="system", content=text)])
     as_user = chat_prompt_text([Message(role="user", content=text)])
     assert prefix_blocks(as_system)[0] != prefix_blocks(as_user)[0]
-    owners = PrefixOwners(max_blocks=2)
-    owners.remember(blocks, "a")
-    assert owners.match(blocks, "a") == 0  # the oldest block was dropped, so no prefix matches
-    owners.remember(blocks[:2], "a")
-    owners.remember(blocks[:1], "b")
-    assert (owners.match(blocks, "a"), owners.match(blocks, "b")) == (0, 1)
-    owners.forget("b")
-    assert owners.match(blocks, "b") == 0
+    # the same in every process: a worker reports back fingerprints the front sent it
+    code = "from server.scheduling.prefix import prefix_blocks; print(prefix_blocks('x' * 600))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == str(prefix_blocks("x" * 600))
 
 
 class SimulatedWorkers:
@@ -222,7 +269,7 @@ async def test_saturated_workers_get_more_when_a_report_frees_room(autojump_cloc
 
 
 def test_forced_work_fills_an_engines_backlog_and_no_more():
-    policy = Placement(max_unacked_batches=4, affinity_margin=4, backlog=0.25)
+    policy = Placement(max_unacked_batches=4, backlog=0.25)
     full = WorkerLoad(max_num_seqs=8, running=8)
     plan, left = policy.assign([job() for _ in range(5)], {"a": full}, force=True)
     assert len(plan["a"]) == 2 and len(left) == 3  # two may wait in the engine, three here

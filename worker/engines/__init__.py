@@ -7,6 +7,7 @@ from typing import Any
 
 from common import protocol
 from common.config import WorkerSettings
+from worker.residency import Residency
 
 Emit = Callable[[protocol.OutItem], None]
 
@@ -55,6 +56,9 @@ class Engine:
     # Request features past the base (see server.openai_schema.FEATURES) this engine honours; the
     # front refuses the others with a 400 that names them, rather than have them dropped here.
     features: frozenset[str] = frozenset()
+    # Which prompt prefixes its cache holds, for engines that can tell (see worker.residency):
+    # the worker's links pass it on to the fronts, which place by it.
+    residency: Residency | None = None
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings

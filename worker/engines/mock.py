@@ -9,7 +9,9 @@ vLLM's `priority` scheduling policy orders it (lower `priority` first, then arri
 it for fair shares and tiers, and a vLLM worker runs that policy). A prefix cache
 of 16-token blocks lets a prompt that starts like an earlier one skip that part of its prefill.
 
-A step is one forward pass: it costs `mock_token_s * (1 + mock_batch_growth * (sequences - 1))`
+Its cache reports what it stores and evicts, block by block, as vLLM's KV events do, and links
+each prefilled prompt to the fronts' fingerprints (worker.residency), so placement by what an
+engine holds runs on the mock as it does on vLLM. A step is one forward pass: it costs `mock_token_s * (1 + mock_batch_growth * (sequences - 1))`
 for the sequences in it (decoding, or prefilling a chunk), plus `mock_prefill_token_s` per prompt
 token prefilled and `mock_ttft_s` once when it prefills.
 Replies keep the shape users of the old system know, `[Batched mock response <batch id>] Mock
@@ -30,6 +32,7 @@ import trio
 
 from common import protocol
 from common.prefix import chained_hashes
+from worker.residency import Residency
 from worker.engines import Emit, Engine, EngineError, InvalidRequest
 from worker.engines.mock_answers import (FILLER, PromptPlan, Vocabulary, echo_logprobs,
                                          embeddings_body, logprob, plan, tokenize_body)
@@ -39,10 +42,12 @@ BLOCK_TOKENS = 16  # vLLM's default KV block size: the prefix cache's unit
 
 
 class PrefixCache:
-    """Blocks of prompts prefilled before, least recently used dropped first."""
+    """Blocks of prompts prefilled before, least recently used dropped first; each block stored
+    or evicted is told to `residency`, as vLLM's engine publishes its KV events."""
 
-    def __init__(self, max_tokens: int) -> None:
+    def __init__(self, max_tokens: int, residency: Residency) -> None:
         self.max_blocks = max_tokens // BLOCK_TOKENS
+        self.residency = residency
         self._blocks: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.queries = 0
         self.hits = 0
@@ -53,19 +58,31 @@ class PrefixCache:
         for block in blocks:
             if block not in self._blocks:
                 break
-            self._blocks.move_to_end(block)
             found += 1
+        self._touch(blocks[:found])
         cached = min(found * BLOCK_TOKENS, prompt_tokens - 1)
         self.queries += prompt_tokens
         self.hits += cached
         return cached
 
-    def remember(self, blocks: tuple[int, ...]) -> None:
-        for block in blocks:
-            self._blocks[block] = None
-            self._blocks.move_to_end(block)
+    def remember(self, blocks: tuple[int, ...], tokens: list[str]) -> None:
+        parent = None
+        for index, block in enumerate(blocks):
+            if block not in self._blocks:
+                self.residency.stored([block], parent, tokens[index * BLOCK_TOKENS:
+                                                              (index + 1) * BLOCK_TOKENS],
+                                      BLOCK_TOKENS)
+                self._blocks[block] = None
+            parent = block
+        self._touch(blocks)
         while len(self._blocks) > self.max_blocks:
-            self._blocks.popitem(last=False)
+            self.residency.removed([self._blocks.popitem(last=False)[0]])
+
+    def _touch(self, blocks: tuple[int, ...]) -> None:
+        """Used now: last first, so a prompt's tail is evicted before its head, as vLLM frees a
+        request's blocks in reverse and evicts the least recently freed."""
+        for block in reversed(blocks):
+            self._blocks.move_to_end(block)
 
     @property
     def hit_rate(self) -> float:
@@ -92,7 +109,7 @@ class MockRequest:
     max_tokens: int
     stop: list[str]
     output: Reply
-    prompt_tokens: int
+    tokens: list[str]
     blocks: tuple[int, ...]
     choices: list[Choice]
     min_tokens: int = 0
@@ -102,6 +119,11 @@ class MockRequest:
     last_chunk: int = 0
     kv_tokens: int = 0  # reserved while running
     finished: trio.Event = field(default_factory=trio.Event)
+    fingerprinted: protocol.RequestItem | None = None  # the front's prefix is this prompt's
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.tokens)
 
     @property
     def live(self) -> list[Choice]:
@@ -127,7 +149,8 @@ class MockEngine(Engine):
         self.model = settings.served_model_name or settings.model or "cohort-mock"
         self.device = "cpu (mock)"
         self.max_num_batched_tokens = settings.max_num_batched_tokens or 2048
-        self.cache = PrefixCache(settings.mock_prefix_cache_tokens)
+        self.cache = PrefixCache(settings.mock_prefix_cache_tokens, Residency())
+        self.residency = self.cache.residency
         # (priority, arrival, request): vLLM's priority queue, a heap
         self._waiting: list[tuple[int, int, MockRequest]] = []
         self._arrivals = itertools.count()
@@ -160,7 +183,8 @@ class MockEngine(Engine):
             waiting=sum(len(r.live) for *_, r in self._waiting),
             kv_usage=min(1.0, kv_used / self.settings.mock_kv_tokens),
             prefix_hit_rate=self.cache.hit_rate, max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens)
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            prefixes_held=self.cache.residency.held())
 
     # --- the step loop --------------------------------------------------------------------------
 
@@ -226,7 +250,10 @@ class MockEngine(Engine):
         request.last_chunk = min(request.prefill_left, budget)
         request.prefill_left -= request.last_chunk
         if not request.prefill_left:
-            self.cache.remember(request.blocks)
+            self.cache.remember(request.blocks, request.tokens)
+            linked = request.fingerprinted
+            if linked is not None:
+                self.cache.residency.link(linked.id, linked.prefix, linked.prompt_chars, request.tokens)
         return request.last_chunk
 
     def _drop_finished(self) -> None:
@@ -301,7 +328,7 @@ class MockEngine(Engine):
         choices = [Choice(c.index, c.reply) for c in prompt.choices]
         mock_request = MockRequest(
             request.id, s.mock_reply_length == "max_tokens" or bool(body.get("ignore_eos")),
-            max_tokens, [stop] if isinstance(stop, str) else stop, output, len(prompt.tokens),
+            max_tokens, [stop] if isinstance(stop, str) else stop, output, prompt.tokens,
             chained_hashes(prompt.tokens, BLOCK_TOKENS), choices, body.get("min_tokens") or 0,
             bool(body.get("include_stop_str_in_output")), prompt.end_reason)
         mock_request.kv_tokens = len(prompt.tokens) + len(choices) * max_tokens
@@ -320,6 +347,8 @@ class MockEngine(Engine):
         plans = plan(request)
         output = Reply(request, emit, sum(len(p.choices) for p in plans))
         requests = [self._admit(request, prompt, output) for prompt in plans]
+        if request.prefix and len(requests) == 1:  # the front fingerprinted this one prompt
+            requests[0].fingerprinted = request
         for prompt in plans:
             output.prompt_tokens += len(prompt.tokens)
             for choice in prompt.choices:

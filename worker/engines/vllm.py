@@ -7,6 +7,9 @@ batching spans batches; each SSE event crosses back to trio through `run_sync_so
 never blocking), where the worker's link sends all events that arrived together as one `out`.
 Cancelling a request in trio cancels its asyncio task, and vLLM aborts it on that cancellation.
 The engine's load comes from vLLM's own scheduler statistics, through a stat logger of ours.
+Which prompt prefixes its cache holds comes from vLLM's KV cache events, which its EngineCore
+publishes on a private ipc socket this worker subscribes to, joined with each request's prompt
+tokens as vLLM returns them (see worker.residency).
 It runs vLLM's `priority` scheduling policy: the front gives each request the priority that keeps
 fair shares and tiers in the engine's own queue (server.scheduling.engine_priority).
 """
@@ -14,20 +17,42 @@ fair shares and tiers in the engine's own queue (server.scheduling.engine_priori
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from typing import Any
 
+import msgspec
 import trio
+import zmq
 
 from common import protocol
+from common.zmqtrio import TrioSocket
 from worker.engines import VLLM_FEATURES, Emit, Engine, EngineError
+from worker.residency import Residency
 from worker.engines.usage_tap import UsageTap, sse
 from worker.engines.vllm_serving import Serving, build_serving, handle
 
 log = logging.getLogger("cohort.worker.vllm")
 PRIORITISED = frozenset({"chat", "completions", "embeddings"})  # the routes vLLM queues
+ENGINE_CACHE = (None, "GPU")  # events of the engine's own KV cache (not of blocks offloaded)
+# the request a coroutine on the engine's loop serves: the serving layer calls AsyncLLM.generate
+# from the request's own task, so the call knows whose prompt tokens it sees first
+_linking: contextvars.ContextVar[list[protocol.RequestItem] | None] = contextvars.ContextVar(
+    "cohort_linking", default=None)
+
+
+def single_prompt(request: protocol.RequestItem) -> bool:
+    """A chat, or completions of one prompt: the request the front fingerprinted is all of it."""
+    if request.route == "chat":
+        return True
+    prompt = request.body.get("prompt")
+    return request.route == "completions" and (
+        isinstance(prompt, str) or (isinstance(prompt, list) and len(prompt) == 1
+                                    and isinstance(prompt[0], str)))
 
 
 def pick_device(wanted: str) -> str:
@@ -99,6 +124,10 @@ class VllmEngine(Engine):
             self.routes = frozenset({"embeddings", "tokenize", "detokenize"})
         self._figures = SchedulerFigures()
         self._token: trio.lowlevel.TrioToken | None = None
+        self._events_dir = ""
+        if settings.kv_events and settings.runner != "pooling":
+            self.residency = Residency()
+            self._events_dir = tempfile.mkdtemp(prefix="cohort-kv-")  # private: mode 0700
 
     async def _on_loop(self, coro) -> Any:
         """Run a coroutine on the engine's asyncio loop and wait for it without blocking trio."""
@@ -115,12 +144,25 @@ class VllmEngine(Engine):
                                                    ("max_num_batched_tokens", s.max_num_batched_tokens))
                   if value}
         # disable_log_stats: no periodic log lines; our stat logger still gets every step's figures
+        extra: dict[str, Any] = dict(limits)
+        if s.kv_cache_memory_bytes:
+            extra["kv_cache_memory_bytes"] = s.kv_cache_memory_bytes
+        if self.residency is not None:
+            from vllm.config import KVEventsConfig
+            extra["kv_events_config"] = KVEventsConfig(
+                enable_kv_cache_events=True, publisher="zmq", endpoint=self.events_endpoint,
+                topic="kv")
         return AsyncEngineArgs(
             model=self.path, served_model_name=[self.model], max_model_len=s.max_model_len,
             quantization=quantization, trust_remote_code=s.trust_remote_code,
             gpu_memory_utilization=share, enforce_eager=s.enforce_eager,
             dtype="float32" if self.device == "cpu" else "auto", disable_log_stats=True,
-            runner=s.runner, convert=s.convert, scheduling_policy="priority", **limits)
+            runner=s.runner, convert=s.convert, scheduling_policy="priority", **extra)
+
+    @property
+    def events_endpoint(self) -> str:
+        """Where EngineCore publishes its KV events: an ipc socket in a directory only we read."""
+        return f"ipc://{self._events_dir}/events"
 
     async def load(self) -> None:
         if self.settings.hf_token:
@@ -144,6 +186,61 @@ class VllmEngine(Engine):
 
         self._engine, self._serving = await self._on_loop(create())
         self.routes = self._serving.routes
+        if self.residency is not None:
+            self._watch_prompts(self._engine)
+
+    def _watch_prompts(self, engine) -> None:
+        """Wrap AsyncLLM.generate: the first output of a fingerprinted request carries its prompt
+        token ids, which link its fingerprints to the engine's blocks (on trio's side)."""
+        original, residency, token = engine.generate, self.residency, self._token
+        assert residency is not None and token is not None
+
+        async def generate(*args, **kwargs):
+            waiting = _linking.get()
+            request = waiting.pop() if waiting else None  # the first generate call only
+            async for output in original(*args, **kwargs):
+                if request is not None and output.prompt_token_ids:
+                    token.run_sync_soon(residency.link, request.id, request.prefix,
+                                        request.prompt_chars, list(output.prompt_token_ids))
+                    request = None
+                yield output
+
+        engine.generate = generate
+
+    async def run(self) -> None:
+        """Read EngineCore's KV events into the residency (the worker runs this once loaded)."""
+        if self.residency is None:
+            return
+        from vllm.distributed.kv_events import (AllBlocksCleared, BlockRemoved, BlockStored,
+                                                KVEventBatch)
+        residency, decoder = self.residency, msgspec.msgpack.Decoder(KVEventBatch)
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        raw = context.socket(zmq.SUB)
+        raw.setsockopt(zmq.SUBSCRIBE, b"")
+        raw.connect(self.events_endpoint)
+        refused = 0
+        with TrioSocket(raw) as sock:
+            while True:
+                frames = await sock.recv_multipart()
+                try:
+                    batch = decoder.decode(frames[-1])
+                except msgspec.DecodeError as error:  # a vLLM of another event format
+                    refused += 1
+                    if refused == 1 or refused % 1000 == 0:
+                        log.warning("could not read %d KV event batch(es) from vLLM: %s",
+                                    refused, error)
+                    continue
+                for event in batch.events:
+                    if getattr(event, "medium", None) not in ENGINE_CACHE:
+                        continue
+                    if isinstance(event, BlockStored):
+                        residency.stored(event.block_hashes, event.parent_block_hash,
+                                         event.token_ids, event.block_size)
+                    elif isinstance(event, BlockRemoved):
+                        residency.removed(event.block_hashes)
+                    elif isinstance(event, AllBlocksCleared):
+                        residency.cleared()
+                residency.settle()
 
     def dead(self) -> str:
         """vLLM marks its client errored once its EngineCore process is gone (EngineDeadError)."""
@@ -169,7 +266,8 @@ class VllmEngine(Engine):
         return protocol.EngineLoad(
             running=total - waiting, waiting=waiting, kv_usage=figures.kv_usage,
             prefix_hit_rate=figures.hits / figures.queries if figures.queries else 0.0,
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens)
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            prefixes_held=self.residency.held() if self.residency is not None else 0)
 
     async def _produce(self, request: protocol.RequestItem, emit_soon) -> None:
         """The asyncio side of one request: vLLM's answer, its SSE events passed on as they come.
@@ -179,6 +277,8 @@ class VllmEngine(Engine):
         if request.route in PRIORITISED:  # the front's fair shares and tiers, in vLLM's queue
             body["priority"] = request.priority
         assert self._serving is not None  # loaded before any request reaches it
+        if self.residency is not None and request.prefix and single_prompt(request):
+            _linking.set([request])
         serving = self._serving.chat or self._serving.completion
         tap = UsageTap(body, request.stream, getattr(serving, "system_fingerprint", None))
         answer = await handle(self._serving, request.route, tap.body)
@@ -227,3 +327,5 @@ class VllmEngine(Engine):
             await trio.to_thread.run_sync(engine.shutdown)
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._events_dir:
+            shutil.rmtree(self._events_dir, ignore_errors=True)
