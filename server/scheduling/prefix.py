@@ -16,7 +16,7 @@ its evictions and would otherwise end up counting every worker as holding everyt
 from __future__ import annotations
 
 import collections
-from collections.abc import Collection, Hashable, Iterable
+from collections.abc import Hashable, Iterable, Set
 
 from common.prefix import BLOCK_CHARS, text_fingerprints
 
@@ -48,7 +48,7 @@ class PrefixHolders:
                 return count
         return 0
 
-    def sent(self, blocks: Iterable[int], worker: Hashable, estimated: Collection[Hashable]) -> None:
+    def sent(self, blocks: Iterable[int], worker: Hashable, estimated: Set[Hashable]) -> None:
         """A prompt went to `worker`: it will hold it. `estimated` are the workers that report
         nothing; a prefix sent to one of them leaves the others."""
         for block in blocks:
