@@ -8,6 +8,7 @@ Every setting has a clean `COHORT_*` name; the names users of the system this re
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,6 +56,14 @@ def env_field(default: Any, *names: str, doc: str) -> Any:
     return field(default=default, metadata={"env": names, "doc": doc})
 
 
+# Variables of Cohort's prefixes that are not settings, read where they are used.
+NOT_SETTINGS = {
+    "COHORT_KEY": "an API key, in the docs' examples",
+    "COHORT_REQUIRE_VLLM": "CI: the real-engine tests may not skip",
+    "COHORT_TEST_MIN_FREE_GB": "the free memory the real-engine tests ask for",
+    "COHORT_CHAOS_SEED": "bench/faults.py's random kills",
+}
+PREFIXES = ("COHORT_", "MOCK_")  # a variable of these names that nothing reads is refused
 # Settings that were removed: set, they would be ignored without a word, so they stop the start.
 RETIRED = {
     "COHORT_AFFINITY_MARGIN": "placement prices a worker's sequences against the prefill its "
@@ -65,9 +74,7 @@ RETIRED = {
 def load(cls: type, env: Mapping[str, str] | None = None, **overrides: object) -> Any:
     """Build settings `cls` from `env` (default: os.environ), then apply explicit overrides."""
     env = os.environ if env is None else env
-    for name, why in RETIRED.items():
-        if name in env:
-            raise SettingError(f"{name} is no longer read: {why}")
+    check_names(env)
     values: dict[str, object] = {}
     for item in dataclasses.fields(cls):
         names = item.metadata.get("env", ())
@@ -79,6 +86,22 @@ def load(cls: type, env: Mapping[str, str] | None = None, **overrides: object) -
     settings = cls(**values)
     settings.check()
     return settings
+
+
+def check_names(env: Mapping[str, str]) -> None:
+    """Refuse a variable of Cohort's prefixes that no setting reads: misspelled or removed, it
+    would otherwise change nothing without a word. The names of both processes' settings count
+    (honcho gives the front and the workers one environment)."""
+    known = {name for cls in (ServerSettings, WorkerSettings)
+             for item in dataclasses.fields(cls) for name in item.metadata.get("env", ())}
+    for name in env:
+        if not name.startswith(PREFIXES) or name in known or name in NOT_SETTINGS:
+            continue
+        if name in RETIRED:
+            raise SettingError(f"{name} is no longer read: {RETIRED[name]}")
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise SettingError(f"{name} is not a setting{hint} (see docs/settings.md)")
 
 
 def describe(settings: Any) -> dict[str, object]:

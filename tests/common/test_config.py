@@ -72,3 +72,15 @@ def test_a_stale_reference_is_found(tmp_path, monkeypatch, capsys):
     (tmp_path / ".env.example").write_text(settings_doc.env_example())
     assert settings_doc.main(["--check"]) == 1
     assert "settings.md is stale" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"COHORT_MAX_QUEU": "5"}, "COHORT_MAX_QUEU is not a setting; did you mean COHORT_MAX_QUEUE"),
+    ({"MOCK_TOKENS_S": "0"}, "MOCK_TOKENS_S is not a setting; did you mean MOCK_TOKEN_S"),
+    ({"COHORT_AFFINITY_MARGIN": "4"}, "no longer read: .*COHORT_PREFIX_SEQ_TOKENS"),
+])
+def test_a_variable_no_setting_reads_stops_the_start(env, said):
+    for cls in (ServerSettings, WorkerSettings):  # one environment for both under honcho
+        with pytest.raises(SettingError, match=said):
+            load(cls, env)
+    load(ServerSettings, {"COHORT_KEY": "k", "MOCK_TOKEN_S": "0", "OTHER_THING": "x"})
