@@ -279,7 +279,6 @@ class WorkerLifecycle:
         worker.error = f"{worker.breaker.failures} requests in a row failed; last: {reason}"
         log.warning("worker %s paused for %g s: %s", worker.worker_id, worker.breaker.pause_s,
                     worker.error)
-        self.registry.placement.forget(worker.identity)
         return Actions(returned=self._orphaned(worker.model), changed=True)
 
     def _orphaned(self, model: str) -> list[Returned]:
