@@ -74,7 +74,7 @@ DEFAULTS = {
     "affinity_concurrency": 16,
     "affinity_output_tokens": 16,
     "affinity_seed": 0,
-    "affinity_margin": -1,        # COHORT_AFFINITY_MARGIN for both clusters; -1: the front's default
+    "prefix_seq_tokens": -1,      # COHORT_PREFIX_SEQ_TOKENS for both clusters; -1: the front's default
 }
 
 
@@ -493,8 +493,8 @@ async def prefix_affinity(bench) -> dict:
         return body_for
 
     env = {**GPU_LIKE, "MOCK_PREFIX_CACHE_TOKENS": str(knob(bench, "affinity_cache_tokens"))}
-    if knob(bench, "affinity_margin") >= 0:
-        env["COHORT_AFFINITY_MARGIN"] = str(knob(bench, "affinity_margin"))
+    if knob(bench, "prefix_seq_tokens") >= 0:
+        env["COHORT_PREFIX_SEQ_TOKENS"] = str(knob(bench, "prefix_seq_tokens"))
     variants = {"affinity": "1", "load only": "0"}
     began, load_before = time.monotonic(), loadavg()
     clusters = {}
@@ -556,7 +556,7 @@ async def prefix_affinity(bench) -> dict:
             "workload": f"{prompts_n} system prompts of {words} words, prefix cache "
                         f"{knob(bench, 'affinity_cache_tokens')} tokens per worker, "
                         f"{count} requests per load at c={concurrency}, max_tokens {tokens}, "
-                        f"affinity margin {env.get('COHORT_AFFINITY_MARGIN', 'default')}",
+                        f"prefix seq tokens {env.get('COHORT_PREFIX_SEQ_TOKENS', 'default')}",
             "gain": "load-only TTFT / affinity TTFT, median of rounds (range)",
             "prefix_hit_rate": "per worker, share of prompt tokens served from its prefix cache "
                                "since it started (warm-up included), from /health",
