@@ -153,8 +153,11 @@ class Placement:
                force: bool = False, beyond_backlog: bool = False
                ) -> tuple[dict[K, list[J]], list[J]]:
         """Give each job a worker with room (with `force`, any worker not behind on acks whose
-        backlog has room, or any at all `beyond_backlog`: the engine queues it). Returns
-        {worker: jobs} and the jobs no worker can take now."""
+        backlog has room, or any at all `beyond_backlog`: the engine queues it). A worker that
+        holds part of a job's prompt may also queue it within its backlog, if that is where it
+        costs least: a moment's wait there beats prefilling the prompt again elsewhere (and
+        evicting that engine's own prefixes for it). Returns {worker: jobs} and the jobs no
+        worker can take now."""
         extra = dict.fromkeys(workers, 0)
         room = {key: self.room(load) for key, load in workers.items()}
         backlog = {key: (self.backlog_room(load) if not beyond_backlog
@@ -164,27 +167,27 @@ class Placement:
         left: list[J] = []
         for job in jobs:
             candidates = [key for key in workers if key not in job.failed_on] or list(workers)
+            cached = ({key: self.holders.longest(job.prefix, key) * BLOCK_CHARS
+                       for key in candidates} if self.prefix_affinity and job.prefix else {})
             open_ = [key for key in candidates
-                     if max(room[key], backlog[key]) >= extra[key] + job.seqs]
+                     if max(room[key], backlog[key]) >= extra[key] + job.seqs
+                     or cached.get(key) and self.backlog_room(workers[key]) >= extra[key] + job.seqs]
             if not open_:
                 left.append(job)
                 continue
-            key = self._choose(job, open_, workers, extra)
+            key = self._choose(job, open_, workers, extra, cached)
             extra[key] += job.seqs
             plan.setdefault(key, []).append(job)
         return plan, left
 
     def _choose(self, job: Placeable, open_: list[K], workers: dict[K, WorkerLoad],
-                extra: dict[K, int]) -> K:
+                extra: dict[K, int], cached: dict[K, int]) -> K:
         def queued(key: K) -> tuple[int, float, int, int]:
             load = workers[key]
             return (load.waiting + load.unacked + extra[key], load.kv_usage,
                     load.outstanding + extra[key], load.sent + extra[key])
 
-        if not (self.prefix_affinity and job.prefix):
-            return min(open_, key=queued)
-        cached = {key: self.holders.longest(job.prefix, key) * BLOCK_CHARS for key in open_}
-        if not any(cached.values()):
+        if not any(cached.get(key) for key in open_):
             return min(open_, key=queued)
 
         def cost(key: K) -> tuple[float, int, float, int, int]:

@@ -273,3 +273,14 @@ def test_forced_work_fills_an_engines_backlog_and_no_more():
     full = WorkerLoad(max_num_seqs=8, running=8)
     plan, left = policy.assign([job() for _ in range(5)], {"a": full}, force=True)
     assert len(plan["a"]) == 2 and len(left) == 3  # two may wait in the engine, three here
+
+
+def test_a_saturated_holder_queues_its_prefix_within_its_backlog_rather_than_lose_it():
+    # a's KV cache is full (no room), b is idle: a moment's wait at a beats b's prefill
+    workers = loads(a=dict(running=3, kv_usage=0.99, max_num_seqs=8), b=dict(max_num_seqs=8))
+    policy = placement(backlog=0.25)
+    policy.sent("a", WorkerLoad(), [job(SYSTEM)])
+    assert list(policy.assign([job(SYSTEM + "q")], workers)[0]) == ["a"]  # 34 + 192 < 290
+    assert list(policy.assign([job("no prefix here")], workers)[0]) == ["b"]  # no room at a
+    workers["a"].waiting = 7  # its backlog (8 + 2) is full: the prompt goes where it fits
+    assert list(policy.assign([job(SYSTEM + "q")], workers)[0]) == ["b"]
