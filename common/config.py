@@ -289,6 +289,12 @@ class ServerSettings:
             "limit)",
     )
     log_level: str = env_field("INFO", "COHORT_LOG_LEVEL", doc="log level of every process")
+    otlp_endpoint: str = env_field(
+        "", "COHORT_OTLP_ENDPOINT",
+        doc="an OpenTelemetry collector's OTLP/HTTP base URL (`http://host:4318`): every "
+            "process sends a trace of each request there, vLLM's own spans included; empty: no "
+            "tracing, at no cost",
+    )
 
     def check(self) -> None:
         if self.prefix_seq_tokens < 1:
@@ -503,6 +509,12 @@ class WorkerSettings:
     )
     mock_load_s: float = env_field(0.0, "MOCK_LOAD_S", doc="mock: a simulated model load time")
     log_level: str = env_field("INFO", "COHORT_LOG_LEVEL", doc="log level of every process")
+    otlp_endpoint: str = env_field(
+        "", "COHORT_OTLP_ENDPOINT",
+        doc="an OpenTelemetry collector's OTLP/HTTP base URL (`http://host:4318`): every "
+            "process sends a trace of each request there, vLLM's own spans included; empty: no "
+            "tracing, at no cost",
+    )
 
     def check(self) -> None:
         if self.engine_name not in {"mock", "vllm", "http"}:

@@ -69,6 +69,7 @@ class RequestItem(Struct):
     # a worker whose engine reports its cache says which of them it holds (see worker.residency)
     prefix: list[int] = []
     prompt_chars: Count = 0
+    traceparent: str = ""  # W3C trace context of the front's span for it ("": not traced)
 
 
 class OutItem(Struct):
@@ -87,9 +88,9 @@ class OutItem(Struct):
 
 def request_item(request_id: str, route: str, body: dict[str, Any], *, trace_id: str = "",
                  stream: bool = False, priority: int = 0, prefix: list[int] | None = None,
-                 prompt_chars: int = 0) -> RequestItem:
+                 prompt_chars: int = 0, traceparent: str = "") -> RequestItem:
     return RequestItem(request_id, route, body, trace_id, stream, priority,
-                       prefix=prefix or [], prompt_chars=prompt_chars)
+                       prefix=prefix or [], prompt_chars=prompt_chars, traceparent=traceparent)
 
 
 def out_item(request_id: str, data: bytes, *, done: bool = False, status: int = 200,

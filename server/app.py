@@ -76,6 +76,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
     @app.after_serving
     async def stop_services() -> None:
         services.cancel()
+        await trio.to_thread.run_sync(cohort.gateway.tracing.shutdown)  # the last spans out
 
     @app.before_request
     async def tag_request():

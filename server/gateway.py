@@ -23,6 +23,7 @@ from server.metrics import Metrics
 from server.scheduler import Scheduler
 from server.scheduling.policy import SchedulingPolicy
 from server.scheduling.prefix import prefix_blocks
+from server.tracing import Tracing
 
 log = logging.getLogger("cohort.gateway")
 
@@ -40,6 +41,7 @@ class Gateway:
         self.dispatcher = Dispatcher(settings, self.metrics, policy, returns)
         self.scheduler = Scheduler(self.dispatcher, policy, returns=returned)
         self.limiter = Limiter()
+        self.tracing = Tracing(settings.otlp_endpoint)
         self.nursery: trio.Nursery | None = None
         self.services_up = False  # set once dispatcher, scheduler and task runner all run
         self.draining = False  # set by SIGTERM/SIGINT: no new requests, those in flight finish

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from common.protocol import OutItem
 from server.errors import CohortError
+
+if TYPE_CHECKING:
+    from server.tracing import RequestTrace
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Job:
     usage: dict[str, int] = field(default_factory=dict)  # the engine's counts, once it ended
     first_output_at: float = 0.0
     buffered_bytes: int = 0  # a stream's output delivered and not yet taken by its client
+    trace: RequestTrace | None = None  # its spans, when COHORT_OTLP_ENDPOINT is set
     _send: trio.MemorySendChannel = field(init=False, repr=False)
     outputs: trio.MemoryReceiveChannel = field(init=False, repr=False)
 

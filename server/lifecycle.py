@@ -31,6 +31,7 @@ from server.errors import CohortError, QuotaExceeded, RateLimited
 from server.jobs import Job, JobSpec
 from server.limits import Ticket
 from server.store import utcnow
+from server.tracing import RequestTrace
 from server.usage import UsageLedger, usage_row
 
 CLIENT_LEFT = 499  # nginx's status for a client that went away before its answer
@@ -50,6 +51,7 @@ class Run:
     job: Job | None = None
     status: int = 0  # once ended
     row: dict[str, Any] | None = None
+    trace: RequestTrace | None = None  # its spans (COHORT_OTLP_ENDPOINT), from the route's start
 
     @property
     def ended(self) -> bool:
@@ -68,6 +70,7 @@ class Lifecycle:
         self.limiter = gateway.limiter
         self.metrics = gateway.metrics
         self.ledger = ledger
+        self.tracing = gateway.tracing
 
     # --- admitting ------------------------------------------------------------------------------
 
@@ -95,12 +98,25 @@ class Lifecycle:
 
     def start(self, run: Run) -> Job:
         """Submit now (a refusal ends the run, then raises: NoWorkers, QueueFull, ...)."""
+        self._trace(run)
         try:
             run.job = self.gateway.submit(run.spec)
         except CohortError as error:
             self.end(run, error.status)
             raise
+        self._queued(run)
         return run.job
+
+    def _trace(self, run: Run) -> None:
+        """Stored work is traced from here: it has no route of its own around it."""
+        if run.trace is None:
+            run.trace = self.tracing.begin(f"cohort {run.ledger_route}")
+
+    @staticmethod
+    def _queued(run: Run) -> None:
+        if run.trace is not None and run.job is not None:
+            run.job.trace = run.trace
+            run.trace.queued()
 
     async def complete(self, run: Run, *, wait_for_worker: bool = False) -> bytes:
         """Run the request to its whole answer and end it, whichever way it goes.
@@ -108,7 +124,9 @@ class Lifecycle:
         model, as after a restart; a request refuses at once."""
         with self._ending(run):
             if wait_for_worker:
+                self._trace(run)
                 run.job = await self.gateway.submit_when_possible(run.spec)
+                self._queued(run)
             else:
                 self.start(run)
             assert run.job is not None
@@ -158,11 +176,15 @@ class Lifecycle:
             used = 0  # refused, or failed before any output: nothing is charged
         if run.ticket is not None:
             self.limiter.settle(run.ticket, used, trio.current_time())
+        usage = job.usage if job is not None else {}
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        if run.trace is not None:
+            run.trace.end(status, model=run.spec.model, user_id=run.payer.user_id,
+                          prompt_tokens=prompt, completion_tokens=completion)
         if not run.reached_worker:
             return
         assert job is not None
         now = trio.current_time()
-        prompt, completion = job.usage.get("prompt_tokens", 0), job.usage.get("completion_tokens", 0)
         self.metrics.user_request(run.payer.username, run.spec.model, status, prompt, completion)
         run.row = usage_row(
             request_id=run.request_id or job.id, user_id=run.payer.user_id,

@@ -20,11 +20,13 @@ import sys
 import time
 
 import trio
+from opentelemetry.trace import Tracer
 
 from common import protocol
 from common.config import SettingError, WorkerSettings, load
 from common.keys import worker_key_files
 from common.logs import setup_logging
+from common.tracing import context_of, make_tracer, traceparent_of
 from worker.engines import Engine, EngineError, InvalidRequest, make_engine
 from worker.link import FrontLink
 
@@ -56,6 +58,9 @@ class Worker:
         self.exit_code = 0
         self.last_progress = 0.0  # when the engine last emitted, or a batch last came in
         self._request_ended = trio.Event()
+        self._tracer_provider = make_tracer(settings.otlp_endpoint, "cohort-worker")
+        self.tracer: Tracer | None = (self._tracer_provider.get_tracer("cohort")
+                                      if self._tracer_provider is not None else None)
 
     def hello(self) -> protocol.Hello:
         return protocol.Hello(self.worker_id, self.engine.name, self.engine.model,
@@ -85,6 +90,8 @@ class Worker:
         with trio.move_on_after(2 if self.exit_code == ENGINE_DIED else 30) as bounded:
             bounded.shield = True  # a dead engine's teardown only delays its restart
             await self.engine.close()
+            if self._tracer_provider is not None:  # the last spans out
+                await trio.to_thread.run_sync(self._tracer_provider.shutdown)
 
     async def _watchdog(self) -> None:
         """An engine that died, or that makes no progress while it has requests, ends the host."""
@@ -159,11 +166,14 @@ class Worker:
         log.debug("request_id=%s job=%s batch=%s starts", request.trace_id, request.id,
                   request.batch_id)
         self.pending -= 1
+        span, emit = self._traced(request, link.emit)
         try:
             with scope:
-                await self.engine.generate(request, link.emit)
+                await self.engine.generate(request, emit)
             if scope.cancelled_caught:
                 log.debug("request_id=%s job=%s aborted", request.trace_id, request.id)
+                if span is not None:
+                    span.add_event("aborted")
         except InvalidRequest as error:  # the engine's own refusal is the request's answer
             link.emit(protocol.out_item(request.id, json.dumps(error.body()).encode(),
                                         done=True, status=400))
@@ -179,6 +189,34 @@ class Worker:
         finally:
             self._scopes.pop(request.id, None)
             self._request_ended.set()
+            if span is not None:
+                span.end()
+
+    def _traced(self, request: protocol.RequestItem, emit):
+        """The request's span in this worker, under the front's (none when either is not
+        tracing), and an emit that marks its first output and its token counts."""
+        if self.tracer is None or not request.traceparent:
+            return None, emit
+        span = self.tracer.start_span("engine", context=context_of(request.traceparent),
+                                      attributes={"cohort.worker": self.worker_id,
+                                                  "cohort.engine": self.engine.name,
+                                                  "cohort.route": request.route})
+        request.traceparent = traceparent_of(span)  # vLLM's span hangs under this one
+        first = True
+
+        def traced_emit(item: protocol.OutItem) -> None:
+            nonlocal first
+            if first:
+                span.add_event("first output")
+                first = False
+            if item.done:
+                usage = item.usage or {}
+                span.set_attributes({"http.response.status_code": item.status,
+                                     "gen_ai.usage.input_tokens": usage.get("prompt_tokens", 0),
+                                     "gen_ai.usage.output_tokens": usage.get("completion_tokens", 0)})
+            emit(item)
+
+        return span, traced_emit
 
     def abort(self, ids: list[str]) -> None:
         for request_id in ids:

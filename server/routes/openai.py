@@ -9,12 +9,13 @@ import time
 from functools import partial
 from typing import Any
 
-from quart import Blueprint, Response, g
+from quart import Blueprint, Response, g, request
 
 from server.errors import CohortError, NotFound
 from server.lifecycle import Run
 from server.openai_schema import parse_chat, parse_completion, parse_embeddings, parse_tokens
 from server.routes.context import caller, json_body, services
+from server.tracing import phase
 
 blueprint = Blueprint("openai", __name__)
 
@@ -80,16 +81,25 @@ async def _body() -> Any:
 
 async def _answer(parse) -> Response:
     """A POST route: the caller checked, the body parsed into a job, the job served."""
-    principal = await caller()
     cohort = services()
-    spec = parse(await _body(), cohort.settings, g.request_id)
-    principal.check_model(spec.model)
-    spec.tenant = principal.tenant
-    spec.weight, tier = principal.share()
-    if tier == "batch":  # a key in the batch tier stays there; a request may only step down
-        spec.tier = tier
-    [ticket] = cohort.lifecycle.admit(principal, [spec])
-    return await _serve(Run(principal, spec, spec.route, ticket))
+    trace = cohort.gateway.tracing.begin(f"{request.method} {request.path}",
+                                         request.headers.get("traceparent", ""))
+    try:
+        with phase(trace, "auth"):
+            principal = await caller()
+        spec = parse(await _body(), cohort.settings, g.request_id)
+        principal.check_model(spec.model)
+        spec.tenant = principal.tenant
+        spec.weight, tier = principal.share()
+        if tier == "batch":  # a key in the batch tier stays there; a request may only step down
+            spec.tier = tier
+        with phase(trace, "limits"):
+            [ticket] = cohort.lifecycle.admit(principal, [spec])
+    except CohortError as error:  # refused before it was a request: its trace ends here
+        if trace is not None:
+            trace.end(error.status)
+        raise
+    return await _serve(Run(principal, spec, spec.route, ticket, trace=trace))
 
 
 @blueprint.post("/v1/chat/completions")

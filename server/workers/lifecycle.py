@@ -209,6 +209,8 @@ class WorkerLifecycle:
                 continue
             if not job.got_output:
                 job.first_output_at = now
+                if job.trace is not None:
+                    job.trace.first_output()
                 self.metrics.ttft.observe(job.first_output_at - job.enqueued_at)
             if not job.deliver(item):
                 if job.buffered_bytes > self.settings.stream_buffer_bytes:

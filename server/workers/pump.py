@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import socket
+import time
 
 import msgspec
 import trio
@@ -196,6 +197,7 @@ class Dispatcher:
                          beyond_backlog: bool = False) -> list[Job]:
         """Place the jobs (see Placement) and send each worker its share as one batch; return
         the jobs no worker could take now."""
+        began_ns = time.time_ns()  # the placement span's start, for traced jobs
         workers = {w.identity: w for w in self.registry.ready(model)}
         plan, left = self.placement.assign(jobs, {key: w.load for key, w in workers.items()},
                                            force=force, beyond_backlog=beyond_backlog)
@@ -204,12 +206,17 @@ class Dispatcher:
             if worker.state != "ready":  # it died while an earlier share was being sent
                 left.extend(assigned)
                 continue
-            await self._send_batch_to(worker, assigned)
+            await self._send_batch_to(worker, assigned, began_ns)
         return left
 
-    async def _send_batch_to(self, worker: WorkerHandle, jobs: list[Job]) -> None:
+    async def _send_batch_to(self, worker: WorkerHandle, jobs: list[Job], began_ns: int) -> None:
         batch_id = f"{self.front_id}-b{next(self._batch_ids)}"
         now = trio.current_time()
+        for job in jobs:
+            if job.trace is not None:  # before encoding: the item carries its traceparent
+                job.trace.placed(worker.worker_id, batch_id, began_ns, job.attempts + 1,
+                                 len(job.prefix),
+                                 self.placement.holders.longest(job.prefix, worker.identity))
         priorities = self.policy.priorities(jobs, worker.jobs.values())
         jobs, data = self._encode_batch(batch_id, jobs, dict(zip((j.id for j in jobs), priorities)))
         if not jobs:
@@ -233,7 +240,8 @@ class Dispatcher:
             spec = job.spec
             return protocol.request_item(job.id, spec.route, spec.body, trace_id=spec.trace_id,
                                          stream=spec.stream, priority=priorities[job.id],
-                                         prefix=list(job.prefix), prompt_chars=job.prompt_chars)
+                                         prefix=list(job.prefix), prompt_chars=job.prompt_chars,
+                                         traceparent=job.trace.traceparent if job.trace else "")
         try:
             return jobs, protocol.Batch(batch_id, [item(job) for job in jobs]).encode()
         except (ValueError, TypeError, OverflowError, msgspec.EncodeError):

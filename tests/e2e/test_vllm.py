@@ -3,6 +3,7 @@
 
 import json
 import os
+import secrets
 import signal
 import time
 
@@ -12,6 +13,7 @@ import pytest
 import trio
 
 from harness.cluster import Cluster, alive, descendants, engine_core
+from harness.otlp import OtlpReceiver
 from tests.e2e.deadline import deadline
 from worker.models import default_model_path
 
@@ -27,8 +29,11 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
+    receiver = OtlpReceiver()  # traced, as an operator with a collector runs it
     cluster = Cluster(tmp_path_factory.mktemp("vllm"), COHORT_ENGINE="vllm",
-                      COHORT_MODEL=MODEL_PATH, COHORT_WORKER_TIMEOUT_S="10")
+                      COHORT_MODEL=MODEL_PATH, COHORT_WORKER_TIMEOUT_S="10",
+                      COHORT_OTLP_ENDPOINT=receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="100")
+    cluster.otlp = receiver
     cluster.start_front()
     cluster.start_worker("worker1", VLLM_CPU_OMP_THREADS_BIND="0")
     cluster.start_worker("worker2", VLLM_CPU_OMP_THREADS_BIND="1")
@@ -39,6 +44,7 @@ def real(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+        receiver.close()
 
 
 def client(cluster):
@@ -165,6 +171,26 @@ async def test_the_prefix_cache_and_what_it_holds_reach_the_front(real):
                     break
                 await trio.sleep(0.1)
         assert {w["prefixes"] for w in workers} == {"reported"}
+
+
+@deadline(TEST_DEADLINE_S)
+async def test_vllms_own_request_span_joins_the_clients_trace(real):
+    trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    async with httpx.AsyncClient(timeout=120, headers=real.headers()) as http:
+        r = await http.post(real.url + "/v1/chat/completions", json={
+            "model": MODEL, "messages": QUESTION, "max_tokens": 4},
+            headers={"traceparent": f"00-{trace_id}-{client_span}-01"})
+        assert r.status_code == 200
+    with trio.fail_after(20):
+        while "llm_request" not in {span.name for span in real.otlp.of_trace(trace_id)}:
+            await trio.sleep(0.1)
+    spans = {span.name: span for span in real.otlp.of_trace(trace_id)}
+    assert spans["POST /v1/chat/completions"].parent_id == client_span
+    assert spans["engine"].parent_id == spans["worker"].span_id
+    vllm_span = spans["llm_request"]  # vLLM's, with its own timings, under the worker's
+    assert vllm_span.parent_id == spans["engine"].span_id
+    assert 1 <= vllm_span.attributes["gen_ai.usage.completion_tokens"] <= 4
+    assert vllm_span.attributes["gen_ai.latency.time_to_first_token"] > 0
 
 
 @deadline(TEST_DEADLINE_S)

@@ -3,11 +3,14 @@ real use is charged, a client that left keeps its estimate, a row only for a req
 a worker, durable rows left to their runner, interactive rows to the ledger's group commit."""
 
 import trio
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from server.auth import Principal
 from server.errors import NoWorkers
 from server.jobs import Job, JobSpec
 from server.lifecycle import Lifecycle, Run
+from server.tracing import Tracing
 from server.limits import Limiter, Limits
 from server.metrics import Metrics
 from server.usage import UsageLedger
@@ -21,6 +24,8 @@ class FakeGateway:
     def __init__(self, outcome: str = "ok", used: tuple[int, int] = (30, 20)) -> None:
         self.limiter, self.metrics = Limiter(), Metrics()
         self.outcome, self.used = outcome, used
+        self.spans = InMemorySpanExporter()
+        self.tracing = Tracing("", processor=SimpleSpanProcessor(self.spans))
 
     def submit(self, spec: JobSpec) -> Job:
         if self.outcome == "refuse":
@@ -76,6 +81,11 @@ async def test_real_use_is_charged_and_an_interactive_row_goes_to_the_ledger(aut
     assert [(r["route"], r["username"], r["prompt_tokens"]) for r in store.rows] == [
         ("chat", "alice", 90)]
     assert store.rows[0]["request_id"] == run.job.id
+    # stored or not, every run is traced once it reaches the lifecycle: here, from its start
+    [queue, root] = gateway.spans.get_finished_spans()
+    assert (queue.name, root.name) == ("queue", "cohort chat")
+    assert root.attributes["gen_ai.usage.input_tokens"] == 90
+    assert root.attributes["http.response.status_code"] == 200
 
 
 async def test_a_refusal_at_submit_gives_everything_back_and_leaves_no_row(autojump_clock):
@@ -87,6 +97,8 @@ async def test_a_refusal_at_submit_gives_everything_back_and_leaves_no_row(autoj
     except NoWorkers:
         pass
     assert today_used(gateway) == 0 and run.status == 503 and run.row is None
+    [root] = gateway.spans.get_finished_spans()  # refused at submit: no queue, a failed trace
+    assert root.attributes["http.response.status_code"] == 503 and not root.status.is_ok
 
 
 async def test_a_client_that_left_mid_run_keeps_its_estimate_and_leaves_a_499_row(autojump_clock):
@@ -96,6 +108,8 @@ async def test_a_client_that_left_mid_run_keeps_its_estimate_and_leaves_a_499_ro
     with trio.move_on_after(5):
         await cycle.complete(run)
     assert today_used(gateway) == 100 and run.status == 499 and run.row["status"] == 499
+    assert {span.name for span in gateway.spans.get_finished_spans()} == {"queue",
+                                                                          "cohort completions"}
 
 
 async def test_a_durable_row_is_left_to_its_runner_with_the_runners_request_id(autojump_clock):

@@ -30,6 +30,7 @@ import trio
 import zmq
 
 from common import protocol
+from common.tracing import traces_url
 from common.zmqtrio import TrioSocket
 from worker.engines import VLLM_FEATURES, Emit, Engine, EngineError
 from worker.residency import Residency
@@ -40,9 +41,9 @@ log = logging.getLogger("cohort.worker.vllm")
 PRIORITISED = frozenset({"chat", "completions", "embeddings"})  # the routes vLLM queues
 ENGINE_CACHE = (None, "GPU")  # events of the engine's own KV cache (not of blocks offloaded)
 # the request a coroutine on the engine's loop serves: the serving layer calls AsyncLLM.generate
-# from the request's own task, so the call knows whose prompt tokens it sees first
-_linking: contextvars.ContextVar[list[protocol.RequestItem] | None] = contextvars.ContextVar(
-    "cohort_linking", default=None)
+# from the request's own task, so the call knows whose request it runs
+_serving: contextvars.ContextVar[protocol.RequestItem | None] = contextvars.ContextVar(
+    "cohort_serving", default=None)
 
 
 def single_prompt(request: protocol.RequestItem) -> bool:
@@ -147,6 +148,8 @@ class VllmEngine(Engine):
         extra: dict[str, Any] = dict(limits)
         if s.kv_cache_memory_bytes:
             extra["kv_cache_memory_bytes"] = s.kv_cache_memory_bytes
+        if s.otlp_endpoint:  # vLLM's own request spans, under the worker's (see load)
+            extra["otlp_traces_endpoint"] = traces_url(s.otlp_endpoint)
         if self.residency is not None:
             from vllm.config import KVEventsConfig
             extra["kv_events_config"] = KVEventsConfig(
@@ -167,6 +170,8 @@ class VllmEngine(Engine):
     async def load(self) -> None:
         if self.settings.hf_token:
             os.environ.setdefault("HF_TOKEN", self.settings.hf_token)
+        if self.settings.otlp_endpoint:  # vLLM exports by gRPC unless told otherwise
+            os.environ.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
         self._token = trio.lowlevel.current_trio_token()
         self._thread.start()
 
@@ -186,23 +191,28 @@ class VllmEngine(Engine):
 
         self._engine, self._serving = await self._on_loop(create())
         self.routes = self._serving.routes
-        if self.residency is not None:
-            self._watch_prompts(self._engine)
+        self._wrap_generate(self._engine)
 
-    def _watch_prompts(self, engine) -> None:
-        """Wrap AsyncLLM.generate: the first output of a fingerprinted request carries its prompt
-        token ids, which link its fingerprints to the engine's blocks (on trio's side)."""
+    def _wrap_generate(self, engine) -> None:
+        """Wrap AsyncLLM.generate, which vLLM's serving layer calls for each prompt: it hands
+        vLLM the request's trace context (vLLM's own `llm_request` span joins the trace), and
+        the first output of a fingerprinted request, which carries the prompt's token ids,
+        links its fingerprints to the engine's blocks (on trio's side)."""
         original, residency, token = engine.generate, self.residency, self._token
-        assert residency is not None and token is not None
+        assert token is not None
 
         async def generate(*args, **kwargs):
-            waiting = _linking.get()
-            request = waiting.pop() if waiting else None  # the first generate call only
+            request = _serving.get()
+            if request is not None and request.traceparent:
+                kwargs["trace_headers"] = {"traceparent": request.traceparent}
+            link = residency is not None and request is not None and bool(request.prefix) \
+                and single_prompt(request)
             async for output in original(*args, **kwargs):
-                if request is not None and output.prompt_token_ids:
+                if link and output.prompt_token_ids:
+                    assert residency is not None and request is not None
                     token.run_sync_soon(residency.link, request.id, request.prefix,
                                         request.prompt_chars, list(output.prompt_token_ids))
-                    request = None
+                    link = False
                 yield output
 
         engine.generate = generate
@@ -277,8 +287,7 @@ class VllmEngine(Engine):
         if request.route in PRIORITISED:  # the front's fair shares and tiers, in vLLM's queue
             body["priority"] = request.priority
         assert self._serving is not None  # loaded before any request reaches it
-        if self.residency is not None and request.prefix and single_prompt(request):
-            _linking.set([request])
+        _serving.set(request)
         serving = self._serving.chat or self._serving.completion
         tap = UsageTap(body, request.stream, getattr(serving, "system_fingerprint", None))
         answer = await handle(self._serving, request.route, tap.body)
