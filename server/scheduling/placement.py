@@ -114,13 +114,18 @@ class Placement:
         self._estimated: set[Hashable] = set()  # workers whose engines report no prefixes
 
     def sent(self, key: Hashable, load: WorkerLoad, jobs: Sequence[Placeable]) -> None:
-        """Record a batch sent to a worker: unacknowledged work, and the prefixes it now holds."""
+        """Record a batch sent to a worker: unacknowledged work (what it will hold was counted
+        when each job was placed)."""
         load.sent_batch(jobs)
+
+    def _will_hold(self, key: Hashable, load: WorkerLoad, job: Placeable) -> None:
+        """A job was placed: its worker will hold its prefix, for the next job of this batch as
+        for later ones (two prompts of one new prefix in a batch go to one engine, not two)."""
+        if not job.prefix:
+            return
         if not load.reports_prefixes:
             self._estimated.add(key)
-        for job in jobs:
-            if job.prefix:
-                self.holders.sent(job.prefix, key, self._estimated)
+        self.holders.sent(job.prefix, key, self._estimated)
 
     def reported(self, key: Hashable, held: Sequence[int], dropped: Sequence[int]) -> None:
         """What a worker's engine said its cache took in and let go."""
@@ -178,6 +183,7 @@ class Placement:
             key = self._choose(job, open_, workers, extra, cached)
             extra[key] += job.seqs
             plan.setdefault(key, []).append(job)
+            self._will_hold(key, workers[key], job)
         return plan, left
 
     def _choose(self, job: Placeable, open_: list[K], workers: dict[K, WorkerLoad],

@@ -24,6 +24,11 @@ def job(prompt: str = "hi", n: int = 1) -> Job:
     return made
 
 
+def seed(policy: Placement, key: str, placed: Job) -> None:
+    """`placed` went to worker `key` (the only one there was): it will hold its prefix."""
+    assert policy.assign([placed], {key: WorkerLoad()})[0] == {key: [placed]}
+
+
 def placement(**kw) -> Placement:
     return Placement(**{"max_unacked_batches": 4, **kw})
 
@@ -91,7 +96,7 @@ def test_force_queues_on_the_least_loaded_engine_but_never_on_one_that_stopped_r
 def test_a_shared_prefix_goes_back_to_the_worker_that_has_it():
     workers = loads(a=dict(running=3), b=dict(running=0))
     policy = placement()
-    policy.sent("a", workers["a"], [job(SYSTEM + "first question")])
+    seed(policy, "a", job(SYSTEM + "first question"))
     workers["a"].report(EngineLoad(running=3, received=1))
     plan, _ = policy.assign([job(SYSTEM + "another question")], workers)
     # a: 38 uncached tokens + 3 sequences x 64 = 230; b: all 294 tokens of the prompt
@@ -106,11 +111,11 @@ def test_a_shared_prefix_goes_back_to_the_worker_that_has_it():
 def test_a_hot_prefix_spreads_once_its_holder_has_more_sequences_than_the_prefill_saves():
     workers = loads(a=dict(running=5), b=dict(running=0))
     policy = placement()
-    policy.sent("a", WorkerLoad(), [job(SYSTEM)])
+    seed(policy, "a", job(SYSTEM))
     plan, _ = policy.assign([job(SYSTEM + "q")], workers)
     assert list(plan) == ["b"]  # a: 34 + 5 x 64 = 354; b: 290
     patient = placement(seq_tokens=32)  # a sequence is worth less: a keeps it (34 + 160)
-    patient.sent("a", WorkerLoad(), [job(SYSTEM)])
+    seed(patient, "a", job(SYSTEM))
     assert list(patient.assign([job(SYSTEM + "q")], workers)[0]) == ["a"]
     policy.sent("b", workers["b"], plan["b"])
     workers["a"].running = workers["b"].running = 0
@@ -125,7 +130,7 @@ def test_the_longest_held_prefix_wins_and_engines_that_report_hold_one_prefix_to
     policy.reported("a", held=long_prompt.prefix[:2], dropped=[])
     policy.reported("b", held=long_prompt.prefix, dropped=[])
     assert list(policy.assign([long_prompt], workers)[0]) == ["b"]  # 4 blocks beat 2
-    policy.sent("a", workers["a"], [long_prompt])  # reported engines keep what they hold
+    seed(policy, "a", long_prompt)  # reported engines keep what they hold
     assert policy.holders.longest(long_prompt.prefix, "b") == 4
     workers["b"].running = 2
     assert list(policy.assign([job(SYSTEM + "r")], workers)[0]) == ["a"]  # both: the idler
@@ -135,7 +140,7 @@ def test_an_eviction_the_engine_reports_ends_the_affinity():
     workers = loads(a=dict(reports_prefixes=True), b=dict(reports_prefixes=True))
     policy = placement()
     first = job(SYSTEM + "q")
-    policy.sent("a", workers["a"], [first])
+    seed(policy, "a", first)
     workers["a"].running = 2
     assert list(policy.assign([job(SYSTEM + "r")], workers)[0]) == ["a"]
     policy.reported("a", held=[], dropped=first.prefix[2:])  # its engine evicted the tail
@@ -148,21 +153,24 @@ def test_an_eviction_the_engine_reports_ends_the_affinity():
 
 
 def test_a_waiting_queue_counts_against_affinity_like_any_load():
-    workers = loads(a=dict(running=1, waiting=2), b=dict(running=0))
-    policy = placement(seq_tokens=100)
-    policy.sent("a", WorkerLoad(), [job(SYSTEM)])
-    assert list(policy.assign([job(SYSTEM + "q")], workers)[0]) == ["b"]  # 34 + 300 > 290
-    workers["a"].running = 0
-    assert list(policy.assign([job(SYSTEM + "q")], workers)[0]) == ["a"]  # 34 + 200 < 290
+    def placed_with(waiting: int) -> list[str]:
+        workers = loads(a=dict(waiting=waiting), b=dict())
+        policy = placement(seq_tokens=100)
+        seed(policy, "a", job(SYSTEM))
+        return list(policy.assign([job(SYSTEM + "q")], workers)[0])
+
+    assert placed_with(2) == ["a"]  # 34 + 200 < 290
+    assert placed_with(3) == ["b"]  # 34 + 300 > 290
 
 
 def test_affinity_within_one_batch_cannot_pile_everything_on_one_worker():
     workers = loads(a=dict(), b=dict())
     policy = placement()
-    policy.sent("a", WorkerLoad(), [job(SYSTEM)])
+    seed(policy, "a", job(SYSTEM))
     plan, _ = policy.assign([job(SYSTEM + str(i)) for i in range(10)], workers)
-    # a keeps the prefix while it has fewer than 4 more sequences than b (256 tokens saved)
-    assert {key: len(value) for key, value in plan.items()} == {"a": 7, "b": 3}
+    # a keeps the prefix while it has fewer than 4 more sequences than b (256 tokens saved);
+    # the fifth goes to b, which then holds it too, and the two share the rest
+    assert {key: len(value) for key, value in plan.items()} == {"a": 4, "b": 6}
 
 
 def test_the_front_remembers_a_bounded_number_of_prefixes_and_estimates_one_holder():
@@ -279,7 +287,7 @@ def test_a_saturated_holder_queues_its_prefix_within_its_backlog_rather_than_los
     # a's KV cache is full (no room), b is idle: a moment's wait at a beats b's prefill
     workers = loads(a=dict(running=3, kv_usage=0.99, max_num_seqs=8), b=dict(max_num_seqs=8))
     policy = placement(backlog=0.25)
-    policy.sent("a", WorkerLoad(), [job(SYSTEM)])
+    seed(policy, "a", job(SYSTEM))
     assert list(policy.assign([job(SYSTEM + "q")], workers)[0]) == ["a"]  # 34 + 192 < 290
     assert list(policy.assign([job("no prefix here")], workers)[0]) == ["b"]  # no room at a
     workers["a"].waiting = 7  # its backlog (8 + 2) is full: the prompt goes where it fits
