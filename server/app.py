@@ -19,7 +19,7 @@ from common.config import ServerSettings, load
 from common.logs import setup_logging
 from server import connections
 from server.errors import BadRequest, BodyTooLarge, CohortError, Draining, NotFound
-from server.routes import admin, batches, docs, ops, openai, tasks, tokens, usage
+from server.routes import admin, batches, console, docs, ops, openai, tasks, tokens, usage
 from server.services import assemble
 
 log = logging.getLogger("cohort.app")
@@ -41,7 +41,7 @@ def create_app(settings: ServerSettings | None = None) -> QuartTrio:
         app.request_class, settings.max_file_bytes)
     cohort = assemble(settings)
     app.services = cohort  # type: ignore[attr-defined]
-    for module in (openai, ops, tasks, tokens, usage, admin, batches, docs):
+    for module in (openai, ops, tasks, tokens, usage, admin, batches, docs, console):
         app.register_blueprint(module.blueprint)
 
     services = trio.CancelScope()

@@ -124,6 +124,20 @@ class Auth:
         return {"access_token": token, "token_type": "bearer",
                 "expires_in": self.settings.token_ttl_s}
 
+    async def sign_in_with_key(self, key: str, address: str = "") -> Principal:
+        """The console's sign-in with an API key: the login throttle counts its failures from an
+        address as it counts wrong passwords."""
+        now, who = trio.current_time(), f"(an API key from {address})"  # no user to lock out
+        self.throttle.check(who, address, now)
+        if not key.startswith(API_KEY_PREFIX):
+            self.throttle.failed(who, address, now)
+            raise Unauthorized(f"an API key starts with {API_KEY_PREFIX}", code="invalid_credentials")
+        try:
+            return await self.authenticate(f"Bearer {key}")
+        except Unauthorized:
+            self.throttle.failed(who, address, now)
+            raise
+
     async def authenticate(self, authorization: str | None) -> Principal:
         """The caller behind an `Authorization: Bearer ...` header, or Unauthorized."""
         if self.settings.auth_disabled:
@@ -150,6 +164,12 @@ class Auth:
             self._cache.clear()
         self._cache[key] = (now + self.settings.auth_cache_s, principal)
         return principal
+
+    async def revoke_token(self, token: str) -> None:
+        """Sign a login token out, here at once (the other fronts within `auth_cache_s`)."""
+        key = digest(token)
+        await self.store.run(self.store.end_session, key)
+        self._cache.pop(key, None)
 
     def forget(self) -> None:
         """Drop every cached credential: an admin changed users, keys or limits, and this front

@@ -23,6 +23,7 @@ from server.metrics import Metrics
 from server.scheduler import Scheduler
 from server.scheduling.policy import SchedulingPolicy
 from server.scheduling.prefix import prefix_blocks
+from server.live_window import LiveWindow
 from server.tracing import Tracing
 
 log = logging.getLogger("cohort.gateway")
@@ -42,6 +43,7 @@ class Gateway:
         self.scheduler = Scheduler(self.dispatcher, policy, returns=returned)
         self.limiter = Limiter()
         self.tracing = Tracing(settings.otlp_endpoint)
+        self.live = LiveWindow()  # the console's last hour
         self.nursery: trio.Nursery | None = None
         self.services_up = False  # set once dispatcher, scheduler and task runner all run
         self.draining = False  # set by SIGTERM/SIGINT: no new requests, those in flight finish

@@ -20,6 +20,7 @@ API's runner all go through `Lifecycle`; nothing else charges or records. Its ru
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,7 @@ class Lifecycle:
         self.metrics = gateway.metrics
         self.ledger = ledger
         self.tracing = gateway.tracing
+        self.live = gateway.live
 
     # --- admitting ------------------------------------------------------------------------------
 
@@ -185,13 +187,15 @@ class Lifecycle:
             return
         assert job is not None
         now = trio.current_time()
+        ttft_s = job.first_output_at - job.enqueued_at if job.first_output_at else None
+        self.live.observe(time.time(), now - job.enqueued_at, ttft_s, status)
         self.metrics.user_request(run.payer.username, run.spec.model, status, prompt, completion)
         run.row = usage_row(
             request_id=run.request_id or job.id, user_id=run.payer.user_id,
             username=run.payer.username, key_id=run.payer.key_id, model=run.spec.model,
             route=run.ledger_route, status=status, prompt_tokens=prompt,
             completion_tokens=completion, queue_s=(job.started_at or now) - job.enqueued_at,
-            ttft_s=job.first_output_at - job.enqueued_at if job.first_output_at else None,
+            ttft_s=ttft_s,
             total_s=now - job.enqueued_at)
         if not run.durable:
             self.ledger.record(run.row)

@@ -415,6 +415,10 @@ class Store(BatchQueries):
         return {limit.subject: {name: getattr(limit, name) for name in LIMIT_FIELDS}
                 for limit in Limit.select().order_by(Limit.subject)}
 
+    def end_session(self, digest: str) -> None:
+        """A login token signed out: it stops working at once (an API key is not one)."""
+        Token.delete().where(Token.digest == digest, Token.kind == "access").execute()
+
     def purge_expired_tokens(self) -> int:
         return Token.delete().where(Token.expires_at < utcnow()).execute()
 

@@ -9,6 +9,7 @@ from typing import Any
 from quart import current_app, g, request
 
 from server.auth import Principal
+from server.console_session import CSRF_HEADER, SESSION_COOKIE, check_csrf
 from server.errors import BadRequest
 from server.services import Services
 
@@ -19,8 +20,14 @@ def services() -> Services:
 
 
 async def caller() -> Principal:
-    """The authenticated caller (Unauthorized otherwise)."""
-    principal = await services().auth.authenticate(request.headers.get("Authorization"))
+    """The authenticated caller (Unauthorized otherwise): by its Authorization header, or by
+    the console's session cookie, with its CSRF token on whatever changes something."""
+    authorization = request.headers.get("Authorization")
+    session = request.cookies.get(SESSION_COOKIE)
+    if authorization is None and session:
+        check_csrf(request.method, session, request.headers.get(CSRF_HEADER))
+        authorization = f"Bearer {session}"
+    principal = await services().auth.authenticate(authorization)
     g.principal = principal
     return principal
 

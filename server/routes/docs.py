@@ -19,6 +19,7 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
         # vLLM's own refusals, relayed as vLLM gives them, carry the status as the code
         "code": {"type": ["string", "integer", "null"]}}}}}
 BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+FORMAT = {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}}
 
 
 def _operation(summary: str, body: str | None = None, *, secured: bool = True) -> dict:
@@ -82,10 +83,22 @@ ADMIN_PATHS = {
     "/admin/usage": {"get": _admin(
         "everyone's usage, or one user's", {"name": "user", "in": "query", "schema": {"type": "string"}},
         {"name": "group_by", "in": "query",
-         "schema": {"type": "string", "enum": ["model", "route", "key", "day", "user"]}})},
+         "schema": {"type": "string", "enum": ["model", "route", "key", "day", "user"]}},
+        FORMAT)},
 }
 
 
+CONSOLE_PATHS = {
+    "/console/session": {
+        "post": {**_operation("Sign in to the console: sets its session cookie (HttpOnly, Secure, "
+                              "SameSite=Strict) and gives its CSRF token", secured=False),
+                 "requestBody": _object(username={"type": "string"}, password={"type": "string"},
+                                        api_key={"type": "string"})},
+        "get": _operation("The console session's user, role and CSRF token"),
+        "delete": _operation("Sign out of the console (X-CSRF-Token with the cookie)")},
+    "/console/live": {"get": _operation("The last hour minute by minute (requests, errors, TTFT "
+                                        "and end-to-end p50/p99), workers and queues")},
+}
 FILE_ID = {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}
 BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
 PAGE = [{"name": "limit", "in": "query", "schema": {"type": "integer"}},
@@ -153,8 +166,10 @@ def openapi() -> dict:
                 {"name": "start", "in": "query", "schema": {"type": "string"}},
                 {"name": "end", "in": "query", "schema": {"type": "string"}},
                 {"name": "group_by", "in": "query",
-                 "schema": {"type": "string", "enum": ["model", "route", "key", "day", "user"]}}]}},
+                 "schema": {"type": "string", "enum": ["model", "route", "key", "day", "user"]}},
+                FORMAT]}},
             **ADMIN_PATHS,
+            **CONSOLE_PATHS,
             **BATCH_PATHS,
             "/tasks/{task_id}": {"get": {**_operation("One task"), "parameters": [
                 {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}]}},

@@ -10,6 +10,7 @@ from server.auth import Principal
 from server.errors import NoWorkers
 from server.jobs import Job, JobSpec
 from server.lifecycle import Lifecycle, Run
+from server.live_window import LiveWindow
 from server.tracing import Tracing
 from server.limits import Limiter, Limits
 from server.metrics import Metrics
@@ -26,6 +27,7 @@ class FakeGateway:
         self.outcome, self.used = outcome, used
         self.spans = InMemorySpanExporter()
         self.tracing = Tracing("", processor=SimpleSpanProcessor(self.spans))
+        self.live = LiveWindow()
 
     def submit(self, spec: JobSpec) -> Job:
         if self.outcome == "refuse":
