@@ -227,11 +227,20 @@ class VllmEngine(Engine):
         context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         raw = context.socket(zmq.SUB)
         raw.setsockopt(zmq.SUBSCRIBE, b"")
+        raw.setsockopt(zmq.RCVHWM, 100_000)  # as vLLM's publisher keeps: a busy loop drops none
         raw.connect(self.events_endpoint)
-        refused = 0
+        refused, last_seq = 0, None
         with TrioSocket(raw) as sock:
             while True:
                 frames = await sock.recv_multipart()
+                seq = int.from_bytes(frames[-2], "big", signed=True)
+                if last_seq is not None and seq != last_seq + 1:
+                    # events were lost: what is held can no longer be told, so nothing is
+                    log.warning("KV events %d to %d from vLLM were lost; the fronts are told this "
+                                "engine holds no prefix until new events say otherwise",
+                                last_seq + 1, seq - 1)
+                    residency.cleared()
+                last_seq = seq
                 try:
                     batch = decoder.decode(frames[-1])
                 except msgspec.DecodeError as error:  # a vLLM of another event format
