@@ -34,7 +34,7 @@ from server.gateway import Gateway
 from server.lifecycle import Lifecycle, Run
 from server.limits import Limits
 from server.openai_schema import parse_chat, parse_completion, parse_embeddings
-from server.periodic import every
+from server.periodic import Streak, every
 from server.store import Store, utcnow
 from server.task_runner import batch_tier
 
@@ -107,6 +107,7 @@ class BatchRunner:
         self.lifecycle = lifecycle
         self.settings = gateway.settings
         self.owner = gateway.dispatcher.front_id
+        self.lease_streak = Streak()  # failed lease rounds in a row (/metrics)
         self._held: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -123,7 +124,7 @@ class BatchRunner:
                     what="renewing batch leases",
                     meanwhile="this front's batches run on, and another front may take one over "
                               "once its lease lapses (a line's outcome is written only by its "
-                              "batch's owner)"))
+                              "batch's owner)", streak=self.lease_streak))
                 task_status.started()
                 await trio.sleep_forever()
         finally:  # stopping: hand the batches back, for another front to go on at once

@@ -6,6 +6,8 @@ import collections
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from server.periodic import Streak
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
                    120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -33,20 +35,54 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("cohort_batch_size", "Requests per batch sent to a worker",
                                     buckets=BATCH_BUCKETS, registry=r)
+        # By tier: async tasks and batches wait for idle capacity by design, which must not
+        # read as slow first tokens of interactive requests.
         self.ttft = Histogram("cohort_time_to_first_token_seconds",
-                              "Time from accept to the first output", buckets=LATENCY_BUCKETS,
-                              registry=r)
+                              "Time from accept to the first output", ["model", "tier"],
+                              buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("cohort_request_duration_seconds",
                                  "Time from accept to the last output", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("cohort_prompt_tokens", "Input tokens", registry=r)
         self.completion_tokens = Counter("cohort_completion_tokens", "Output tokens", registry=r)
         self.workers = Gauge("cohort_workers", "Workers by state", ["state"], registry=r)
-        self.load_time = Gauge("cohort_model_load_seconds", "Model load time per worker",
-                               ["worker", "model"], registry=r)
+        # A model stays here, at 0, after its last worker is gone: that is when it matters.
+        self.workers_ready = Gauge("cohort_workers_ready", "Ready workers per model (busy ones "
+                                   "too), for every model a worker has served since the start",
+                                   ["model"], registry=r)
+        self.worker_state = Gauge("cohort_worker_state", "1 for each worker, labelled with its "
+                                  "state as /health shows it", ["worker", "model", "state"],
+                                  registry=r)
+        worker = ["worker", "model"]
+        self.load_time = Gauge("cohort_model_load_seconds", "Model load time per worker", worker,
+                               registry=r)
+        self.worker_running = Gauge("cohort_worker_running", "Sequences the worker's engine "
+                                    "runs, as it last reported", worker, registry=r)
+        self.worker_waiting = Gauge("cohort_worker_waiting", "Sequences waiting in the worker's "
+                                    "engine, as it last reported", worker, registry=r)
+        self.worker_kv_usage = Gauge("cohort_worker_kv_usage", "Share of the worker's KV cache "
+                                     "in use (0 to 1)", worker, registry=r)
+        self.worker_prefix_hit_rate = Gauge("cohort_worker_prefix_hit_rate", "Share of prompt "
+                                            "tokens the worker's engine found cached (0 to 1)",
+                                            worker, registry=r)
+        self.worker_prefixes_held = Gauge("cohort_worker_prefixes_held", "Prompt prefixes the "
+                                          "worker's engine reports it holds", worker, registry=r)
+        # Set afresh from the registry at each scrape, so a forgotten worker leaves no series.
+        self.per_worker = (self.worker_state, self.load_time, self.worker_running,
+                           self.worker_waiting, self.worker_kv_usage, self.worker_prefix_hit_rate,
+                           self.worker_prefixes_held)
         self.retries = Counter("cohort_retries", "Jobs re-run after their worker died", registry=r)
         self.aborts = Counter("cohort_aborts", "Jobs aborted (client gone or deadline)", registry=r)
         self.worker_deaths = Counter("cohort_worker_deaths", "Workers declared dead", registry=r)
+        self.store_round_failures = Gauge("cohort_store_round_failure_streak", "Failed rounds in "
+                                          "a row of the front's periodic store work (0: its last "
+                                          "round worked)", ["what"], registry=r)
+        self.task_takeovers = Counter("cohort_task_takeovers", "Async tasks this front took "
+                                      "over: their front's lease lapsed (it died or stalled), "
+                                      "or their front handed them back (it drained)", ["cause"],
+                                      registry=r)
+        for cause in ("lease_lapsed", "handed_back"):  # at 0 from the start, so that
+            self.task_takeovers.labels(cause)          # increase() counts the first one
         # Exact batch sizes for /stats: the histogram's buckets would blur them.
         self.batch_sizes: collections.Counter[int] = collections.Counter()
 
@@ -58,6 +94,10 @@ class Metrics:
         self.user_requests.labels(user, model, str(status)).inc()
         self.user_tokens.labels(user, model, "prompt").inc(prompt_tokens)
         self.user_tokens.labels(user, model, "completion").inc(completion_tokens)
+
+    def follow_streak(self, what: str, streak: Streak) -> None:
+        """Export a periodic store job's failures in a row, read when scraped (nothing a round)."""
+        self.store_round_failures.labels(what).set_function(lambda: streak.failures)
 
     def batch_sent(self, size: int) -> None:
         self.batch_size.observe(size)

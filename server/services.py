@@ -59,9 +59,13 @@ def assemble(settings: ServerSettings) -> Services:
     usage = UsageLedger(store, settings.usage_ledger, os.path.join(settings.data_dir, "ledger"),
                         gateway.dispatcher.front_id)
     lifecycle = Lifecycle(gateway, usage)
+    tasks, batches = TaskRunner(gateway, store, lifecycle), BatchRunner(gateway, store, lifecycle)
+    limit_sync = LimitSync(gateway.limiter, store, gateway.dispatcher.front_id,
+                           settings.limit_sync_s)
+    streaks = {"task_leases": tasks.lease_streak, "batch_leases": batches.lease_streak,
+               "limit_sync": limit_sync.streak, "housekeeping": tasks.housekeeping_streak}
+    for what, streak in streaks.items():  # the periodic store work's failures, for /metrics
+        gateway.metrics.follow_streak(what, streak)
     return Services(
         settings=settings, gateway=gateway, store=store, auth=Auth(settings, store), usage=usage,
-        lifecycle=lifecycle, tasks=TaskRunner(gateway, store, lifecycle),
-        batches=BatchRunner(gateway, store, lifecycle),
-        limit_sync=LimitSync(gateway.limiter, store, gateway.dispatcher.front_id,
-                             settings.limit_sync_s))
+        lifecycle=lifecycle, tasks=tasks, batches=batches, limit_sync=limit_sync)

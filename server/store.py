@@ -163,6 +163,7 @@ class Claimed:
     request: dict
     attempts: int
     key_id: int = 0
+    lease_lapsed: bool = False  # its front stopped without handing it back (False: handed back)
 
 
 @dataclass(frozen=True)
@@ -556,7 +557,7 @@ class Store(BatchQueries):
         """Take over up to `limit` unfinished tasks whose lease lapsed (or that never had one),
         each won by exactly one of the fronts that try at once."""
         return [Claimed(task.id, task.user_id, task.kind, json.loads(task.request), task.attempts,
-                        task.key_id)
+                        task.key_id, task.lease_until is not None)
                 for task in leases.claim_lapsed(Task, owner, now, until, limit, UNFINISHED)]
 
     def release_leases(self, owner: str, task_ids: list[str]) -> int:

@@ -37,7 +37,7 @@ from server.jobs import JobSpec
 from server.gateway import Gateway
 from server.lifecycle import Lifecycle, Run
 from server.openai_schema import parse_chat, parse_completion
-from server.periodic import every
+from server.periodic import Streak, every
 from server.store import Store, utcnow
 
 log = logging.getLogger("cohort.tasks")
@@ -74,6 +74,9 @@ class TaskRunner:
         self.lifecycle = lifecycle
         self.settings = gateway.settings
         self.owner = gateway.dispatcher.front_id
+        self.metrics = gateway.metrics
+        self.lease_streak = Streak()  # failed lease rounds in a row (/metrics)
+        self.housekeeping_streak = Streak()
         self._nursery: trio.Nursery | None = None
         self._running: dict[str, tuple[trio.CancelScope, int]] = {}  # task: (scope, user id)
         self._stray: set[str] = set()  # held but not running here at the last lease round
@@ -87,10 +90,11 @@ class TaskRunner:
                     every, self.settings.task_lease_s / 3, self._lease_round,
                     what="renewing task leases",
                     meanwhile="this front's tasks run on, and another front may take one over "
-                              "once its lease lapses (only its owner records the outcome)"))
+                              "once its lease lapses (only its owner records the outcome)",
+                    streak=self.lease_streak))
                 nursery.start_soon(functools.partial(
                     every, PURGE_PERIOD_S, self._purge, what="hourly housekeeping",
-                    first_now=True))
+                    first_now=True, streak=self.housekeeping_streak))
                 task_status.started()
                 await trio.sleep_forever()
         finally:  # stopping: hand back what still runs, so another front need not wait a lease
@@ -133,6 +137,8 @@ class TaskRunner:
         claimed = await self.store.run(self.store.claim_lapsed, self.owner, utcnow(),
                                        self._lease_until(), CLAIMS_PER_ROUND)
         for task in claimed:
+            self.metrics.task_takeovers.labels(
+                "lease_lapsed" if task.lease_lapsed else "handed_back").inc()
             if task.attempts >= MAX_TASK_ATTEMPTS:
                 await self._quarantine(task.id, f"it was started {task.attempts} times and "
                                        "its front stopped each time")

@@ -172,7 +172,6 @@ class WorkerLifecycle:
             worker.model = message.model or worker.model
             if message.features is not None:
                 worker.features = frozenset(message.features)
-            self.metrics.load_time.labels(worker.worker_id, worker.model).set(message.load_time_s)
             log.info("worker %s ready with %s after %.1f s", worker.worker_id, worker.model,
                      message.load_time_s)
             actions.changed = True
@@ -211,7 +210,8 @@ class WorkerLifecycle:
                 job.first_output_at = now
                 if job.trace is not None:
                     job.trace.first_output()
-                self.metrics.ttft.observe(job.first_output_at - job.enqueued_at)
+                self.metrics.ttft.labels(job.spec.model, job.spec.tier).observe(
+                    job.first_output_at - job.enqueued_at)
             if not job.deliver(item):
                 if job.buffered_bytes > self.settings.stream_buffer_bytes:
                     actions.add(self._too_slow(worker, job))

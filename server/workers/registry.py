@@ -51,6 +51,9 @@ class WorkerRegistry:
         self.placement = placement
         self.metrics = metrics
         self.workers: dict[bytes, WorkerHandle] = {}
+        # Every model a worker has served, kept after its workers are forgotten: a model with
+        # no worker left must still show 0 ready workers, not vanish from the metrics.
+        self.models_seen: set[str] = set()
 
     def by_id(self, worker_id: str) -> WorkerHandle | None:
         return self.workers.get(worker_id.encode())
@@ -153,9 +156,32 @@ class WorkerRegistry:
         } for w in self.workers.values()]
 
     def refresh_gauges(self) -> None:
-        """Set the workers-by-state gauges; called when they are scraped, not on every message."""
+        """Set the worker gauges from what the registry holds now; called when they are scraped,
+        not on every message. The per-worker ones are cleared first: a forgotten worker leaves
+        no series behind."""
+        metrics = self.metrics
         counts = dict.fromkeys(STATES, 0)
+        for gauge in metrics.per_worker:
+            gauge.clear()
         for worker in self.workers.values():
-            counts[self.shown_state(worker)] += 1
+            state = self.shown_state(worker)
+            counts[state] += 1
+            self._set_worker_gauges(worker, state)
         for state, count in counts.items():
-            self.metrics.workers.labels(state).set(count)
+            metrics.workers.labels(state).set(count)
+        self.models_seen.update(worker.model for worker in self.workers.values())
+        for model in self.models_seen:
+            metrics.workers_ready.labels(model).set(len(self.ready(model)))
+
+    def _set_worker_gauges(self, worker: WorkerHandle, state: str) -> None:
+        metrics, labels = self.metrics, (worker.worker_id, worker.model)
+        metrics.worker_state.labels(*labels, state).set(1)
+        if worker.load_time_s:
+            metrics.load_time.labels(*labels).set(worker.load_time_s)
+        if worker.state in GONE:  # its engine's last report speaks of an engine that is gone
+            return
+        metrics.worker_running.labels(*labels).set(worker.load.running)
+        metrics.worker_waiting.labels(*labels).set(worker.load.waiting)
+        metrics.worker_kv_usage.labels(*labels).set(worker.load.kv_usage)
+        metrics.worker_prefix_hit_rate.labels(*labels).set(worker.load.prefix_hit_rate)
+        metrics.worker_prefixes_held.labels(*labels).set(worker.load.prefixes_held)

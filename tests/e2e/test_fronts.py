@@ -1,6 +1,7 @@
 """Two fronts on one store (SQLite, and a real PostgreSQL), with workers connected to both: one
 front SIGKILLed with 40 tasks running; the other finishes every one of them, once."""
 
+import re
 import signal
 
 import httpx
@@ -84,3 +85,7 @@ async def test_a_killed_fronts_tasks_finish_once_on_the_other_front(make_cluster
     assert any(task["attempts"] == 2 for task in finals.values())  # taken over mid-run
     assert max(task["attempts"] for task in finals.values()) <= 2
     assert "took over" in cluster.log("front_b")
+    metrics = httpx.get(url_b + "/metrics", headers=headers, timeout=10).text
+    taken = dict(re.findall(r'^cohort_task_takeovers_total\{cause="(\w+)"\} (\S+)$', metrics,
+                            re.MULTILINE))
+    assert float(taken["lease_lapsed"]) >= 1 and float(taken["handed_back"]) == 0  # as alerted on

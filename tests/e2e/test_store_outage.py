@@ -1,6 +1,8 @@
 """A store that goes away for a while costs the front its durable bookkeeping for that while,
 not its life: the lease and housekeeping rounds fail, say so, and resume when the store is back."""
 
+import re
+
 import httpx
 import trio
 
@@ -12,6 +14,15 @@ async def wait_in_log(cluster, text: str, timeout_s: float = 30) -> None:
         while text not in cluster.log("front"):
             assert cluster.procs["front"].poll() is None, cluster.log("front")[-3000:]
             await trio.sleep(0.1)
+
+
+async def failing_rounds(http: httpx.AsyncClient, what: str) -> float:
+    """A store round's failures in a row, as `/metrics` exports them (the dashboard, the alert)."""
+    metrics = (await http.get("/metrics")).text
+    found = re.search(rf'^cohort_store_round_failure_streak\{{what="{what}"\}} (\S+)$', metrics,
+                      re.MULTILINE)
+    assert found, metrics
+    return float(found.group(1))
 
 
 async def test_the_front_serves_through_a_postgresql_outage_and_its_lease_rounds_resume(
@@ -35,10 +46,12 @@ async def test_the_front_serves_through_a_postgresql_outage_and_its_lease_rounds
             await wait_in_log(cluster, "renewing task leases failed")
             answer = await http.post("/v1/completions", json=BODY)  # the key is in the cache
             assert answer.status_code == 200, answer.text
+            assert await failing_rounds(http, "task_leases") >= 1
 
             server = pgserver.get_server(data, cleanup_mode="stop")  # and comes back
             await wait_in_log(cluster, "renewing task leases works again")
             assert cluster.procs["front"].poll() is None
+            assert await failing_rounds(http, "task_leases") == 0
             task = (await http.post("/inference/async", json=BODY)).json()
             with trio.fail_after(30):
                 while (await http.get(f"/tasks/{task['id']}")).json()["status"] != "completed":

@@ -126,6 +126,7 @@ def test_a_live_lease_is_left_alone_and_a_lapsed_one_is_taken_by_exactly_one_fro
         won_b = store.claim_lapsed("front-b", later, later + LEASE, 3)
         won_c = store.claim_lapsed("front-c", later, later + LEASE, 10)
         assert [t.id for t in won_b] == ["t0", "t1", "t2"] and [t.id for t in won_c] == ["t3"]
+        assert all(task.lease_lapsed for task in won_b + won_c)  # counted for the alert
         assert won_b[0].attempts == 1  # t0 ran once on front-a
         # the old owner wakes up: its result no longer counts, the new owner's does
         assert not store.task_finished("t0", "completed", {"by": "a"}, None, "front-a")
@@ -142,7 +143,8 @@ def test_a_released_lease_is_free_at_once(database_url):
         user = store.add_user("alice", "h")
         store.add_tasks([("t1", user.id, "completion", {})], "front-a", T0 + LEASE)
         assert store.release_leases("front-a", ["t1"]) == 1
-        assert [t.id for t in store.claim_lapsed("front-b", T0, T0 + LEASE, 10)] == ["t1"]
+        [claimed] = store.claim_lapsed("front-b", T0, T0 + LEASE, 10)
+        assert claimed.id == "t1" and not claimed.lease_lapsed  # handed back: a drain, no alert
 
 
 def test_retention_purges_only_old_finished_tasks(database_url):
