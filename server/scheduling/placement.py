@@ -6,7 +6,8 @@ cache is not full, and fewer than `max_unacked_batches` batches are still on the
 worker that stops reading gets no more). Among workers with room:
 
 - When no worker holds any of the prompt's prefix, the least queued one gets it (waiting +
-  unacknowledged, then KV use, then running, then fewest sent).
+  unacknowledged), and among those the one holding the fewest prefixes (the new one will stay
+  there), then KV use, then running, then fewest sent.
 - Otherwise each is priced in prompt tokens: what it would have to prefill (the prompt less the
   longest prefix it holds, see server.scheduling.prefix) plus `seq_tokens` for every sequence it
   already has (running, waiting, unacknowledged, and those this batch just gave it). The cheapest
@@ -193,8 +194,17 @@ class Placement:
             return (load.waiting + load.unacked + extra[key], load.kv_usage,
                     load.outstanding + extra[key], load.sent + extra[key])
 
-        if not any(cached.get(key) for key in open_):
+        if not cached:  # no prefix to place by
             return min(open_, key=queued)
+        if not any(cached.get(key) for key in open_):
+            # a new prefix: where it will stay, so to the engine holding the fewest, among the
+            # least queued (as a cache-aware router sends a miss to its smallest tree); else the
+            # engines' shares of the prefixes follow who was idle at each first prompt, and one
+            # ends up with more than its cache holds
+            def cold(key: K) -> tuple[int, int, float, int, int]:
+                waiting, kv_usage, outstanding, sent = queued(key)
+                return (waiting, self.holders.counts[key], kv_usage, outstanding, sent)
+            return min(open_, key=cold)
 
         def cost(key: K) -> tuple[float, int, float, int, int]:
             uncached = max(0, job.prompt_chars - cached[key]) / CHARS_PER_TOKEN

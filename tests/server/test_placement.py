@@ -292,3 +292,14 @@ def test_a_saturated_holder_queues_its_prefix_within_its_backlog_rather_than_los
     assert list(policy.assign([job("no prefix here")], workers)[0]) == ["b"]  # no room at a
     workers["a"].waiting = 7  # its backlog (8 + 2) is full: the prompt goes where it fits
     assert list(policy.assign([job(SYSTEM + "q")], workers)[0]) == ["b"]
+
+
+def test_a_new_prefix_goes_to_the_engine_holding_fewest_among_the_least_queued():
+    workers = loads(a=dict(reports_prefixes=True), b=dict(reports_prefixes=True, kv_usage=0.2))
+    policy = placement()
+    policy.reported("a", held=job(SYSTEM).prefix, dropped=[])  # a holds one prefix, b none
+    other = "An entirely different system prompt. " * 40
+    assert list(policy.assign([job(other)], workers)[0]) == ["b"]  # despite b's KV use
+    workers["b"].waiting = 1  # but a queue counts first
+    third = "A third system prompt, unlike the others. " * 30
+    assert list(policy.assign([job(third)], workers)[0]) == ["a"]
