@@ -6,8 +6,10 @@ cache is not full, and fewer than `max_unacked_batches` batches are still on the
 worker that stops reading gets no more). Among workers with room:
 
 - When no worker holds any of the prompt's prefix, the least queued one gets it (waiting +
-  unacknowledged), and among those the one holding the fewest prefixes (the new one will stay
-  there), then KV use, then running, then fewest sent.
+  unacknowledged), and among those the one with the fewest sequences, then the one holding the
+  fewest prefixes (the new one will stay there, with its later prompts), then KV use, then the
+  fewest sent. A prompt with no prefix at all goes by load: waiting + unacknowledged, KV use,
+  running, fewest sent.
 - Otherwise each is priced in prompt tokens: what it would have to prefill (the prompt less the
   longest prefix it holds, see server.scheduling.prefix) plus `seq_tokens` for every sequence it
   already has (running, waiting, unacknowledged, and those this batch just gave it). The cheapest
@@ -197,13 +199,13 @@ class Placement:
         if not cached:  # no prefix to place by
             return min(open_, key=queued)
         if not any(cached.get(key) for key in open_):
-            # a new prefix: where it will stay, so to the engine holding the fewest, among the
-            # least queued (as a cache-aware router sends a miss to its smallest tree); else the
-            # engines' shares of the prefixes follow who was idle at each first prompt, and one
-            # ends up with more than its cache holds
-            def cold(key: K) -> tuple[int, int, float, int, int]:
+            # a new prefix, whose later prompts will follow it: to the least queued engine, then
+            # the one with the fewest sequences, then the one holding the fewest prefixes (as a
+            # cache-aware router sends a miss to its smallest tree); by KV use first, one engine
+            # could take 5 of 8 prefixes, and their traffic, from a moment's difference in KV use
+            def cold(key: K) -> tuple[int, int, int, float, int]:
                 waiting, kv_usage, outstanding, sent = queued(key)
-                return (waiting, self.holders.counts[key], kv_usage, outstanding, sent)
+                return (waiting, outstanding, self.holders.counts[key], kv_usage, sent)
             return min(open_, key=cold)
 
         def cost(key: K) -> tuple[float, int, float, int, int]:

@@ -294,7 +294,7 @@ def test_a_saturated_holder_queues_its_prefix_within_its_backlog_rather_than_los
     assert list(policy.assign([job(SYSTEM + "q")], workers)[0]) == ["b"]
 
 
-def test_a_new_prefix_goes_to_the_engine_holding_fewest_among_the_least_queued():
+def test_a_new_prefix_goes_to_the_least_loaded_engine_then_to_the_one_holding_fewest():
     workers = loads(a=dict(reports_prefixes=True), b=dict(reports_prefixes=True, kv_usage=0.2))
     policy = placement()
     policy.reported("a", held=job(SYSTEM).prefix, dropped=[])  # a holds one prefix, b none
@@ -303,3 +303,7 @@ def test_a_new_prefix_goes_to_the_engine_holding_fewest_among_the_least_queued()
     workers["b"].waiting = 1  # but a queue counts first
     third = "A third system prompt, unlike the others. " * 30
     assert list(policy.assign([job(third)], workers)[0]) == ["a"]
+    fresh = placement()  # fewer sequences count before fewer prefixes
+    fresh.reported("b", held=job(SYSTEM).prefix, dropped=[])
+    busy = loads(a=dict(reports_prefixes=True, running=2), b=dict(reports_prefixes=True))
+    assert list(fresh.assign([job(other)], busy)[0]) == ["b"]
