@@ -17,8 +17,9 @@ from harness.cluster import ROOT, Cluster
 
 SHOTS = ROOT / "bench" / "results"
 PASSWORD = "correct-horse"
-# A mock slow enough that a batch is seen running: 20 ms a token, 8 tokens a line.
-SLOW = {"MOCK_TOKEN_S": "0.02", "MOCK_TTFT_S": "0"}
+# A mock slow enough that a batch is seen running: 4 sequences at a time, 20 ms a token, so 40
+# lines of 32 tokens take some 6 s.
+SLOW = {"MOCK_TOKEN_S": "0.02", "MOCK_TTFT_S": "0", "COHORT_MAX_NUM_SEQS": "4"}
 
 
 def chromium() -> str:
@@ -156,7 +157,7 @@ def test_a_running_batch_progresses_on_the_work_page(gateway, page):
     lines = "".join(json.dumps({"custom_id": f"line-{i}", "method": "POST",
                                 "url": "/v1/completions",
                                 "body": {"model": "cohort-mock", "prompt": f"line {i}",
-                                         "max_tokens": 8, "ignore_eos": True}}) + "\n"
+                                         "max_tokens": 32, "ignore_eos": True}}) + "\n"
                     for i in range(40))
     dave = gateway.headers(gateway.dave_key)
     upload = httpx.post(gateway.url + "/v1/files", headers=dave, data={"purpose": "batch"},
@@ -169,8 +170,12 @@ def test_a_running_batch_progresses_on_the_work_page(gateway, page):
     row = page.locator("#batches tbody tr", has_text=batch["id"])
     expect(row).to_be_visible()
     expect(page.locator("#files tbody")).to_contain_text(upload["id"])
-    expect(row).to_contain_text("completed", timeout=60_000)  # it updates by itself
     cells = row.locator("td")
+    expect(cells.nth(1)).to_have_text("in_progress")
+    expect(cells.nth(3)).not_to_have_text("0", timeout=30_000)  # lines done, as they finish
+    assert int(cells.nth(3).inner_text()) < 40
+    shot(page, "work-running")
+    expect(row).to_contain_text("completed", timeout=60_000)  # it updates by itself
     assert cells.nth(3).inner_text() == "40" and cells.nth(5).inner_text() == "40"
     shot(page, "work")
 
