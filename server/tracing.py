@@ -45,7 +45,7 @@ class RequestTrace:
         try:
             yield span
         except BaseException as error:
-            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            tracing.failed(span, error)
             raise
         finally:
             span.end()

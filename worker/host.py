@@ -26,7 +26,7 @@ from common import protocol
 from common.config import SettingError, WorkerSettings, load
 from common.keys import worker_key_files
 from common.logs import setup_logging
-from common.tracing import context_of, make_tracer, traceparent_of
+from common.tracing import context_of, failed, make_tracer, traceparent_of
 from worker.engines import Engine, EngineError, InvalidRequest, make_engine
 from worker.link import FrontLink
 
@@ -178,12 +178,14 @@ class Worker:
             link.emit(protocol.out_item(request.id, json.dumps(error.body()).encode(),
                                         done=True, status=400))
         except EngineError as error:
+            failed(span, error)
             dead = self.engine.dead()
             if dead:  # not this request's fault: the bye sends it elsewhere
                 self.engine_died(dead)
                 return
             await link.send(protocol.Error(str(error), [request.id], error.kind))
         except Exception as error:  # a bug or engine crash on one request must not kill the worker
+            failed(span, error)
             log.exception("request_id=%s job=%s failed", request.trace_id, request.id)
             await link.send(protocol.Error(f"{type(error).__name__}: {error}", [request.id]))
         finally:

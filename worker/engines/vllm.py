@@ -199,11 +199,12 @@ class VllmEngine(Engine):
         the first output of a fingerprinted request, which carries the prompt's token ids,
         links its fingerprints to the engine's blocks (on trio's side)."""
         original, residency, token = engine.generate, self.residency, self._token
+        traced = bool(self.settings.otlp_endpoint)  # else vLLM has no tracer to take them
         assert token is not None
 
         async def generate(*args, **kwargs):
             request = _serving.get()
-            if request is not None and request.traceparent:
+            if traced and request is not None and request.traceparent:
                 kwargs["trace_headers"] = {"traceparent": request.traceparent}
             link = residency is not None and request is not None and bool(request.prefix) \
                 and single_prompt(request)
