@@ -214,6 +214,11 @@ class BatchQueries:
         page = _page(Batch.select().where(Batch.user_id == user_id), Batch, user_id, limit, after)
         return {"data": [batch_view(b) for b in page["rows"]], "has_more": page["has_more"]}
 
+    def newest_batches(self, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """Every user's newest batches, with whose each is (an admin's view)."""
+        return [(b.user_id, batch_view(b)) for b in
+                Batch.select().order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)]
+
     def update_batch(self, batch_id: str, holder: str | None, **values: Any) -> bool:
         """Change a batch that `holder` still holds (None: whoever holds it)."""
         query = Batch.update(**values).where(Batch.id == batch_id)

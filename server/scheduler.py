@@ -133,6 +133,9 @@ class Scheduler:
     def queued(self) -> dict[str, int]:
         return {model: queue.live_count() for model, queue in self.queues.items()}
 
+    def queued_by_tier(self) -> dict[str, dict[str, int]]:
+        return {model: queue.live_by_tier() for model, queue in self.queues.items()}
+
     def _view(self, model: str, queue: ModelQueue) -> QueueView:
         """What the decision needs, read from the workers and the queue now; who is short of
         their share is worked out only when it can matter (every worker full, with fair shares)."""

@@ -577,6 +577,16 @@ class Store(BatchQueries):
         return {"data": [task_view(t) for t in rows], "total": total, "limit": limit,
                 "offset": offset}
 
+    def everyones_work(self, limit: int) -> dict[str, list[dict[str, Any]]]:
+        """Every user's newest tasks and batches, each with its user's name: what an admin's
+        console shows (a removed user's are gone with them)."""
+        names: dict[int, str] = dict(User.select(User.id, User.username).tuples())  # type: ignore[arg-type]
+        tasks = Task.select().order_by(Task.created_at.desc(), Task.id).limit(limit)
+        return {"tasks": [{**task_view(task), "user": names.get(task.user_id, "")}
+                          for task in tasks],
+                "batches": [{**view, "user": names.get(user_id, "")}
+                            for user_id, view in self.newest_batches(limit)]}
+
     def purge_tasks(self, older_than_s: int) -> int:
         cutoff = utcnow() - datetime.timedelta(seconds=older_than_s)
         return Task.delete().where(Task.status.in_(FINAL), Task.finished_at < cutoff).execute()

@@ -64,6 +64,7 @@ async function signedIn(session) {
   $("#who").hidden = false;
   say("#who-name", `${session.username} (${session.role})`);
   for (const element of document.querySelectorAll("[data-admin]")) element.hidden = session.role !== "admin";
+  for (const element of document.querySelectorAll("[data-mine]")) element.hidden = session.role === "admin";
   show("live");
 }
 
@@ -109,7 +110,8 @@ async function loadLive() {
     (m) => ms(m.e2e_p99_s)]);
   const last = minutes.length ? minutes[minutes.length - 1] : null;
   say("#live-rate", last ? `${(last.requests / 60).toFixed(2)} requests/s this minute` : "no requests in the last hour");
-  say("#live-queued", Object.entries(live.queued).map(([model, n]) => `${model}: ${n} queued`).join(", "));
+  say("#live-queued", Object.entries(live.queued).map(([model, tiers]) =>
+    `${model}: ${tiers.interactive || 0} interactive, ${tiers.batch || 0} batch queued`).join("; "));
   say("#live-updated", `updated ${new Date(live.now * 1000).toISOString().slice(11, 19)} UTC`);
   const data = [minutes.map((m) => m.minute), ...["ttft_p50_s", "ttft_p99_s", "e2e_p50_s", "e2e_p99_s"]
     .map((k) => minutes.map((m) => (m[k] === null ? null : m[k] * 1000)))];
@@ -161,16 +163,19 @@ async function loadUsage() {
   state.usageChart = chart(state.usageChart, "#usage-chart", "per day", data, ["tokens", "requests"]);
 }
 
+// An admin sees every user's newest work (with whose it is), a user their own and their files.
 async function loadWork() {
-  const batches = await api("GET", "/v1/batches?limit=50");
-  fill("#batches", batches.data, ["id", "status", "endpoint", (b) => b.request_counts.completed,
+  const admin = state.role === "admin";
+  const work = admin ? await api("GET", "/admin/work?limit=50")
+    : { batches: (await api("GET", "/v1/batches?limit=50")).data,
+        tasks: (await api("GET", "/tasks?limit=50")).data };
+  const whose = admin ? ["user"] : [];
+  fill("#batches", work.batches, ["id", ...whose, "status", "endpoint", (b) => b.request_counts.completed,
     (b) => b.request_counts.failed, (b) => b.request_counts.total, "input_file_id", "output_file_id",
     "error_file_id", (b) => (b.errors && b.errors.data ? b.errors.data.map((e) => e.message).join("; ") : "")]);
-  const tasks = await api("GET", "/tasks?limit=50");
-  fill("#tasks", tasks.data, ["id", "status", (t) => t.request && t.request.model, "created_at",
+  fill("#tasks", work.tasks, ["id", ...whose, "status", (t) => t.request && t.request.model, "created_at",
     (t) => (t.error ? t.error.message : "")]);
-  const files = await api("GET", "/v1/files?limit=50");
-  fill("#files", files.data, ["id", "filename", "purpose", "bytes"]);
+  if (!admin) fill("#files", (await api("GET", "/v1/files?limit=50")).data, ["id", "filename", "purpose", "bytes"]);
 }
 
 async function loadUsers() {

@@ -170,6 +170,20 @@ async def limits(name: str, key_id: int | None = None):
     return {"object": "limits", "subject": subject, "limits": values}
 
 
+@blueprint.get("/admin/work")
+async def work():
+    """Every user's newest async tasks and Batch API batches (`limit`, 1 to 100, each)."""
+    await _admin()
+    try:
+        limit = int(request.args.get("limit", 50))
+    except ValueError:
+        raise BadRequest("limit must be an integer", param="limit") from None
+    if not 1 <= limit <= 100:
+        raise BadRequest("limit must be 1 to 100", param="limit")
+    store = services().store
+    return {"object": "admin.work", **await store.run(store.everyones_work, limit)}
+
+
 @blueprint.get("/admin/usage")
 async def usage():
     """Everyone's usage (or one user's with `user=NAME`), with `group_by=user` beside the rest."""

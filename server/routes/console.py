@@ -118,7 +118,7 @@ async def live():
     return {"object": "console.live", "now": time.time(),
             "minutes": cohort.gateway.live.report(time.time()),
             "workers": cohort.dispatcher.describe_workers(),
-            "queued": cohort.scheduler.queued()}
+            "queued": cohort.scheduler.queued_by_tier()}
 
 
 def _json(body: dict[str, object]) -> str:

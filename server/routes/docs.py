@@ -80,6 +80,10 @@ ADMIN_PATHS = {
         "get": _admin("a key's limits", NAME, KEY_ID),
         "put": _admin("set some of a key's limits", NAME, KEY_ID, body=LIMITS),
         "delete": _admin("remove a key's limits", NAME, KEY_ID)},
+    "/admin/work": {"get": _admin(
+        "every user's newest async tasks and batches, with whose they are",
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                   "maximum": 100}})},
     "/admin/usage": {"get": _admin(
         "everyone's usage, or one user's", {"name": "user", "in": "query", "schema": {"type": "string"}},
         {"name": "group_by", "in": "query",

@@ -198,8 +198,12 @@ class ModelQueue:
             self._size -= 1
 
     def live_count(self) -> int:
-        return sum(job.state == "queued" for lines in self._lines.values()
-                   for line in lines.values() for job in line)
+        return sum(self.live_by_tier().values())
+
+    def live_by_tier(self) -> dict[str, int]:
+        """Jobs still waiting, per tier (a scan: for /console/live, not the hot path)."""
+        return {tier: sum(job.state == "queued" for line in lines.values() for job in line)
+                for tier, lines in self._lines.items()}
 
     async def wait_changed(self) -> None:
         await self._changed.wait()

@@ -40,7 +40,7 @@ def gateway(tmp_path_factory):
         cluster.users("role", "root", "admin")
         cluster.alice_key = cluster.add_user("alice", PASSWORD)
         cluster.bob_key = cluster.add_user("bob", PASSWORD)
-        cluster.add_user("carol", PASSWORD)  # whom the throttle test locks out
+        cluster.carol_key = cluster.add_user("carol", PASSWORD)  # locked out by the throttle test
         cluster.dave_key = cluster.add_user("dave", PASSWORD)  # who runs a batch, unlimited
         cluster.api_key = cluster.admin_key
         trio.run(cluster.wait_workers_ready, ["worker1"], 60)
@@ -178,6 +178,19 @@ def test_a_running_batch_progresses_on_the_work_page(gateway, page):
     expect(row).to_contain_text("completed", timeout=60_000)  # it updates by itself
     assert cells.nth(3).inner_text() == "40" and cells.nth(5).inner_text() == "40"
     shot(page, "work")
+
+
+def test_an_admin_sees_every_users_work_with_whose_it_is(gateway, page):
+    carol = gateway.headers(gateway.carol_key)
+    task = httpx.post(gateway.url + "/inference/async", headers=carol, json={
+        "model": "cohort-mock", "messages": [{"role": "user", "content": "carol's task"}]}).json()
+    sign_in(page, gateway, "root")
+    page.click("button[data-tab=work]")
+    row = page.locator("#tasks tbody tr", has_text=task["id"])
+    expect(row).to_contain_text("carol")
+    expect(row).to_contain_text("completed")  # it updates by itself
+    expect(page.locator("#files")).to_be_hidden()  # files stay their owners' own
+    shot(page, "work-admin")
 
 
 def test_usage_shows_a_table_a_chart_and_a_csv(gateway, page):
