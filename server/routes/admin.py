@@ -15,7 +15,7 @@ from quart import Blueprint, request
 from server import accounts
 from server.auth import Principal, digest, hash_password, new_api_key
 from server.errors import BadRequest, CohortError, Conflict, NotFound, PermissionDenied
-from server.routes.context import caller, json_body, services
+from server.routes.context import caller, json_body, limit_arg, services
 from server.routes.usage import usage_report
 
 blueprint = Blueprint("admin", __name__)
@@ -174,12 +174,7 @@ async def limits(name: str, key_id: int | None = None):
 async def work():
     """Every user's newest async tasks and Batch API batches (`limit`, 1 to 100, each)."""
     await _admin()
-    try:
-        limit = int(request.args.get("limit", 50))
-    except ValueError:
-        raise BadRequest("limit must be an integer", param="limit") from None
-    if not 1 <= limit <= 100:
-        raise BadRequest("limit must be 1 to 100", param="limit")
+    limit = limit_arg(50)
     store = services().store
     return {"object": "admin.work", **await store.run(store.everyones_work, limit)}
 

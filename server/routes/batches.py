@@ -13,7 +13,7 @@ from quart import Blueprint, Response, request
 from server.batch_runner import FileWriter, request_line
 from server.batch_store import File, batch_view, file_view
 from server.errors import BadRequest, NotFound
-from server.routes.context import caller, json_body, services
+from server.routes.context import caller, json_body, limit_arg, services
 
 blueprint = Blueprint("batches", __name__)
 MAX_FILE_LINES = 50_000
@@ -36,13 +36,7 @@ def with_upload_limit(request_class: type, max_file_bytes: int) -> type:
 
 
 def _page_args() -> tuple[int, str | None]:
-    try:
-        limit = int(request.args.get("limit", 20))
-    except ValueError:
-        raise BadRequest("limit must be an integer", param="limit") from None
-    if not 1 <= limit <= 100:
-        raise BadRequest("limit must be 1 to 100", param="limit")
-    return limit, request.args.get("after") or None
+    return limit_arg(20), request.args.get("after") or None
 
 
 def _listing(page: dict[str, Any]) -> dict[str, Any]:

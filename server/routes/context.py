@@ -32,6 +32,17 @@ async def caller() -> Principal:
     return principal
 
 
+def limit_arg(default: int) -> int:
+    """A listing's `limit` query argument: 1 to 100, or a 400 that says so."""
+    try:
+        limit = int(request.args.get("limit", default))
+    except ValueError:
+        raise BadRequest("limit must be an integer", param="limit") from None
+    if not 1 <= limit <= 100:
+        raise BadRequest("limit must be 1 to 100", param="limit")
+    return limit
+
+
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 INT_RANGE = (-(2**63), 2**64 - 1)  # what msgpack, and so the wire to the workers, carries
 
