@@ -57,6 +57,7 @@ class Job:
     batch_id: str = ""
     started_at: float = 0.0
     prefix: tuple[int, ...] = ()  # the prompt's prefix blocks, for placement by affinity
+    prefix_held: int = 0  # of those, how many its worker held when placement chose it
     failed_on: set[bytes] = field(default_factory=set)  # workers whose engine failed it: not again
     used_tokens: int | None = None  # prompt and completion tokens, once it ended well
     usage: dict[str, int] = field(default_factory=dict)  # the engine's counts, once it ended

@@ -38,7 +38,10 @@ ENGINE_BACKLOG = 0.25  # with fair shares: an engine queues at most a quarter of
 
 
 class Placeable(Protocol):
-    """What placement reads of a job: its choices and its prompt's prefix blocks."""
+    """What placement reads of a job: its choices and its prompt's prefix blocks; and what it
+    writes: how many of those blocks the worker it chose held (its trace shows it)."""
+
+    prefix_held: int
 
     @property
     def prefix(self) -> tuple[int, ...]: ...
@@ -116,11 +119,6 @@ class Placement:
         self.holders = PrefixHolders()
         self._estimated: set[Hashable] = set()  # workers whose engines report no prefixes
 
-    def sent(self, key: Hashable, load: WorkerLoad, jobs: Sequence[Placeable]) -> None:
-        """Record a batch sent to a worker: unacknowledged work (what it will hold was counted
-        when each job was placed)."""
-        load.sent_batch(jobs)
-
     def _will_hold(self, key: Hashable, load: WorkerLoad, job: Placeable) -> None:
         """A job was placed: its worker will hold its prefix, for the next job of this batch as
         for later ones (two prompts of one new prefix in a batch go to one engine, not two)."""
@@ -138,7 +136,7 @@ class Placement:
             self.holders.held(key, held)
 
     def forget(self, key: Hashable) -> None:
-        """A worker died, restarted or was paused: nothing of its cache counts any more."""
+        """A worker died or restarted: nothing of its cache counts any more."""
         self.holders.forget(key)
         self._estimated.discard(key)
 
@@ -175,8 +173,8 @@ class Placement:
         left: list[J] = []
         for job in jobs:
             candidates = [key for key in workers if key not in job.failed_on] or list(workers)
-            cached = ({key: self.holders.longest(job.prefix, key) * BLOCK_CHARS
-                       for key in candidates} if self.prefix_affinity and job.prefix else {})
+            cached = ({key: self.holders.longest(job.prefix, key) for key in candidates}
+                      if self.prefix_affinity and job.prefix else {})  # blocks each holds
             open_ = [key for key in candidates
                      if max(room[key], backlog[key]) >= extra[key] + job.seqs
                      or cached.get(key) and self.backlog_room(workers[key]) >= extra[key] + job.seqs]
@@ -184,6 +182,7 @@ class Placement:
                 left.append(job)
                 continue
             key = self._choose(job, open_, workers, extra, cached)
+            job.prefix_held = cached.get(key, 0)
             extra[key] += job.seqs
             plan.setdefault(key, []).append(job)
             self._will_hold(key, workers[key], job)
@@ -209,7 +208,7 @@ class Placement:
             return min(open_, key=cold)
 
         def cost(key: K) -> tuple[float, int, float, int, int]:
-            uncached = max(0, job.prompt_chars - cached[key]) / CHARS_PER_TOKEN
+            uncached = max(0, job.prompt_chars - cached[key] * BLOCK_CHARS) / CHARS_PER_TOKEN
             sequences = workers[key].outstanding + extra[key]
             return (uncached + self.seq_tokens * sequences, *queued(key))
 

@@ -215,8 +215,7 @@ class Dispatcher:
         for job in jobs:
             if job.trace is not None:  # before encoding: the item carries its traceparent
                 job.trace.placed(worker.worker_id, batch_id, began_ns, job.attempts + 1,
-                                 len(job.prefix),
-                                 self.placement.holders.longest(job.prefix, worker.identity))
+                                 len(job.prefix), job.prefix_held)
         priorities = self.policy.priorities(jobs, worker.jobs.values())
         jobs, data = self._encode_batch(batch_id, jobs, dict(zip((j.id for j in jobs), priorities)))
         if not jobs:
@@ -226,7 +225,7 @@ class Dispatcher:
             worker.jobs[job.id] = job
             if job.attempts == 0:
                 self.metrics.queue_wait.observe(now - job.enqueued_at)
-        self.placement.sent(worker.identity, worker.load, jobs)
+        worker.load.sent_batch(jobs)  # unacknowledged work (what it will hold: see Placement)
         worker.batches_sent += 1
         self.metrics.batch_sent(len(jobs))
         if not await self._send_data(worker.identity, "batch", data):

@@ -117,7 +117,7 @@ def test_a_hot_prefix_spreads_once_its_holder_has_more_sequences_than_the_prefil
     patient = placement(seq_tokens=32)  # a sequence is worth less: a keeps it (34 + 160)
     seed(patient, "a", job(SYSTEM))
     assert list(patient.assign([job(SYSTEM + "q")], workers)[0]) == ["a"]
-    policy.sent("b", workers["b"], plan["b"])
+    workers["b"].sent_batch(plan["b"])
     workers["a"].running = workers["b"].running = 0
     # a worker whose engine reports nothing is estimated: the prefix moved to b, computed last
     assert list(policy.assign([job(SYSTEM + "r")], workers)[0]) == ["b"]
@@ -130,6 +130,7 @@ def test_the_longest_held_prefix_wins_and_engines_that_report_hold_one_prefix_to
     policy.reported("a", held=long_prompt.prefix[:2], dropped=[])
     policy.reported("b", held=long_prompt.prefix, dropped=[])
     assert list(policy.assign([long_prompt], workers)[0]) == ["b"]  # 4 blocks beat 2
+    assert long_prompt.prefix_held == 4  # what b held when chosen (its trace says so)
     seed(policy, "a", long_prompt)  # reported engines keep what they hold
     assert policy.holders.longest(long_prompt.prefix, "b") == 4
     workers["b"].running = 2
@@ -235,7 +236,7 @@ class SimulatedWorkers:
         plan, left = self.policy.assign(jobs, self.loads, force=force,
                                         beyond_backlog=beyond_backlog)
         for name, assigned in plan.items():
-            self.policy.sent(name, self.loads[name], assigned)
+            self.loads[name].sent_batch(assigned)
             self.sent.append((trio.current_time(), name, len(assigned), force))
         return left
 
