@@ -65,7 +65,7 @@ class RequestItem(Struct):
     batch_id: str = ""  # set by the worker from the batch it came in (logs, the mock's answers)
     note: str = ""  # set by the worker: what the mock says first (the http engine's fallback)
     # the front's fingerprints of the prompt's prefix (common.prefix.text_fingerprints of blocks
-    # of server.scheduling.prefix.BLOCK_CHARS characters) and the prompt's length in characters:
+    # of common.prefix.BLOCK_CHARS characters) and the prompt's length in characters:
     # a worker whose engine reports its cache says which of them it holds (see worker.residency)
     prefix: list[int] = []
     prompt_chars: Count = 0

@@ -51,15 +51,14 @@ class FrontLink:
         self.received = 0  # requests taken from this front: the acknowledgement in every load
         self.max_message_bytes = worker.settings.zmq_max_message_bytes
         self._sock: TrioSocket | None = None
-        residency = worker.engine.residency
-        self.changes = residency.listen() if residency is not None else None
+        self.residency = worker.engine.residency  # None: its engine reports no prefixes
+        self.changes = self.residency.listen() if self.residency is not None else None
         # Unbounded: emit() is called from the engine's step and must never wait; the flush task
         # drains it as fast as the socket takes messages.
         # `None` asks for a load report alone (a batch just arrived).
         self._out_send, self._out_receive = trio.open_memory_channel[Any](math.inf)
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        residency = self.worker.engine.residency
         raw = dealer(self.worker.settings, self.worker.worker_id)
         raw.setsockopt(zmq.LINGER, 500)  # long enough for a last bye, no longer
         raw.setsockopt(zmq.SNDHWM, 100_000)
@@ -76,8 +75,8 @@ class FrontLink:
                     await self._receive_loop(nursery)
             finally:  # leaving (stopped, or failed): tell the front while the socket is open
                 await self._say_bye(self.worker.stop_reason or "worker stopping")
-                if self.changes is not None and residency is not None:
-                    residency.unlisten(self.changes)
+                if self.residency is not None and self.changes is not None:
+                    self.residency.unlisten(self.changes)
 
     async def send(self, message: protocol.Message) -> None:
         assert self._sock is not None
@@ -161,9 +160,8 @@ class FrontLink:
             elif isinstance(message, protocol.HelloAgain):
                 self.welcomed = False
                 self.received = 0  # the front forgot us: its new record of us counts from zero
-                residency = self.worker.engine.residency
-                if residency is not None and self.changes is not None:
-                    residency.resync(self.changes)  # ... and what our engine holds
+                if self.residency is not None and self.changes is not None:
+                    self.residency.resync(self.changes)  # ... and what our engine holds
                 await self.send(self.worker.hello())
             elif isinstance(message, protocol.Batch):
                 self.received += len(message.requests)

@@ -11,7 +11,9 @@ of 16-token blocks lets a prompt that starts like an earlier one skip that part 
 
 Its cache reports what it stores and evicts, block by block, as vLLM's KV events do, and links
 each prefilled prompt to the fronts' fingerprints (worker.residency), so placement by what an
-engine holds runs on the mock as it does on vLLM. A step is one forward pass: it costs `mock_token_s * (1 + mock_batch_growth * (sequences - 1))`
+engine holds runs on the mock as it does on vLLM.
+
+A step is one forward pass: it costs `mock_token_s * (1 + mock_batch_growth * (sequences - 1))`
 for the sequences in it (decoding, or prefilling a chunk), plus `mock_prefill_token_s` per prompt
 token prefilled and `mock_ttft_s` once when it prefills.
 Replies keep the shape users of the old system know, `[Batched mock response <batch id>] Mock
