@@ -45,3 +45,44 @@ async def test_a_request_is_one_trace_from_the_client_through_the_worker(make_cl
         assert engine.attributes["gen_ai.usage.output_tokens"] == 8
     finally:
         receiver.close()
+
+
+@deadline(60)
+async def test_an_http_worker_carries_the_trace_to_its_upstream(make_cluster):
+    """Cohort's http engine in front of another Cohort: the upstream's spans join the client's
+    trace under the http worker's engine span, as vLLM's would under `vllm serve`."""
+    receiver = OtlpReceiver()
+    try:
+        tracing = {"COHORT_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        upstream = make_cluster(**tracing)
+        upstream.start_front()
+        upstream.start_worker("worker1")
+        upstream.api_key = upstream.add_user("alice")
+        await upstream.wait_workers_ready(["worker1"], 30)
+        relay = make_cluster(COHORT_ENGINE="http", REAL_VLLM_URL=upstream.url,
+                             COHORT_UPSTREAM_API_KEY=upstream.api_key, **tracing)
+        relay.start_front()
+        relay.start_worker("relay1")
+        relay.api_key = relay.add_user("bob")
+        await relay.wait_workers_ready(["relay1"], 30)
+        trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+        async with httpx.AsyncClient(timeout=30, headers=relay.headers()) as http:
+            response = await http.post(relay.url + "/v1/chat/completions", json={
+                "model": "cohort-mock", "max_tokens": 4,
+                "messages": [{"role": "user", "content": "trace me twice"}]},
+                headers={"traceparent": f"00-{trace_id}-{client_span}-01"})
+        assert response.status_code == 200
+        with trio.fail_after(10):  # both fronts' routes and both workers' engine spans
+            while len([s for s in receiver.of_trace(trace_id)
+                       if s.name in ("POST /v1/chat/completions", "engine")]) < 4:
+                await trio.sleep(0.05)
+        spans = receiver.of_trace(trace_id)
+        relay_root, upstream_root = sorted(
+            (s for s in spans if s.name == "POST /v1/chat/completions"),
+            key=lambda s: s.parent_id != client_span)
+        assert relay_root.parent_id == client_span
+        http_engine = next(s for s in spans if s.name == "engine"
+                           and s.attributes["cohort.engine"] == "http")
+        assert upstream_root.parent_id == http_engine.span_id
+    finally:
+        receiver.close()

@@ -88,9 +88,13 @@ class HttpEngine(Engine):
     async def _forward(self, request: protocol.RequestItem, emit: Emit) -> None:
         """The body as the client sent it, to the same route upstream; its answer relayed as it
         comes, status and all (a 5xx is the engine failing: retried elsewhere or a 502). The
-        front's engine priority stays here: the upstream's scheduling policy is not ours to know."""
+        request's trace goes along as a `traceparent` header, so the upstream's own spans (vLLM's
+        `llm_request`, or another Cohort's) join it. The front's engine priority stays here: the
+        upstream's scheduling policy is not ours to know."""
         tap = UsageTap(request.body, request.stream)
-        async with self.client.stream("POST", PATHS[request.route], json=tap.body) as response:
+        traced = {"traceparent": request.traceparent} if request.traceparent else None
+        async with self.client.stream("POST", PATHS[request.route], json=tap.body,
+                                      headers=traced) as response:
             if response.status_code >= 500:
                 detail = (await response.aread()).decode(errors="replace")[:500]
                 raise EngineError(f"the upstream answered {response.status_code}: {detail}")
