@@ -50,10 +50,17 @@ def _parse(kind: type, name: str, raw: str) -> object:
         raise SettingError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
 
-def env_field(default: Any, *names: str, doc: str) -> Any:
+VLLM, MOCK, HTTP = frozenset({"vllm"}), frozenset({"mock"}), frozenset({"http"})
+
+
+def env_field(default: Any, *names: str, doc: str, engines: frozenset[str] | None = None) -> Any:
     """A dataclass field read from the first of `names` found in the environment; `doc` is its
-    meaning, the one source of the settings reference and `.env.example`."""
-    return field(default=default, metadata={"env": names, "doc": doc})
+    meaning, the one source of the settings reference and `.env.example`. `engines`: the worker
+    engines that read it (None: every process that loads these settings)."""
+    metadata: dict[str, object] = {"env": names, "doc": doc}
+    if engines is not None:
+        metadata["engines"] = engines
+    return field(default=default, metadata=metadata)
 
 
 # Variables of Cohort's prefixes that are not settings, read where they are used.
@@ -76,16 +83,35 @@ def load(cls: type, env: Mapping[str, str] | None = None, **overrides: object) -
     env = os.environ if env is None else env
     check_names(env)
     values: dict[str, object] = {}
+    given: dict[str, str] = {}  # field: the name it was given by
     for item in dataclasses.fields(cls):
         names = item.metadata.get("env", ())
         found = _lookup(env, names)
         if found is not None:
             kind = type(item.default) if item.default is not None else str
             values[item.name] = _parse(kind, *found)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+            given[item.name] = found[0]
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    values.update(explicit)
+    given.update({name: f"--{name.replace('_', '-')}" for name in explicit})
     settings = cls(**values)
     settings.check()
+    refuse_unread(settings, given)
     return settings
+
+
+def refuse_unread(settings: Any, given: Mapping[str, str]) -> None:
+    """Refuse a setting given to a worker whose engine does not read it (`MOCK_TOKEN_S` on a vLLM
+    worker, `COHORT_ENFORCE_EAGER` on the mock): it would change nothing without a word."""
+    reading = getattr(settings, "engines_reading", None)
+    if reading is None:
+        return
+    unread = [given[item.name] for item in dataclasses.fields(settings)
+              if item.name in given and not item.metadata.get("engines", reading) & reading]
+    if unread:
+        raise SettingError(f"{', '.join(unread)}: not read by engine {settings.engine_name}; "
+                           "unset it for this worker (docs/settings.md says which engine reads "
+                           "what)")
 
 
 def check_names(env: Mapping[str, str]) -> None:
@@ -365,16 +391,20 @@ class WorkerSettings:
     upstream_url: str = env_field(
         "", "REAL_VLLM_URL",
         doc="engine `http`: the OpenAI-compatible server to forward to (e.g. `vllm serve`)",
+        engines=HTTP,
     )
     upstream_fallback_to_mock: bool = env_field(
         False, "COHORT_UPSTREAM_FALLBACK_TO_MOCK",
         doc="engine `http`: answer from the mock while the upstream is down (each reply says so)",
+        engines=HTTP,
     )
     upstream_timeout_s: float = env_field(
         600.0, "COHORT_UPSTREAM_TIMEOUT_S", doc="engine `http`: the upstream's read timeout",
+        engines=HTTP,
     )
     upstream_api_key: str = env_field(
         "", "COHORT_UPSTREAM_API_KEY", doc="engine `http`: the key sent to the upstream",
+        engines=HTTP,
     )
     model: str = env_field(
         "", "COHORT_MODEL", "REAL_VLLM_MODEL", "MOCK_VLLM_MODEL",
@@ -391,34 +421,41 @@ class WorkerSettings:
     )
     quantization: str = env_field(
         "", "MOCK_VLLM_QUANTIZATION", doc="vLLM's quantization: `awq`, `gptq`, `auto` or empty",
+        engines=VLLM,
     )
     max_model_len: int = env_field(
         2048, "COHORT_MAX_MODEL_LEN", "MOCK_VLLM_MAX_LEN", doc="the context length",
     )
     trust_remote_code: bool = env_field(
         False, "MOCK_VLLM_TRUST_REMOTE_CODE", doc="let transformers run the model's own code",
+        engines=VLLM,
     )
-    hf_token: str = env_field("", "WORKER_HF_TOKEN", doc="a hub token, for gated models")
+    hf_token: str = env_field("", "WORKER_HF_TOKEN", doc="a hub token, for gated models", engines=VLLM)
     gpu_memory_utilization: float = env_field(
         0.0, "COHORT_GPU_MEMORY_UTILIZATION",
         doc="vLLM's memory share (on CPU: of the NUMA node's memory); 0: 0.9 on a GPU, 0.3 on "
             "CPU, so two workers fit side by side",
+        engines=VLLM,
     )
     kv_cache_memory_bytes: int = env_field(
         0, "COHORT_KV_CACHE_MEMORY_BYTES",
         doc="vLLM's KV cache size in bytes (`--kv-cache-memory-bytes`); 0: what the memory share "
             "leaves",
+        engines=VLLM,
     )
     kv_events: bool = env_field(
         True, "COHORT_KV_EVENTS",
-        doc="a vLLM worker reads its engine's KV cache events and tells the fronts which prompt "
-            "prefixes its cache holds, so they place by it; off: they estimate from what they sent",
+        doc="a worker reads its engine's KV cache events (vLLM's, or the mock's alike) and tells "
+            "the fronts which prompt prefixes its cache holds, so they place by it; off: they "
+            "estimate from what they sent",
+        engines=VLLM | MOCK,
     )
     enforce_eager: bool = env_field(
         True, "COHORT_ENFORCE_EAGER",
         doc="skip CUDA graphs and compilation (a load of about 1 min instead of 4)",
+        engines=VLLM,
     )
-    device: str = env_field("auto", "COHORT_DEVICE", doc="`auto`, `cuda` or `cpu`")
+    device: str = env_field("auto", "COHORT_DEVICE", doc="`auto`, `cuda` or `cpu`", engines=VLLM)
     capacity: int = env_field(
         256, "COHORT_WORKER_CAPACITY", doc="sequences one worker runs at once",
     )
@@ -431,28 +468,34 @@ class WorkerSettings:
         0, "COHORT_MAX_NUM_BATCHED_TOKENS",
         doc="vLLM's `max_num_batched_tokens`: the token budget of one engine step; 0: the "
             "engine's default (the mock: 2048)",
+        engines=VLLM | MOCK,
     )
     runner: str = env_field(
         "auto", "COHORT_RUNNER",
         doc="vLLM's `--runner`: `auto`, `generate` or `pooling` (with `COHORT_CONVERT=embed`, "
             "the worker serves `/v1/embeddings`)",
+        engines=VLLM,
     )
     convert: str = env_field(
         "auto", "COHORT_CONVERT",
         doc="vLLM's `--convert`: `embed` turns a generative model into an embedding model",
+        engines=VLLM,
     )
     tool_call_parser: str = env_field(
         "", "COHORT_TOOL_CALL_PARSER",
         doc="vLLM's `--tool-call-parser` (`hermes`, `llama3_json`, ...): how `tool_choice: auto` "
             "output is read",
+        engines=VLLM,
     )
     enable_auto_tool_choice: bool = env_field(
         False, "COHORT_ENABLE_AUTO_TOOL_CHOICE",
         doc="vLLM's `--enable-auto-tool-choice`; needs `COHORT_TOOL_CALL_PARSER`",
+        engines=VLLM,
     )
     chat_template: str = env_field(
         "", "COHORT_CHAT_TEMPLATE",
         doc="vLLM's `--chat-template`: a file, or the template itself; empty: the model's",
+        engines=VLLM,
     )
     heartbeat_interval_s: float = env_field(
         0.5, "COHORT_HEARTBEAT_INTERVAL_S", doc="how often a worker tells the front it lives",
@@ -473,41 +516,52 @@ class WorkerSettings:
     )
     mock_ttft_s: float = env_field(
         0.0, "MOCK_TTFT_S", doc="mock: a fixed extra cost of a step that prefills",
+        engines=MOCK,
     )
     mock_prefill_token_s: float = env_field(
         0.00005, "MOCK_PREFILL_TOKEN_S",
         doc="mock: prefill time per prompt token not in its prefix cache",
+        engines=MOCK,
     )
     mock_token_s: float = env_field(
         0.01, "MOCK_TOKEN_S", doc="mock: a forward pass's time at one sequence",
+        engines=MOCK,
     )
     mock_batch_growth: float = env_field(
         0.02, "MOCK_BATCH_GROWTH", doc="mock: a forward pass's extra time per extra sequence, as a share",
+        engines=MOCK,
     )
     mock_batch_cost_s: float = env_field(
         0.0, "MOCK_BATCH_COST_S", doc="mock: a fixed cost of each batch message received",
+        engines=MOCK,
     )
     mock_max_tokens: int = env_field(
         64, "MOCK_MAX_TOKENS", doc="mock: the reply's cap when a request gives no `max_tokens`",
+        engines=MOCK,
     )
     mock_reply_length: str = env_field(
         "echo", "MOCK_REPLY_LENGTH",
         doc="mock: `echo` (the reply echoes the prompt, then stops) or `max_tokens` (exactly "
             "`max_tokens` long, as vLLM's `ignore_eos`)",
+        engines=MOCK,
     )
     mock_kv_tokens: int = env_field(
         262144, "MOCK_KV_TOKENS", doc="mock: its KV cache, in tokens",
+        engines=MOCK,
     )
     mock_prefix_cache_tokens: int = env_field(
         65536, "MOCK_PREFIX_CACHE_TOKENS", doc="mock: the prompt tokens its prefix cache keeps; 0: none",
+        engines=MOCK,
     )
     mock_error_rate: float = env_field(
         0.0, "MOCK_ERROR_RATE", doc="mock: the share of requests that fail (fault injection)",
+        engines=MOCK,
     )
     mock_crash_after: int = env_field(
         0, "MOCK_CRASH_AFTER", doc="mock: its host exits after this many requests; 0: never",
+        engines=MOCK,
     )
-    mock_load_s: float = env_field(0.0, "MOCK_LOAD_S", doc="mock: a simulated model load time")
+    mock_load_s: float = env_field(0.0, "MOCK_LOAD_S", doc="mock: a simulated model load time", engines=MOCK)
     log_level: str = env_field("INFO", "COHORT_LOG_LEVEL", doc="log level of every process")
     otlp_endpoint: str = env_field(
         "", "COHORT_OTLP_ENDPOINT",
@@ -539,6 +593,14 @@ class WorkerSettings:
             raise SettingError("MOCK_KV_TOKENS must be at least 1")
         if self.capacity < 1 or self.heartbeat_interval_s <= 0:
             raise SettingError("COHORT_WORKER_CAPACITY and COHORT_HEARTBEAT_INTERVAL_S must be positive")
+
+    @property
+    def engines_reading(self) -> frozenset[str]:
+        """The engines whose settings this worker reads: its own, and the mock's behind an
+        http engine that falls back to it."""
+        if self.engine_name == "http" and self.upstream_fallback_to_mock:
+            return HTTP | MOCK
+        return frozenset({self.engine_name})
 
     @property
     def engine_name(self) -> str:

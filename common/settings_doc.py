@@ -25,7 +25,9 @@ SECTIONS = (
     ("The workers", "workers", WorkerSettings,
      "Read by `python -m worker` and the engine host it starts (the Procfile's `worker` lines); "
      "the `MOCK_*` settings shape the mock engine's cost model "
-     "(see [Engines](engines.md#the-mock-engine))."),
+     "(see [Engines](engines.md#the-mock-engine)). A setting that only some engines read says "
+     "which; given to a worker of another engine it would change nothing, so that worker stops "
+     "at start and names it."),
 )
 
 INTRO = """\
@@ -55,6 +57,13 @@ def shown_default(value: object) -> str:
     return str(value)
 
 
+def read_by(item: dataclasses.Field) -> str:
+    """The engines that read a worker setting, where not every one does."""
+    engines = item.metadata.get("engines")
+    return f" (read by engine {' and '.join(f'`{e}`' for e in sorted(engines))} only)" \
+        if engines else ""
+
+
 def reference() -> str:
     """The Markdown reference page."""
     parts = [INTRO]
@@ -67,7 +76,7 @@ def reference() -> str:
             cell = f"`{default}`" if default else "(empty)"
             if isinstance(item.default, int) and item.default >= MIB and item.default % MIB == 0:
                 cell += f" ({item.default // MIB} MiB)"
-            parts.append(f"| {shown} | {cell} | {item.metadata['doc']} |\n")
+            parts.append(f"| {shown} | {cell} | {item.metadata['doc']}{read_by(item)} |\n")
     return "".join(parts)
 
 
@@ -80,7 +89,7 @@ def env_example() -> str:
         lines += ["", f"# ---- {label} ----"]
         for item in dataclasses.fields(cls):
             names = item.metadata["env"]
-            doc = item.metadata["doc"].replace("`", "")
+            doc = (item.metadata["doc"] + read_by(item)).replace("`", "")
             doc += f" (also: {', '.join(names[1:])})" if names[1:] else ""
             lines += textwrap.wrap(doc, 98, initial_indent="# ", subsequent_indent="# ")
             lines.append(f"# {names[0]}={shown_default(item.default)}")

@@ -34,6 +34,10 @@ def procfile() -> dict[str, str]:
     return lines
 
 
+# A mock that costs nothing, unless a test says otherwise (other engines refuse the mock's settings)
+FREE_MOCK = {"MOCK_TTFT_S": "0", "MOCK_TOKEN_S": "0", "MOCK_BATCH_GROWTH": "0"}
+
+
 class Cluster:
     """A front and its workers; every process is in its own group so a kill takes all of it."""
 
@@ -52,7 +56,7 @@ class Cluster:
             "COHORT_DATA_DIR": str(tmp / "data"),
             "COHORT_WORKER_TIMEOUT_S": "2",
             "COHORT_HEARTBEAT_INTERVAL_S": "0.25",
-            "MOCK_TTFT_S": "0", "MOCK_TOKEN_S": "0", "MOCK_BATCH_GROWTH": "0",
+            **(FREE_MOCK if env.get("COHORT_ENGINE", "mock") == "mock" else {}),
             **env,
         }
         self.procs: dict[str, subprocess.Popen] = {}

@@ -47,7 +47,7 @@ def test_http_engine_without_url_is_refused():
 
 
 def test_secrets_are_masked_in_health():
-    shown = describe(load(WorkerSettings, {"WORKER_HF_TOKEN": "hf_secret"}))
+    shown = describe(load(WorkerSettings, {"COHORT_ENGINE": "vllm", "WORKER_HF_TOKEN": "hf_secret"}))
     assert shown["hf_token"] == "***" and shown["max_model_len"] == 2048
 
 
@@ -84,3 +84,28 @@ def test_a_variable_no_setting_reads_stops_the_start(env, said):
         with pytest.raises(SettingError, match=said):
             load(cls, env)
     load(ServerSettings, {"COHORT_KEY": "k", "MOCK_TOKEN_S": "0", "OTHER_THING": "x"})
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"COHORT_ENGINE": "vllm", "MOCK_TOKEN_S": "0.01"}, "MOCK_TOKEN_S: not read by engine vllm"),
+    ({"COHORT_ENFORCE_EAGER": "0", "COHORT_KV_CACHE_MEMORY_BYTES": "1000"},
+     "COHORT_KV_CACHE_MEMORY_BYTES, COHORT_ENFORCE_EAGER: not read by engine mock"),
+    ({"COHORT_ENGINE": "http", "REAL_VLLM_URL": "http://x", "COHORT_KV_EVENTS": "0"},
+     "COHORT_KV_EVENTS: not read by engine http"),
+    ({"COHORT_ENGINE": "mock", "REAL_VLLM_URL": "http://x"}, "REAL_VLLM_URL: not read"),
+])
+def test_a_setting_the_workers_engine_does_not_read_stops_it(env, said):
+    with pytest.raises(SettingError, match=said):
+        load(WorkerSettings, env)
+    load(ServerSettings, env)  # the front, under the same environment, has no engine
+
+
+def test_what_an_engine_reads_is_taken():
+    load(WorkerSettings, {"COHORT_ENGINE": "vllm", "COHORT_KV_CACHE_MEMORY_BYTES": "1000",
+                          "COHORT_KV_EVENTS": "0", "COHORT_MAX_NUM_SEQS": "8"})
+    load(WorkerSettings, {"MOCK_TOKEN_S": "0.01", "COHORT_KV_EVENTS": "0"})
+    # behind an http engine that falls back to the mock, the mock's settings count
+    load(WorkerSettings, {"REAL_VLLM_URL": "http://x", "COHORT_UPSTREAM_FALLBACK_TO_MOCK": "1",
+                          "MOCK_TOKEN_S": "0.01"})
+    with pytest.raises(SettingError, match="--quantization"):  # a flag is a setting given too
+        load(WorkerSettings, {}, quantization="awq")

@@ -7,6 +7,7 @@ import pytest
 import trio
 
 from common import protocol
+from common.prefix import BLOCK_CHARS, text_fingerprints
 from common.config import WorkerSettings, load
 from worker.engines.mock import MockEngine
 from worker.engines.mock_answers import tokenize
@@ -141,6 +142,20 @@ async def test_the_prefix_cache_skips_the_prefill_of_a_shared_prompt(autojump_cl
                             request(2, prompt=prompt, max_tokens=1)], gap_s=1)
     assert times(seen, "r2") == [round(1 + TOKEN + 64 * PREFILL, 9)]
     assert mock.stats().prefix_hit_rate == 0
+
+
+async def test_what_the_cache_holds_is_reported_unless_kv_events_are_off(autojump_clock):
+    prompt = "shared " * 300  # whole 256-character blocks to fingerprint
+    fingerprinted = msgspec.structs.replace(request(1, prompt=prompt, max_tokens=1),
+                                            prefix=text_fingerprints(prompt, BLOCK_CHARS),
+                                            prompt_chars=len(prompt))
+    reporting = engine()
+    await run(reporting, [fingerprinted])
+    assert reporting.residency is not None and reporting.stats().prefixes_held > 0
+    quiet = engine(COHORT_KV_EVENTS="0")  # the fronts estimate, as for vLLM without events
+    await run(quiet, [fingerprinted])
+    assert quiet.residency is None and quiet.stats().prefixes_held == 0
+    assert quiet.stats().prefix_hit_rate == reporting.stats().prefix_hit_rate  # it still caches
 
 
 async def test_reply_length_follows_max_tokens_when_asked(autojump_clock):

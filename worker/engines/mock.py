@@ -152,7 +152,9 @@ class MockEngine(Engine):
         self.device = "cpu (mock)"
         self.max_num_batched_tokens = settings.max_num_batched_tokens or 2048
         self.cache = PrefixCache(settings.mock_prefix_cache_tokens, Residency())
-        self.residency = self.cache.residency
+        # COHORT_KV_EVENTS=0: the cache keeps count for itself, and the fronts estimate, as
+        # they do for a vLLM worker without KV events
+        self.residency = self.cache.residency if settings.kv_events else None
         # (priority, arrival, request): vLLM's priority queue, a heap
         self._waiting: list[tuple[int, int, MockRequest]] = []
         self._arrivals = itertools.count()
@@ -186,7 +188,7 @@ class MockEngine(Engine):
             kv_usage=min(1.0, kv_used / self.settings.mock_kv_tokens),
             prefix_hit_rate=self.cache.hit_rate, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
-            prefixes_held=self.cache.residency.held())
+            prefixes_held=self.residency.held() if self.residency is not None else 0)
 
     # --- the step loop --------------------------------------------------------------------------
 
@@ -254,8 +256,8 @@ class MockEngine(Engine):
         if not request.prefill_left:
             self.cache.remember(request.blocks, request.tokens)
             linked = request.fingerprinted
-            if linked is not None:
-                self.cache.residency.link(linked.id, linked.prefix, linked.prompt_chars, request.tokens)
+            if linked is not None and self.residency is not None:
+                self.residency.link(linked.id, linked.prefix, linked.prompt_chars, request.tokens)
         return request.last_chunk
 
     def _drop_finished(self) -> None:
