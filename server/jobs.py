@@ -28,7 +28,10 @@ class JobSpec:
     features: list[str] = field(default_factory=list)  # see server.openai_schema.FEATURES
     dropped: list[str] = field(default_factory=list)  # unknown fields dropped (COHORT_DROP_PARAMS)
     seqs: int = 1  # sequences the engine runs for it: n for each prompt
-    prompt_text: str = ""  # what the prompt starts with, for placement by prefix affinity
+    # the request's one prompt, for placement by prefix affinity: a chat's messages, or a
+    # completion's single text prompt (the worker reports what its engine caches of it); empty
+    # for anything else, which goes by load
+    prompt_text: str = ""
     cost: int = 1  # tokens it may take: the prompt's (estimated) and those it may generate
     tenant: str = ""  # whose turn it uses in its queue (a user)
     tier: str = "interactive"  # interactive | batch (async tasks and batches: idle capacity)

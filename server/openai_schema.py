@@ -367,11 +367,13 @@ def parse_completion(body: Any, settings: ServerSettings, trace_id: str = "") ->
     _check_sampling(request, settings, request.max_tokens, request.n * len(prompts))
     chars = sum(len(p) if isinstance(p, str) else 4 * len(p) for p in prompts)
     _check_size(chars, settings, "prompt")
-    first = prompts[0] if isinstance(prompts[0], str) else ""
+    # One prompt of text is placed by its prefix; a list of prompts (or of token ids) by load:
+    # its engine runs each prompt apart, so the worker could not tell which one its cache holds
+    one_text = prompts[0] if len(prompts) == 1 and isinstance(prompts[0], str) else ""
     seqs = request.n * len(prompts)
     return JobSpec(request.model, "completions", body, stream=bool(request.stream),
                    trace_id=trace_id, features=features_used(request), dropped=dropped,
-                   seqs=seqs, prompt_text=first,
+                   seqs=seqs, prompt_text=one_text,
                    cost=chars // 4 + seqs * (request.max_tokens or COMPLETION_TOKENS_DEFAULT))
 
 

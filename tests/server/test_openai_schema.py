@@ -92,7 +92,10 @@ def test_limits_and_combinations(body, param):
 
 def test_completions_take_texts_or_token_ids_as_prompts_and_count_every_sequence():
     spec = parse_completion({"model": "m", "prompt": ["a", "b"], "n": 3}, SETTINGS)
-    assert spec.seqs == 6 and spec.route == "completions" and spec.prompt_text == "a"
+    assert spec.seqs == 6 and spec.route == "completions"
+    # placed by prefix: one text prompt only (the worker can say what its engine caches of it)
+    assert spec.prompt_text == "" and parse_completion(
+        {"model": "m", "prompt": ["a"]}, SETTINGS).prompt_text == "a"
     ids = parse_completion({"model": "m", "prompt": [[1, 2], [3]]}, SETTINGS)
     assert ids.seqs == 2 and ids.features == ["token_prompts"]
     assert parse_completion({"model": "m", "prompt": [1, 2]}, SETTINGS).seqs == 1

@@ -351,7 +351,7 @@ class MockEngine(Engine):
         plans = plan(request)
         output = Reply(request, emit, sum(len(p.choices) for p in plans))
         requests = [self._admit(request, prompt, output) for prompt in plans]
-        if request.prefix and len(requests) == 1:  # the front fingerprinted this one prompt
+        if request.prefix:  # the front fingerprints a request of one prompt only
             requests[0].fingerprinted = request
         for prompt in plans:
             output.prompt_tokens += len(prompt.tokens)

@@ -46,16 +46,6 @@ _serving: contextvars.ContextVar[protocol.RequestItem | None] = contextvars.Cont
     "cohort_serving", default=None)
 
 
-def single_prompt(request: protocol.RequestItem) -> bool:
-    """A chat, or completions of one prompt: the request the front fingerprinted is all of it."""
-    if request.route == "chat":
-        return True
-    prompt = request.body.get("prompt")
-    return request.route == "completions" and (
-        isinstance(prompt, str) or (isinstance(prompt, list) and len(prompt) == 1
-                                    and isinstance(prompt[0], str)))
-
-
 def pick_device(wanted: str) -> str:
     if wanted != "auto":
         return wanted
@@ -206,8 +196,8 @@ class VllmEngine(Engine):
             request = _serving.get()
             if traced and request is not None and request.traceparent:
                 kwargs["trace_headers"] = {"traceparent": request.traceparent}
-            link = residency is not None and request is not None and bool(request.prefix) \
-                and single_prompt(request)
+            # the front fingerprints a request of one prompt only: its tokens are the first output's
+            link = residency is not None and request is not None and bool(request.prefix)
             async for output in original(*args, **kwargs):
                 if link and output.prompt_token_ids:
                     assert residency is not None and request is not None
