@@ -146,9 +146,11 @@ class BatchRunner:
     async def _take_over(self) -> None:
         claimed = await self.store.run(self.store.claim_lapsed_batches, self.owner, utcnow(),
                                        self._lease_until(), 16)
-        for batch_id in claimed:
+        for batch_id, lease_lapsed in claimed:
             if batch_id not in self._held:
-                log.info("took over batch %s", batch_id)
+                log.info("took over batch %s (%s)", batch_id,
+                         "its front's lease lapsed" if lease_lapsed else "handed back")
+                self.gateway.metrics.took_over("batch", lease_lapsed)
                 self._start(batch_id)
 
     def _start(self, batch_id: str) -> None:

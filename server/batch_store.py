@@ -277,9 +277,12 @@ class BatchQueries:
         return leases.renew(Batch, owner, until, ACTIVE)
 
     def claim_lapsed_batches(self, owner: str, now: datetime.datetime,
-                             until: datetime.datetime, limit: int) -> list[str]:
-        """Take over active batches whose lease lapsed, each won by exactly one front."""
-        return [batch.id for batch in leases.claim_lapsed(Batch, owner, now, until, limit, ACTIVE)]
+                             until: datetime.datetime, limit: int) -> list[tuple[str, bool]]:
+        """Take over active batches whose lease lapsed (or that were handed back), each won by
+        exactly one front: each batch's id, and whether its lease lapsed (False: handed back, or
+        never leased)."""
+        return [(batch.id, batch.lease_until is not None)
+                for batch in leases.claim_lapsed(Batch, owner, now, until, limit, ACTIVE)]
 
     def release_batches(self, owner: str, batch_ids: list[str]) -> int:
         return leases.release(Batch, owner, batch_ids, ACTIVE)

@@ -77,14 +77,19 @@ class Metrics:
         self.store_round_failures = Gauge("cohort_store_round_failure_streak", "Failed rounds in "
                                           "a row of the front's periodic store work (0: its last "
                                           "round worked)", ["what"], registry=r)
-        self.task_takeovers = Counter("cohort_task_takeovers", "Async tasks this front took "
-                                      "over: their front's lease lapsed (it died or stalled), "
-                                      "or their front handed them back (it drained)", ["cause"],
-                                      registry=r)
-        for cause in ("lease_lapsed", "handed_back"):  # at 0 from the start, so that
-            self.task_takeovers.labels(cause)          # increase() counts the first one
+        self.lease_takeovers = Counter("cohort_lease_takeovers", "Async tasks and batches this "
+                                       "front took over: their front's lease lapsed (it died or "
+                                       "stalled), or their front handed them back (it drained)",
+                                       ["what", "cause"], registry=r)
+        for what in ("task", "batch"):  # at 0 from the start, so that increase() counts the
+            for cause in ("lease_lapsed", "handed_back"):  # first one
+                self.lease_takeovers.labels(what, cause)
         # Exact batch sizes for /stats: the histogram's buckets would blur them.
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+
+    def took_over(self, what: str, lease_lapsed: bool) -> None:
+        """This front took over a task or a batch (`what`) from another front."""
+        self.lease_takeovers.labels(what, "lease_lapsed" if lease_lapsed else "handed_back").inc()
 
     def user_request(self, user: str, model: str, status: int, prompt_tokens: int,
                      completion_tokens: int) -> None:

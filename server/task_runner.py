@@ -137,8 +137,7 @@ class TaskRunner:
         claimed = await self.store.run(self.store.claim_lapsed, self.owner, utcnow(),
                                        self._lease_until(), CLAIMS_PER_ROUND)
         for task in claimed:
-            self.metrics.task_takeovers.labels(
-                "lease_lapsed" if task.lease_lapsed else "handed_back").inc()
+            self.metrics.took_over("task", task.lease_lapsed)
             if task.attempts >= MAX_TASK_ATTEMPTS:
                 await self._quarantine(task.id, f"it was started {task.attempts} times and "
                                        "its front stopped each time")

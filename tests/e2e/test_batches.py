@@ -202,6 +202,8 @@ async def test_a_killed_fronts_batch_is_finished_by_the_other_front(make_cluster
     output = (await other.files.content(done.output_file_id)).text.splitlines()
     assert sorted(json.loads(line)["custom_id"] for line in output) == sorted(
         f"req-{i}" for i in range(120))
+    metrics = httpx.get(url_b + "/metrics", headers=cluster.headers(), timeout=10).text
+    assert 'cohort_lease_takeovers_total{cause="lease_lapsed",what="batch"} 1.0' in metrics
     await client.close()
     await other.close()
 

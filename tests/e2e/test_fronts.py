@@ -86,6 +86,6 @@ async def test_a_killed_fronts_tasks_finish_once_on_the_other_front(make_cluster
     assert max(task["attempts"] for task in finals.values()) <= 2
     assert "took over" in cluster.log("front_b")
     metrics = httpx.get(url_b + "/metrics", headers=headers, timeout=10).text
-    taken = dict(re.findall(r'^cohort_task_takeovers_total\{cause="(\w+)"\} (\S+)$', metrics,
-                            re.MULTILINE))
+    taken = dict(re.findall(r'^cohort_lease_takeovers_total\{cause="(\w+)",what="task"\} (\S+)$',
+                            metrics, re.MULTILINE))
     assert float(taken["lease_lapsed"]) >= 1 and float(taken["handed_back"]) == 0  # as alerted on

@@ -10,7 +10,7 @@ PANELS = {"Requests/s by route and status", "Tokens/s", "Time to first token (p5
           "Running sequences per worker", "Waiting sequences per worker",
           "KV cache use per worker", "Prefix cache hit rate per worker",
           "Retries, aborts, worker deaths", "Store rounds failing in a row",
-          "Task lease takeovers"}
+          "Lease takeovers"}
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 PER_MODEL = {"cohort_workers_ready", "cohort_queue_length", "cohort_worker_state",
              "cohort_time_to_first_token_seconds_bucket", "cohort_worker_running",

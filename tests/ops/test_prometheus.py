@@ -10,7 +10,7 @@ from tests.ops.queries import (RULE_TESTS, RULES, ROOT, alert_rules, panel_queri
                                promtool)
 
 ALERTS = {"CohortNoReadyWorker", "CohortWorkerBreakerOpen", "CohortQueueGrowing",
-          "CohortTimeToFirstTokenHigh", "CohortLimitSyncFailing", "CohortTaskLeaseTakeover"}
+          "CohortTimeToFirstTokenHigh", "CohortLimitSyncFailing", "CohortLeaseTakeover"}
 
 
 def run_promtool(*args: str) -> subprocess.CompletedProcess:

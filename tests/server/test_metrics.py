@@ -15,7 +15,8 @@ def test_a_streak_followed_is_read_when_scraped():
     assert b'cohort_store_round_failure_streak{what="limit_sync"} 3.0' in metrics.render()
 
 
-def test_task_takeovers_are_exported_at_zero_before_the_first():
+def test_takeovers_are_exported_at_zero_before_the_first():
     text = Metrics().render().decode()
-    assert 'cohort_task_takeovers_total{cause="lease_lapsed"} 0.0' in text
-    assert 'cohort_task_takeovers_total{cause="handed_back"} 0.0' in text
+    for what in ("task", "batch"):
+        for cause in ("lease_lapsed", "handed_back"):
+            assert f'cohort_lease_takeovers_total{{cause="{cause}",what="{what}"}} 0.0' in text

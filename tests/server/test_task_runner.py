@@ -53,7 +53,7 @@ async def test_takeovers_are_counted_by_whether_the_lease_lapsed_or_was_handed_b
         await nursery.start(runner.run)  # the first takeover is done before it is started
         nursery.cancel_scope.cancel()
     assert store.finished == ["t0", "t1", "t2"]
-    counted = {cause: metrics.registry.get_sample_value("cohort_task_takeovers_total",
-                                                        {"cause": cause})
+    counted = {cause: metrics.registry.get_sample_value("cohort_lease_takeovers_total",
+                                                        {"what": "task", "cause": cause})
                for cause in ("lease_lapsed", "handed_back")}
     assert counted == {"lease_lapsed": 2, "handed_back": 1}
