@@ -192,6 +192,9 @@ class Welcome(Message, tag="welcome"):
 
     type: ClassVar[str] = "welcome"
     front_id: str
+    # how long the front waits for a silent worker before it re-runs its requests elsewhere: a
+    # worker cut off from it that long aborts them (0: it does not say)
+    worker_timeout_s: float = 0.0
 
 
 class HelloAgain(Message, tag="hello_again"):

@@ -159,6 +159,7 @@ class Worker:
                 request.batch_id = batch.batch_id
                 scope = trio.CancelScope()
                 self._scopes[request.id] = scope
+                link.running.add(request.id)
                 nursery.start_soon(self._run_request, link, request, scope)
 
     async def _run_request(self, link: FrontLink, request: protocol.RequestItem,
@@ -190,6 +191,7 @@ class Worker:
             await link.send(protocol.Error(f"{type(error).__name__}: {error}", [request.id]))
         finally:
             self._scopes.pop(request.id, None)
+            link.running.discard(request.id)
             self._request_ended.set()
             if span is not None:
                 span.end()

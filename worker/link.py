@@ -5,6 +5,12 @@ on its own link. Outputs emitted together (one engine step) leave as one `out` m
 also tells its front which prompt prefixes the engine's cache took in or let go since the last
 message (worker.residency), with its outputs and heartbeats; everything held, when the front is
 new to this worker.
+
+A front that is gone leaves no one to answer to: the requests it sent are aborted, so the engine
+does not spend minutes decoding for nobody. The worker knows it when the front says it does not
+know this worker (`hello_again`: it restarted, or declared the worker dead and re-ran its requests
+elsewhere), or when the connection has been down longer than the front waits for a silent worker
+(`Welcome.worker_timeout_s`): by then the front, if it lives, has re-run them elsewhere too.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from common import protocol
 from common.config import WorkerSettings
@@ -27,6 +34,28 @@ if TYPE_CHECKING:
 log = logging.getLogger("cohort.worker.link")
 
 UNWELCOMED_HEARTBEATS = 20  # hellos unanswered before the link says what to check
+WATCHED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+
+class Contact:
+    """Whether one front can still hear this worker, from its connection's events: when the
+    requests it sent have no one to answer to."""
+
+    def __init__(self) -> None:
+        self.cut_since: float | None = None  # when the connection went down (None: it is up)
+        self.patience = 0.0  # the front's worker timeout, from its welcome (0: not told yet)
+
+    def event(self, event: int, now: float) -> None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.cut_since = None
+        elif event == zmq.EVENT_DISCONNECTED and self.cut_since is None:
+            self.cut_since = now
+
+    def orphaned_at(self) -> float:
+        """When this front's requests are orphans, unless it is heard again first."""
+        if self.cut_since is None or self.patience <= 0:
+            return math.inf
+        return self.cut_since + self.patience
 
 
 def dealer(settings: WorkerSettings, worker_id: str) -> zmq.Socket[bytes]:
@@ -49,6 +78,8 @@ class FrontLink:
         self.worker = worker
         self.welcomed = False
         self.received = 0  # requests taken from this front: the acknowledgement in every load
+        self.running: set[str] = set()  # ids of this front's requests the worker runs now
+        self.contact = Contact()
         self.max_message_bytes = worker.settings.zmq_max_message_bytes
         self._sock: TrioSocket | None = None
         self.residency = worker.engine.residency  # None: its engine reports no prefixes
@@ -63,14 +94,16 @@ class FrontLink:
         raw.setsockopt(zmq.LINGER, 500)  # long enough for a last bye, no longer
         raw.setsockopt(zmq.SNDHWM, 100_000)
         raw.setsockopt(zmq.RCVHWM, 100_000)
+        monitor = raw.get_monitor_socket(WATCHED)
         raw.connect(self.endpoint)
-        with TrioSocket(raw) as sock:
+        with TrioSocket(raw) as sock, TrioSocket(monitor) as events:
             self._sock = sock
             await self.send(self.worker.hello())
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._heartbeat_loop)
                     nursery.start_soon(self._flush_loop)
+                    nursery.start_soon(self._watch_contact, events)
                     task_status.started()
                     await self._receive_loop(nursery)
             finally:  # leaving (stopped, or failed): tell the front while the socket is open
@@ -92,6 +125,24 @@ class FrontLink:
     def emit(self, item: protocol.OutItem) -> None:
         self.worker.last_progress = trio.current_time()
         self._out_send.send_nowait(item)
+
+    def orphan(self, why: str) -> None:
+        """Abort this front's requests: it is gone, or has re-run them elsewhere."""
+        if self.running:
+            log.warning("front at %s %s: aborting its %d request(s)", self.endpoint, why,
+                        len(self.running))
+            self.worker.abort(list(self.running))
+
+    async def _watch_contact(self, events: TrioSocket) -> None:
+        """Follow the connection's events; orphan the front's requests once it has been cut off
+        longer than it waits for a silent worker."""
+        while True:
+            with trio.move_on_at(self.contact.orphaned_at()):
+                message = parse_monitor_message(await events.recv_multipart())
+                self.contact.event(int(message["event"]), trio.current_time())
+                continue
+            self.orphan(f"has been out of reach for over {self.contact.patience:g} s")
+            self.contact.cut_since = None  # once; what it sends when it is back is new
 
     async def _say_bye(self, reason: str) -> None:
         """Best effort, bounded: the front re-runs our jobs at once instead of after a timeout."""
@@ -157,7 +208,9 @@ class FrontLink:
                 if not self.welcomed:  # a hello said again before the first welcome: one log
                     log.info("registered with front %s at %s", message.front_id, self.endpoint)
                 self.welcomed = True
+                self.contact.patience = message.worker_timeout_s
             elif isinstance(message, protocol.HelloAgain):
+                self.orphan("does not know this worker (it restarted, or re-ran them elsewhere)")
                 self.welcomed = False
                 self.received = 0  # the front forgot us: its new record of us counts from zero
                 if self.residency is not None and self.changes is not None:

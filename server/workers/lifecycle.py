@@ -134,7 +134,8 @@ class WorkerLifecycle:
             self.workers[identity] = worker
             log.info("worker %s joined: engine %s, model %s, %s, state %s", hello.worker_id,
                      hello.engine, hello.model, hello.device, hello.state)
-        actions.send.append((identity, protocol.Welcome(self.front_id)))
+        actions.send.append((identity, protocol.Welcome(self.front_id,
+                                                         self.settings.worker_timeout_s)))
         actions.changed = actions.changed or worker.state == "ready"
         return actions
 

@@ -89,3 +89,41 @@ async def test_a_killed_fronts_tasks_finish_once_on_the_other_front(make_cluster
     taken = dict(re.findall(r'^cohort_lease_takeovers_total\{cause="(\w+)",what="task"\} (\S+)$',
                             metrics, re.MULTILINE))
     assert float(taken["lease_lapsed"]) >= 1 and float(taken["handed_back"]) == 0  # as alerted on
+
+
+async def running_on_worker(url: str, headers: dict) -> int:
+    health = httpx.get(url + "/health", headers=headers, timeout=5).json()
+    return sum(worker["running"] for worker in health["workers"])
+
+
+@pytest.mark.parametrize("how", ["gone", "restarted"])
+async def test_a_dead_fronts_requests_stop_on_the_worker(make_cluster, how):
+    """Streams of 20 s each on a front that is SIGKILLed: the worker stops decoding them once that
+    front has been out of reach for its worker timeout, or at once when a front restarted in its
+    place says it does not know the worker; the other front sees the engine empty."""
+    cluster = make_cluster(MOCK_TOKEN_S="0.05",
+                           COHORT_WORKER_TIMEOUT_S="2" if how == "gone" else "60")
+    cluster.start_front()
+    url_b = cluster.start_second_front()
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user("alice")
+    headers = cluster.headers()
+    await cluster.wait_ready(1)
+    await wait_ready_at(url_b, headers, 1)
+    started, ends = trio.Event(), []
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(stream_until_cut, cluster.url, headers, started, ends)
+        with trio.fail_after(10):
+            while await running_on_worker(url_b, headers) < 3:
+                await trio.sleep(0.05)
+        cluster.signal("front", signal.SIGKILL)
+    if how == "restarted":
+        cluster.start_front()
+    with trio.fail_after(10):  # not the 20 s the streams would still decode
+        while await running_on_worker(url_b, headers):
+            await trio.sleep(0.05)
+    said = {"gone": "has been out of reach for over 2 s: aborting its 3 request(s)",
+            "restarted": "does not know this worker"}[how]
+    assert said in cluster.log("worker1")
+    assert all(end != "finished" for end in ends), ends

@@ -92,7 +92,7 @@ def test_a_hello_registers_and_is_welcomed_and_a_stranger_is_asked_to_say_hello(
     hello = protocol.Hello("w9", "mock", "m", 4, "cpu", "ready", pid=7)
     assert cycle.may_register(b"w9", hello, "", 0.0)
     actions = cycle.take(b"w9", hello, 0.0)
-    assert actions.send == [(b"w9", protocol.Welcome("front-1"))] and actions.changed
+    assert actions.send == [(b"w9", protocol.Welcome("front-1", 2.0))] and actions.changed
     assert cycle.workers[b"w9"].load.max_num_seqs == 4
     assert not cycle.may_register(b"other", hello, "", 0.0)  # not its connection's id
     stranger = cycle.take(b"w5", protocol.Heartbeat(), 0.0)
