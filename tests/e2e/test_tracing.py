@@ -12,16 +12,23 @@ from tests.e2e.deadline import deadline
 FRONT_SPANS = {"POST /v1/chat/completions", "auth", "limits", "queue", "placement", "worker"}
 
 
+async def traced(make_cluster, receiver: OtlpReceiver, **env: str):
+    """A front and one worker that trace to `receiver`, and a user of it."""
+    # spans leave every 100 ms rather than the SDK's 5 s, so the test waits less
+    cluster = make_cluster(COHORT_OTLP_ENDPOINT=receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="100",
+                           **env)
+    cluster.start_front()
+    cluster.start_worker("worker1")
+    cluster.api_key = cluster.add_user("alice")
+    await cluster.wait_workers_ready(["worker1"], 30)
+    return cluster
+
+
 @deadline(60)
 async def test_a_request_is_one_trace_from_the_client_through_the_worker(make_cluster):
     receiver = OtlpReceiver()
     try:
-        # spans leave every 100 ms rather than the SDK's 5 s, so the test waits less
-        cluster = make_cluster(COHORT_OTLP_ENDPOINT=receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="100")
-        cluster.start_front()
-        cluster.start_worker("worker1")
-        cluster.api_key = cluster.add_user("alice")
-        await cluster.wait_workers_ready(["worker1"], 30)
+        cluster = await traced(make_cluster, receiver)
         trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
         async with httpx.AsyncClient(timeout=30, headers=cluster.headers()) as http:
             async with http.stream("POST", cluster.url + "/v1/chat/completions", json={
@@ -53,18 +60,9 @@ async def test_an_http_worker_carries_the_trace_to_its_upstream(make_cluster):
     trace under the http worker's engine span, as vLLM's would under `vllm serve`."""
     receiver = OtlpReceiver()
     try:
-        tracing = {"COHORT_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
-        upstream = make_cluster(**tracing)
-        upstream.start_front()
-        upstream.start_worker("worker1")
-        upstream.api_key = upstream.add_user("alice")
-        await upstream.wait_workers_ready(["worker1"], 30)
-        relay = make_cluster(COHORT_ENGINE="http", REAL_VLLM_URL=upstream.url,
-                             COHORT_UPSTREAM_API_KEY=upstream.api_key, **tracing)
-        relay.start_front()
-        relay.start_worker("relay1")
-        relay.api_key = relay.add_user("bob")
-        await relay.wait_workers_ready(["relay1"], 30)
+        upstream = await traced(make_cluster, receiver)
+        relay = await traced(make_cluster, receiver, COHORT_ENGINE="http",
+                             REAL_VLLM_URL=upstream.url, COHORT_UPSTREAM_API_KEY=upstream.api_key)
         trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
         async with httpx.AsyncClient(timeout=30, headers=relay.headers()) as http:
             response = await http.post(relay.url + "/v1/chat/completions", json={
