@@ -31,12 +31,12 @@ class Metrics:
                                 ["route", "status"], registry=r)
         self.queue_length = Gauge("cohort_queue_length", "Requests waiting for a batch",
                                   ["model"], registry=r)
+        # By tier: async tasks and batches wait for idle capacity by design, which must not
+        # read as long waits or slow first tokens of interactive requests.
         self.queue_wait = Histogram("cohort_queue_wait_seconds", "Time from accept to batch sent",
-                                    buckets=LATENCY_BUCKETS, registry=r)
+                                    ["model", "tier"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("cohort_batch_size", "Requests per batch sent to a worker",
                                     buckets=BATCH_BUCKETS, registry=r)
-        # By tier: async tasks and batches wait for idle capacity by design, which must not
-        # read as slow first tokens of interactive requests.
         self.ttft = Histogram("cohort_time_to_first_token_seconds",
                               "Time from accept to the first output", ["model", "tier"],
                               buckets=LATENCY_BUCKETS, registry=r)

@@ -224,7 +224,8 @@ class Dispatcher:
             job.state, job.worker_id, job.batch_id, job.started_at = "running", worker.worker_id, batch_id, now
             worker.jobs[job.id] = job
             if job.attempts == 0:
-                self.metrics.queue_wait.observe(now - job.enqueued_at)
+                self.metrics.queue_wait.labels(job.spec.model, job.spec.tier).observe(
+                    now - job.enqueued_at)
         worker.load.sent_batch(jobs)  # unacknowledged work (what it will hold: see Placement)
         worker.batches_sent += 1
         self.metrics.batch_sent(len(jobs))

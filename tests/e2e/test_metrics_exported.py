@@ -27,4 +27,5 @@ def test_every_series_a_panel_or_an_alert_reads_is_exported(shared):
     assert series["cohort_workers_ready"]["model"] == {MODEL}
     assert series["cohort_worker_running"]["worker"] == {"worker1", "worker2"}
     assert series["cohort_time_to_first_token_seconds_bucket"]["tier"] == {"interactive"}
+    assert series["cohort_queue_wait_seconds_bucket"]["tier"] == {"interactive"}
 

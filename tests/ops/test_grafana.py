@@ -5,7 +5,7 @@ what an operator looks at first."""
 from tests.ops.queries import dashboard, panel_queries, panels, selectors
 
 PANELS = {"Requests/s by route and status", "Tokens/s", "Time to first token (p50, p99)",
-          "End-to-end latency (p50, p99)", "Queue length", "Queue wait (p50, p99, mean)",
+          "End-to-end latency (p50, p99)", "Queue length", "Queue wait by tier (p50, p99, mean)",
           "Batch size (mean, p99)", "Workers by state", "Ready workers per model",
           "Running sequences per worker", "Waiting sequences per worker",
           "KV cache use per worker", "Prefix cache hit rate per worker",
