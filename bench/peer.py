@@ -86,13 +86,15 @@ def client_command(url: str, tokenizer: str, *, prompts: int | str, concurrency:
             *extra]
 
 
-def serve_command(path: str, port: int, knobs: Knobs) -> str:
+def serve_command(path: str, port: int, knobs, log_stats: bool = False) -> str:
     """`vllm serve` with the engine arguments the Cohort worker gives AsyncEngineArgs
-    (worker/engines/vllm.py: float32 on CPU, eager, disable_log_stats)."""
+    (worker/engines/vllm.py: float32 on CPU, eager, disable_log_stats unless `log_stats`).
+    `knobs`: any with `max_model_len` and `memory` (this module's, or bench.routers')."""
     return (f"{sys.executable} -m vllm.entrypoints.openai.api_server --model {path} "
             f"--served-model-name {SERVED} --host 127.0.0.1 --port {port} "
             f"--max-model-len {knobs.max_model_len} --enforce-eager --dtype float32 "
-            f"--gpu-memory-utilization {knobs.memory:g} --disable-log-stats")
+            f"--gpu-memory-utilization {knobs.memory:g}"
+            + ("" if log_stats else " --disable-log-stats"))
 
 
 async def wait_models(url: str, proc, log: Path, timeout_s: float) -> None:

@@ -78,11 +78,9 @@ def serve_command(path: str, port: int, knobs: Knobs, events_port: int = 0, dp: 
     plus the KV size; stats stay on, for /metrics, and the scale-out routes are on: without
     them (/v1/completions/render answers 403) vllm-router gets no token ids, and its cache_aware
     and kv_aware policies fall back to balancing load ("missing_tokens")."""
-    command = (f"{sys.executable} -m vllm.entrypoints.openai.api_server --model {path} "
-               f"--served-model-name {SERVED} --host 127.0.0.1 --port {port} "
-               f"--max-model-len {knobs.max_model_len} --enforce-eager --dtype float32 "
-               f"--gpu-memory-utilization {knobs.memory:g} --kv-cache-memory-bytes "
-               f"{knobs.kv_bytes} --scheduling-policy priority --enable-scale-out")
+    command = (peer.serve_command(path, port, knobs, log_stats=True)
+               + f" --kv-cache-memory-bytes {knobs.kv_bytes} --scheduling-policy priority "
+               "--enable-scale-out")
     if events_port:
         # vLLM binds only a wildcard endpoint and connects to any other, and the router's
         # subscriber connects too: with tcp://127.0.0.1 no event ever arrives
