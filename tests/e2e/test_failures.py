@@ -248,3 +248,12 @@ async def test_one_supervisor_keeps_one_engine_host_per_gpu(make_cluster):
     await cluster.wait_ready(2)
     assert engine_host(machine.pid, "box-gpu1") != first
     assert engine_host(machine.pid, "box-gpu0")
+
+
+def test_a_setting_its_engine_does_not_read_stops_the_worker_at_start(make_cluster):
+    """As honcho starts it: a mock's cost on a vLLM worker would change nothing, so it stops at
+    once, with the configuration error's status (its supervisor does not restart it)."""
+    cluster = make_cluster(COHORT_ENGINE="vllm", MOCK_TOKEN_S="0.01")
+    cluster.start_worker("worker1")
+    assert cluster.wait_exit("worker1") == 2
+    assert "MOCK_TOKEN_S: not read by engine vllm" in cluster.log("worker1")
