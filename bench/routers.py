@@ -34,7 +34,7 @@ import time
 import httpx
 import trio
 
-from bench import multiturn, peer
+from bench import cpu, multiturn, peer
 from bench.prefix_hits import CohortHits, engine_counters, engine_line, per_engine
 from bench.peer import OFFLINE, SERVED
 
@@ -246,10 +246,24 @@ class Systems:
             print(f"routers: {name} failed: {self.failed[name][-400:]}", file=sys.stderr)
 
 
+def process_groups(cluster, system: str) -> list[int]:
+    """The process groups serving `system`: its engines and what stands in front of them."""
+    if system.startswith("cohort"):  # both fronts run: the idle one takes heartbeats too
+        names = ["front", "front_b", "worker1", "worker2"]
+    elif system in ROUTERS:
+        names = ["serve1", "serve2", system]
+    else:
+        names = [system]
+    return [cluster.procs[name].pid for name in names if name in cluster.procs]
+
+
 async def measure(systems: Systems, system: str, workload: str, round_: int, tokenizer,
                   hits: CohortHits, folder) -> dict:
-    """One bounded load of one system: the client's figures and each engine's line."""
+    """One bounded load of one system: the client's figures, each engine's line, and the CPU
+    its engines and its serving processes spent."""
     knobs, cluster, url = systems.knobs, systems.cluster, systems.urls[system]
+    groups = process_groups(cluster, system)
+    cpu_before = cpu.cpu_seconds(groups)
     seed = knobs.seed + 1000 * round_ + 100 * WORKLOADS.index(workload) + SYSTEMS.index(system)
     name = f"{system}-{workload}-r{round_}"
     cohort = system.startswith("cohort")
@@ -268,6 +282,7 @@ async def measure(systems: Systems, system: str, workload: str, round_: int, tok
                                                concurrency=knobs.concurrency,
                                                output_len=knobs.output_len,
                                                timeout_s=knobs.run_timeout_s)
+    figures.update(cpu.over_load(cpu_before, cpu.cpu_seconds(groups), figures["output_tokens"]))
     if cohort:
         await trio.sleep(1.0)  # the workers' next heartbeats carry the load's last figures
         mean_prompt = figures["input_tokens"] / figures["completed"] if figures["completed"] else 0
@@ -291,8 +306,9 @@ def summarize(runs: dict, rounds: int, order: list[str]) -> list[dict]:
                 continue
             row: dict = {"workload": workload, "system": system, "rounds": len(mine)}
             for key in ("ttft_p50_ms", "ttft_p99_ms", "tokens_per_s", "hit_A", "hit_B",
-                        "share_A", "share_B"):
-                digits = 3 if key.startswith(("hit", "share")) else 1
+                        "share_A", "share_B", "engine_cpu_s_per_1k_tokens",
+                        "serving_cpu_s_per_1k_tokens"):
+                digits = 3 if key.startswith(("hit", "share")) else 2 if "cpu" in key else 1
                 row[key], row[f"{key}_range"] = peer.spread([f.get(key) for f in mine], digits)
             row["tokens"] = (f"{sum(f['output_tokens'] for f in mine)}/"
                              f"{sum(f['expected_tokens'] for f in mine)}")
@@ -397,7 +413,9 @@ async def run_routers(bench) -> dict:
                                               "round": round_, **f}) + "\n")
                     print(f"routers: {name}: TTFT p50 {f['ttft_p50_ms']} p99 {f['ttft_p99_ms']} ms, "
                           f"{f['tokens_per_s']} tokens/s, hits {f.get('hit_A')}/{f.get('hit_B')}, "
-                          f"shares {f.get('share_A')}/{f.get('share_B')}, {f['failed']} failed",
+                          f"shares {f.get('share_A')}/{f.get('share_B')}, CPU s per 1k tokens "
+                          f"engines {f['engine_cpu_s_per_1k_tokens']} serving "
+                          f"{f['serving_cpu_s_per_1k_tokens']}, {f['failed']} failed",
                           file=sys.stderr)
             round_wall_s.append(round(time.monotonic() - started, 1))
         rows = summarize(runs, knobs.rounds, order)
