@@ -430,7 +430,9 @@ class WorkerSettings:
         False, "MOCK_VLLM_TRUST_REMOTE_CODE", doc="let transformers run the model's own code",
         engines=VLLM,
     )
-    hf_token: str = env_field("", "WORKER_HF_TOKEN", doc="a hub token, for gated models", engines=VLLM)
+    hf_token: str = env_field(
+        "", "WORKER_HF_TOKEN", doc="a hub token, for gated models", engines=VLLM,
+    )
     gpu_memory_utilization: float = env_field(
         0.0, "COHORT_GPU_MEMORY_UTILIZATION",
         doc="vLLM's memory share (on CPU: of the NUMA node's memory); 0: 0.9 on a GPU, 0.3 on "
@@ -455,7 +457,9 @@ class WorkerSettings:
         doc="skip CUDA graphs and compilation (a load of about 1 min instead of 4)",
         engines=VLLM,
     )
-    device: str = env_field("auto", "COHORT_DEVICE", doc="`auto`, `cuda` or `cpu`", engines=VLLM)
+    device: str = env_field(
+        "auto", "COHORT_DEVICE", doc="`auto`, `cuda` or `cpu`", engines=VLLM,
+    )
     capacity: int = env_field(
         256, "COHORT_WORKER_CAPACITY", doc="sequences one worker runs at once",
     )
@@ -561,7 +565,9 @@ class WorkerSettings:
         0, "MOCK_CRASH_AFTER", doc="mock: its host exits after this many requests; 0: never",
         engines=MOCK,
     )
-    mock_load_s: float = env_field(0.0, "MOCK_LOAD_S", doc="mock: a simulated model load time", engines=MOCK)
+    mock_load_s: float = env_field(
+        0.0, "MOCK_LOAD_S", doc="mock: a simulated model load time", engines=MOCK,
+    )
     log_level: str = env_field("INFO", "COHORT_LOG_LEVEL", doc="log level of every process")
     otlp_endpoint: str = env_field(
         "", "COHORT_OTLP_ENDPOINT",
