@@ -31,6 +31,9 @@ class Metrics:
                                 ["route", "status"], registry=r)
         self.queue_length = Gauge("cohort_queue_length", "Requests waiting for a batch",
                                   ["model"], registry=r)
+        self.connections = Gauge("cohort_connections", "Open client connections of this front "
+                                 "process: busy (a request under way) or idle (between requests)",
+                                 ["state"], registry=r)
         # By tier: async tasks and batches wait for idle capacity by design, which must not
         # read as long waits or slow first tokens of interactive requests.
         self.queue_wait = Histogram("cohort_queue_wait_seconds", "Time from accept to batch sent",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from quart import Blueprint, Response, request
 
 from common.config import describe
+from server import connections
 from server.errors import Unauthorized
 from server.routes.context import caller, services
 
@@ -75,4 +76,6 @@ async def metrics():
     cohort.dispatcher.refresh_gauges()
     for model, length in cohort.scheduler.queued().items():
         cohort.metrics.queue_length.labels(model).set(length)
+    for state, count in connections.counts().items():
+        cohort.metrics.connections.labels(state).set(count)
     return Response(cohort.metrics.render(), content_type="text/plain; version=0.0.4")

@@ -166,3 +166,31 @@ async def test_clients_dripping_their_bodies_are_served_without_a_traceback(make
                 nursery.start_soon(drip)
     assert [answer[:12] for answer in answers] == [b"HTTP/1.1 200"] * 300
     assert "Traceback" not in cluster.log("front")
+
+
+async def open_connections(cluster) -> dict[str, float]:
+    answer = httpx.get(cluster.url + "/metrics", headers=cluster.headers(), timeout=10)
+    assert answer.status_code == 200, answer.text
+    metrics = answer.text
+    return {state: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+            for state in ("busy", "idle") if line.startswith(f'cohort_connections{{state="{state}"}}')}
+
+
+async def test_connections_closed_before_a_request_leave_nothing_behind(make_cluster):
+    """Slowloris clients cut at the keep-alive bound, and clients that connect and leave: the
+    front forgets each connection once it is closed (hypercorn's first idle timer had kept each
+    one's task, and what it held, until the server stopped)."""
+    cluster = make_cluster(COHORT_KEEP_ALIVE_S="0.5")
+    await started(cluster)
+    cluster.api_key = cluster.add_user("alice")  # /metrics asks for a key
+    streams = [await trio.open_tcp_stream("127.0.0.1", cluster.port) for _ in range(40)]
+    for stream in streams[:20]:
+        await stream.send_all(b"GET /health HTTP/1.1\r\n")  # a head never finished
+    for stream in streams[20:]:
+        await stream.aclose()  # connected, then gone
+    with trio.fail_after(10):
+        for stream in streams[:20]:  # each cut by the front
+            assert await stream.receive_some(100) == b""
+    with trio.fail_after(10):  # the scrape's own connection is the one left
+        while await open_connections(cluster) != {"busy": 1.0, "idle": 0.0}:
+            await trio.sleep(0.05)
