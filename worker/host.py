@@ -52,7 +52,8 @@ class Worker:
         self.load_time_s = 0.0
         self.links: list[FrontLink] = []
         self.pending = 0  # requests received whose engine has not seen them yet
-        self._scopes: dict[str, trio.CancelScope] = {}
+        # each running request's cancel scope, and the front link it came on
+        self._scopes: dict[str, tuple[trio.CancelScope, FrontLink]] = {}
         self._stop = trio.CancelScope()
         self.stop_reason = ""  # what the links' bye says
         self.exit_code = 0
@@ -158,8 +159,7 @@ class Worker:
             for request in batch.requests:
                 request.batch_id = batch.batch_id
                 scope = trio.CancelScope()
-                self._scopes[request.id] = scope
-                link.running.add(request.id)
+                self._scopes[request.id] = scope, link
                 nursery.start_soon(self._run_request, link, request, scope)
 
     async def _run_request(self, link: FrontLink, request: protocol.RequestItem,
@@ -191,7 +191,6 @@ class Worker:
             await link.send(protocol.Error(f"{type(error).__name__}: {error}", [request.id]))
         finally:
             self._scopes.pop(request.id, None)
-            link.running.discard(request.id)
             self._request_ended.set()
             if span is not None:
                 span.end()
@@ -224,9 +223,13 @@ class Worker:
 
     def abort(self, ids: list[str]) -> None:
         for request_id in ids:
-            scope = self._scopes.get(request_id)
-            if scope is not None:
-                scope.cancel()
+            running = self._scopes.get(request_id)
+            if running is not None:
+                running[0].cancel()
+
+    def requests_of(self, link: FrontLink) -> list[str]:
+        """The ids of the requests running for one front link (a scan: when that front is gone)."""
+        return [request_id for request_id, (_, came_on) in self._scopes.items() if came_on is link]
 
     def stop(self, reason: str, exit_code: int = 0) -> None:
         log.info("stopping: %s", reason)

@@ -51,6 +51,10 @@ class Contact:
         elif event == zmq.EVENT_DISCONNECTED and self.cut_since is None:
             self.cut_since = now
 
+    def acted(self) -> None:
+        """Its requests were aborted: once; what the front sends once it is back is new."""
+        self.cut_since = None
+
     def orphaned_at(self) -> float:
         """When this front's requests are orphans, unless it is heard again first."""
         if self.cut_since is None or self.patience <= 0:
@@ -78,7 +82,6 @@ class FrontLink:
         self.worker = worker
         self.welcomed = False
         self.received = 0  # requests taken from this front: the acknowledgement in every load
-        self.running: set[str] = set()  # ids of this front's requests the worker runs now
         self.contact = Contact()
         self.max_message_bytes = worker.settings.zmq_max_message_bytes
         self._sock: TrioSocket | None = None
@@ -128,10 +131,11 @@ class FrontLink:
 
     def orphan(self, why: str) -> None:
         """Abort this front's requests: it is gone, or has re-run them elsewhere."""
-        if self.running:
+        running = self.worker.requests_of(self)
+        if running:
             log.warning("front at %s %s: aborting its %d request(s)", self.endpoint, why,
-                        len(self.running))
-            self.worker.abort(list(self.running))
+                        len(running))
+            self.worker.abort(running)
 
     async def _watch_contact(self, events: TrioSocket) -> None:
         """Follow the connection's events; orphan the front's requests once it has been cut off
@@ -142,7 +146,7 @@ class FrontLink:
                 self.contact.event(int(message["event"]), trio.current_time())
                 continue
             self.orphan(f"has been out of reach for over {self.contact.patience:g} s")
-            self.contact.cut_since = None  # once; what it sends when it is back is new
+            self.contact.acted()
 
     async def _say_bye(self, reason: str) -> None:
         """Best effort, bounded: the front re-runs our jobs at once instead of after a timeout."""
